@@ -227,6 +227,7 @@ def load_truncated(path: str | Path, layer: int, dtype: str = "auto", device: st
 
     prev = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the dropped blocks' weights are "unused", on purpose
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(
             path, config=config, dtype=torch_dtype, use_safetensors=True,

@@ -1,0 +1,135 @@
+"""Reporting: the selection files, the manifest and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from . import stages
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_selection(selected: list[dict], out: Path) -> None:
+    """``selected.jsonl`` (one original record per line, plus id, score, rank) and the same as Parquet."""
+    tmp = out / f".selected.jsonl.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in selected:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, out / "selected.jsonl")
+    try:
+        table = pa.Table.from_pylist(selected)
+    except (pa.ArrowException, TypeError, ValueError):
+        # records of mixed formats whose fields clash in type: keep each record as JSON text
+        table = pa.table({"id": [r["id"] for r in selected], "rank": [r["rank"] for r in selected],
+                          "score": [r["score"] for r in selected],
+                          "record": [json.dumps({k: v for k, v in r.items() if k not in ("id", "rank", "score")},
+                                                ensure_ascii=False) for r in selected]})
+    stages.write_atomic(table, out / "selected.parquet")
+
+
+def _versions() -> dict:
+    import numpy
+    import ray
+    import torch
+    import transformers
+
+    import mona_ray
+
+    return {"python": sys.version.split()[0], "mona_ray": getattr(mona_ray, "__version__", "0"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
+            "pyarrow": pa.__version__, "platform": platform.platform()}
+
+
+def manifest(p, selected: list[dict]) -> dict:
+    """Everything needed to audit or reproduce the run (``p`` is the finished Pipeline)."""
+    st = p.embed_stats
+    fwd = st["forward_seconds"]
+    src = p.counts["source"]
+    src["rows_selected"] = len(selected)
+    return {
+        "status": "complete",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "output_dir": str(p.out),
+        "counts": {"source": src, "target": p.counts["target"], "embedded_now": p.counts["embedded_now"],
+                   "reused_from_store": p.counts["reused_from_store"]},
+        "invariant_rows_in_eq_scored_plus_rejected": src["rows_in"] == src["rows_scored"] + src["rows_rejected"],
+        "selection": {"k": int(p.k), "ratio": p.cfg.select.ratio, "count": p.cfg.select.count,
+                      "similarity": p.cfg.select.similarity, "top_score": float(p.top_scores[0]) if len(selected) else None,
+                      "cutoff_score": float(p.top_scores[-1]) if len(selected) else None},
+        "fingerprints": {"model": p.model_fp, "sae": p.sae_info.get("fingerprint"), "prepared": p.prep_fp,
+                         "embedding": p.embed_fp},
+        "sae": {k: v for k, v in p.sae_info.items()},
+        "sae_provisional": bool(p.sae_info.get("provisional")),
+        "embedding_store": str(p.store),
+        "timings_s": {k: round(v, 3) for k, v in p.timings.items()},
+        "throughput": {
+            "real_tokens": st["real_tokens"], "padded_tokens": st["padded_tokens"],
+            "padding_fraction": round(1 - st["real_tokens"] / st["padded_tokens"], 4) if st["padded_tokens"] else None,
+            "tokens_per_s_forward": round(st["real_tokens"] / fwd, 1) if fwd else None,
+            "tokens_per_s_stage": round(st["real_tokens"] / p.timings["embed"], 1) if st["real_tokens"] else None,
+        },
+        "files": {"selected_jsonl": "selected.jsonl", "selected_parquet": "selected.parquet", "scores": "scores.parquet",
+                  "rejected": "rejected.parquet", "prototype": "prototype.safetensors",
+                  "embeddings": os.path.relpath(p.store, p.out)},
+        "versions": _versions(),
+        "config": p.cfg_dict,
+    }
+
+
+def _preview(rec: dict, width: int = 90) -> str:
+    for key in ("instruction", "conversations", "messages"):
+        v = rec.get(key)
+        if isinstance(v, str) and v.strip():
+            text = v
+            break
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            text = str(v[0].get("value") or v[0].get("content") or "")
+            break
+    else:
+        text = rec.get("record", "")
+    text = " ".join(str(text).split())
+    return text[: width - 1] + "…" if len(text) > width else text
+
+
+def summary(m: dict, selected: list[dict], top: int = 5) -> str:
+    c = m["counts"]
+    src, tgt = c["source"], c["target"]
+    thr = m["throughput"]
+    lines = [
+        "",
+        "MoNA selection finished" + (" (PROVISIONAL SAE: see the manifest)" if m.get("sae_provisional") else ""),
+        f"  source rows in      {src['rows_in']:>10,}   rejected {src['rows_rejected']:,}   scored {src['rows_scored']:,}",
+        f"  target rows in      {tgt['rows_in']:>10,}   rejected {tgt['rows_rejected']:,}   (prototype from {tgt['rows_usable']:,})",
+        f"  selected            {src['rows_selected']:>10,}   (similarity {m['selection']['similarity']}, "
+        f"cutoff score {m['selection']['cutoff_score']:.4f})" if selected else "  selected: none",
+        f"  embedded this run   {c['embedded_now']:>10,}   reused from the store {c['reused_from_store']:,}",
+    ]
+    if thr["tokens_per_s_forward"]:
+        lines.append(f"  throughput          {thr['tokens_per_s_stage']:>10,.0f} tokens/s (model+SAE {thr['tokens_per_s_forward']:,.0f}), "
+                     f"padding {thr['padding_fraction']:.1%}")
+    lines.append(f"  time                {sum(m['timings_s'].values()):>10.1f} s  " +
+                 "  ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
+    for key in ("domain", "category"):
+        vals = [r.get(key) for r in selected if isinstance(r.get(key), str)]
+        if len(vals) == len(selected) and vals:
+            common = Counter(vals).most_common(6)
+            lines.append(f"  selected by {key:<8}" + ", ".join(f"{k} {v}" for k, v in common))
+            break
+    lines.append("  top examples:")
+    for r in selected[:top]:
+        lines.append(f"    #{r['rank']:<3} {r['score']:.4f}  {r['id'][:36]:<36}  {_preview(r)}")
+    lines.append(f"  output: {m['output_dir']}/  (selected.jsonl, selected.parquet, scores.parquet, rejected.parquet, manifest.json)")
+    return "\n".join(lines)
