@@ -3,8 +3,9 @@
 The :class:`Embedder` is plain PyTorch (no Ray); the Ray actor in ``pipeline.py`` only
 wraps it. For a group of rows it
 
-1. sorts rows by length and packs them into micro-batches under a padded-token budget
-   (``micro_batches``), so padding stays small and very long rows run on their own;
+1. sorts rows by length and packs rows of equal padded length into micro-batches under
+   a padded-token budget (``micro_batches``), so padding stays small, very long rows run
+   on their own, and a row's result never depends on its neighbours;
 2. runs the model only up to the hooked block (``model.TruncatedLM``);
 3. gathers the real, poolable token positions and SAE-encodes them in chunks of
    ``sae_chunk_tokens`` so memory stays bounded even at 131k latents;
@@ -14,8 +15,6 @@ A micro-batch that raises (a CUDA OOM on a long batch, say) is split in half and
 retried; a single row that still fails is reported back as rejected with its reason,
 instead of killing the job.
 
-The composition of micro-batches depends only on the rows handed in (never on timing
-or on the number of actors), which is what makes results reproducible bit for bit.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ REPRESENTATIONS = ("sae", "hidden", "mlp_gate")
 @dataclass
 class EmbedSettings:
     token_budget: int = 8192  # padded tokens per micro-batch
+    pad_multiple: int = 16  # rows are padded to a multiple of this (and batched only with equal lengths)
     max_batch_rows: int = 64
     sae_chunk_tokens: int = 4096
     pooling: str = "mean"
@@ -56,16 +56,31 @@ class EmbedResult:
     forward_seconds: float = 0.0
 
 
-def micro_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
-    """Group row positions, longest first, so that rows x longest length <= token_budget."""
+def padded_length(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def micro_batches(lengths: list[int], token_budget: int, max_rows: int, pad_multiple: int = 1) -> list[list[int]]:
+    """Group row positions into micro-batches of one padded length each, longest first.
+
+    A row of ``n`` tokens is always padded to the same length (``n`` rounded up to
+    ``pad_multiple``), whatever rows it is batched with, and rows of different padded
+    lengths never share a micro-batch. The tensor a row goes through therefore depends on
+    that row alone, so its embedding does not change with the unit size, the number of
+    actors or a resume (checked bit for bit in tests on CPU). Each micro-batch holds at
+    most ``token_budget`` padded tokens (at least one row) and ``max_rows`` rows.
+    """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
+    cur_len = None
     for i in order:
-        if cur and ((len(cur) + 1) * lengths[cur[0]] > token_budget or len(cur) >= max_rows):
+        p = padded_length(lengths[i], pad_multiple)
+        if cur and (p != cur_len or (len(cur) + 1) * p > token_budget or len(cur) >= max_rows):
             batches.append(cur)
             cur = []
         cur.append(i)
+        cur_len = p
     if cur:
         batches.append(cur)
     return batches
@@ -100,7 +115,7 @@ class Embedder:
             res.rejected[i] = "no tokens after rendering"
         live = [i for i in range(n) if ids[i]]
         lengths = [len(ids[i]) for i in live]
-        for mb in micro_batches(lengths, self.s.token_budget, self.s.max_batch_rows):
+        for mb in micro_batches(lengths, self.s.token_budget, self.s.max_batch_rows, self.s.pad_multiple):
             self._run_with_retry([live[j] for j in mb], ids, masks, res)
         return res
 
@@ -121,7 +136,7 @@ class Embedder:
 
     def _run(self, rows: list[int], ids, masks, res: EmbedResult) -> None:
         dev = self.lm.device
-        B, T = len(rows), max(len(ids[i]) for i in rows)
+        B, T = len(rows), padded_length(max(len(ids[i]) for i in rows), self.s.pad_multiple)
         inp = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         att = torch.zeros((B, T), dtype=torch.long)
         pool = torch.zeros((B, T), dtype=torch.bool)

@@ -188,7 +188,7 @@ class Pipeline:
                 return {k: np.asarray([o[k] for o in out]) for k in out[0]}
 
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                prep, batch_size=1, num_cpus=self.cfg.ray.task_num_cpus, max_retries=3)
+                prep, batch_size=1, num_cpus=self.cfg.ray.task_num_cpus)
             bar = _tqdm(total=len(items), desc="prepare", unit="unit")
             for row in ds.iter_rows():
                 bar.update(1)
@@ -290,7 +290,9 @@ class Pipeline:
             items = [{"unit": json.dumps(u)} for u in units]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 stages.EmbedActor, fn_constructor_args=(job,), batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=n_actors), max_restarts=-1, max_task_retries=-1, **remote)
+                # Ray Data restarts dead actors and retries their units by default
+                # (max_restarts=-1, max_task_retries=-1): a lost node costs only its units in flight.
+                compute=ray.data.ActorPoolStrategy(size=n_actors), **remote)
             total_rows = sum(len(u["rows"]) for u in units)
             bar = _tqdm(total=total_rows, desc=f"embed ({n_actors} actor{'s' * (n_actors > 1)})", unit="row")
             for row in ds.iter_rows():
@@ -351,7 +353,7 @@ class Pipeline:
             model_dir=str(self.model_dir), sae_path=str(self.sae_info["path"]), sae_format=self.sae_info["format"],
             hookpoint=cfg.sae.hookpoint, k=self.sae_info["k"], dtype=cfg.model.dtype,
             device="cuda" if self._use_gpu() else "cpu", representation=cfg.embed.representation,
-            pooling=cfg.pool.method, value_dtype=cfg.embed.value_dtype, token_budget=cfg.embed.token_budget,
+            pooling=cfg.pool.method, value_dtype=cfg.embed.value_dtype, token_budget=cfg.embed.token_budget, pad_multiple=cfg.embed.pad_multiple,
             max_batch_rows=cfg.embed.max_batch_rows, sae_chunk_tokens=cfg.embed.sae_chunk_tokens,
             torch_threads=int(threads), trust_remote_code=cfg.model.trust_remote_code,
             attn_implementation=cfg.model.attn_implementation)
@@ -373,7 +375,10 @@ class Pipeline:
         emb = emb.filter(pc.is_in(emb.column("content_hash"), pa.array(sorted(want))))
         emb = _first_per_hash(emb)
         # one prototype entry per target row (duplicated content counts twice), in id order
-        joined = idx.select(["id", "content_hash"]).join(emb, "content_hash", join_type="inner").sort_by("id")
+        tgt = idx.select(["id", "content_hash"]).sort_by("id")
+        at = {h: i for i, h in enumerate(emb.column("content_hash").to_pylist())}
+        joined = emb.take(pa.array([at[h] for h in tgt.column("content_hash").to_pylist()], pa.int64()))
+        joined = joined.append_column("id", tgt.column("id"))
         width = self.sae_info["num_latents"] or self._dense_width(joined)
         rows = SparseRows.from_arrow(joined.column("indices"), joined.column("values"))
         self.proto = prototype(rows, width)
@@ -504,7 +509,10 @@ def _init_ray(cfg) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kw = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=cfg.ray.log_to_driver)
+    import logging
+
+    kw = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=cfg.ray.log_to_driver,
+              logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kw)
     else:
@@ -512,4 +520,5 @@ def _init_ray(cfg) -> bool:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True

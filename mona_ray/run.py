@@ -33,6 +33,17 @@ if not OmegaConf.has_resolver("mona_ray.asset"):
     OmegaConf.register_new_resolver("mona_ray.asset", asset_path)
 
 
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """The resolved config for ``overrides`` (as on the command line), for use from Python."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
 def run(cfg: DictConfig, quiet: bool = False) -> dict:
     """Run the whole job for a resolved config; returns the manifest."""
     from . import report

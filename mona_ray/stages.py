@@ -116,6 +116,7 @@ class EmbedJob:
     pooling: str
     value_dtype: str
     token_budget: int
+    pad_multiple: int
     max_batch_rows: int
     sae_chunk_tokens: int
     torch_threads: int
@@ -148,7 +149,7 @@ class EmbedActor:
             sae = load_sae(job.sae_path, job.sae_format, job.hookpoint, job.k, device=device)
         tok = load_tokenizer(job.model_dir, job.trust_remote_code)
         self.embedder = Embedder(self.lm, sae, EmbedSettings(
-            token_budget=job.token_budget, max_batch_rows=job.max_batch_rows,
+            token_budget=job.token_budget, pad_multiple=job.pad_multiple, max_batch_rows=job.max_batch_rows,
             sae_chunk_tokens=job.sae_chunk_tokens, pooling=job.pooling, k=job.k,
             value_dtype=job.value_dtype, representations=(job.representation,)), tok.pad_token_id)
         self.job = job
