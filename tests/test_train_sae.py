@@ -1,0 +1,173 @@
+"""The SAE trainer on a tiny random Llama: real model, real activations, real training."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from _tiny_lm import make_rows, make_tiny_lm, write_rows
+from mona_ray import sae_trainer as T
+from mona_ray.sae import SAEError, load_sae
+from mona_ray.train_sae import TrainSettings, load_checkpoint, lr_at, settings_fingerprint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return {"model": make_tiny_lm(d / "lm"), "data": write_rows(d / "rows.parquet", make_rows(600))}
+
+
+def train_cfg(tiny, out, cache=None, *extra):
+    overrides = [f"sae_train.model={tiny['model']}", f"sae_train.data.path={tiny['data']}",
+                 f"sae_train.out_dir={out}", "sae_train.hookpoints=[layers.1,layers.2]",
+                 "sae_train.model_dtype=float32", "sae_train.device=cpu", "sae_train.max_length=64",
+                 "sae_train.sae.expansion_factor=4", "sae_train.sae.k=4", "sae_train.train.batch_size=256",
+                 "sae_train.train.steps=80", "sae_train.train.checkpoint_every=40", "sae_train.train.lr=0.003",
+                 "sae_train.train.lr_warmup_steps=5", "sae_train.train.dead_tokens=5000",
+                 "sae_train.collect.batch_tokens=1024", "sae_train.collect.shard_tokens=2000",
+                 "sae_train.collect.tokens=8000", f"sae_train.cache_dir={cache if cache else 'null'}", *extra]
+    with initialize_config_dir(config_dir=str(ROOT / "mona_ray" / "conf"), version_base="1.3"):
+        return compose(config_name="train_sae", overrides=overrides).sae_train
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_trains_two_layers_from_a_cache_and_resumes(tiny, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = train_cfg(tiny, out, cache, "sae_train.train.steps=40")
+    train(cfg)
+    prog = json.loads((cache / "progress.json").read_text())
+    assert prog["tokens"] >= 8000 and prog["shards"] >= 4
+    assert sorted(p.name for p in (cache / "layers.1").iterdir()) == [f"shard_{i:05d}.safetensors"
+                                                                      for i in range(prog["shards"])]
+    # resume with more steps: starts at the checkpoint, the cache is not collected again
+    states = train(train_cfg(tiny, out, cache))
+    assert json.loads((cache / "progress.json").read_text()) == prog
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(10, 90, 10))
+    for h in ("layers.1", "layers.2"):
+        first, last = log[0][h]["fvu"], log[-1][h]["fvu"]
+        assert last < 0.7 * first, (h, first, last)
+        assert states[h].step == 80 and states[h].tokens == 80 * 256
+        sae = load_sae(out, "auto", h)
+        assert sae.num_latents == 128 and sae.k == 4 and sae.dtype == torch.bfloat16 and sae.d_in == 32
+        cfg_json = json.loads((out / h / "cfg.json").read_text())
+        assert cfg_json["trained_steps"] == 80 and "provisional" not in cfg_json
+        assert torch.allclose(sae.W_dec.float().norm(dim=-1), torch.ones(128), atol=1e-2)
+    ck = load_checkpoint(out, "layers.2", settings_fingerprint(cfg))
+    assert ck.step == 80 and set(ck.opt) == {f"{p}.{m}" for p in ("W_enc", "b_enc", "W_dec", "b_dec") for m in "mv"}
+
+
+def test_exported_sae_takes_raw_activations(tiny, tmp_path):
+    """The saved SAE reproduces the training-space reconstruction on raw activations."""
+    from mona_ray import activations as A
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = train_cfg(tiny, out, cache, "sae_train.train.steps=30", "sae_train.save_dtype=float32")
+    states = train(cfg)
+    x = A.load_shard(A.cached_shards(cache, "layers.2")[0]).float()[:500]
+    st = states["layers.2"]
+    xs = x * st.scale
+    pre, idx = T.select(xs - st.params["b_dec"], st.params["W_enc"], st.params["b_enc"], 4, torch.float32)
+    vals = torch.relu(pre.gather(1, idx))
+    recon_train = T.decode_sparse(vals, idx, st.params["W_dec"]) + st.params["b_dec"]
+    sae = load_sae(out, "sparsify", "layers.2")
+    torch.testing.assert_close(sae.reconstruct(x), recon_train / st.scale, rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_mode_and_provisional_flag(tiny, tmp_path):
+    out = tmp_path / "out"
+    train(train_cfg(tiny, out, None, "sae_train.train.steps=20", "sae_train.provisional=true",
+                    "sae_train.hookpoints=[layers.3]"))
+    cfg_json = json.loads((out / "layers.3" / "cfg.json").read_text())
+    assert cfg_json["provisional"] is True and cfg_json["trained_tokens"] == 20 * 256
+    assert load_sae(out, hookpoint="layers.3").meta["provisional"] is True
+
+
+def test_changed_settings_refuse_to_resume(tiny, tmp_path):
+    out = tmp_path / "out"
+    train(train_cfg(tiny, out, None, "sae_train.train.steps=10", "sae_train.hookpoints=[layers.1]"))
+    with pytest.raises(SAEError, match="sae_train.out_dir"):
+        train(train_cfg(tiny, out, None, "sae_train.train.steps=10", "sae_train.hookpoints=[layers.1]",
+                        "sae_train.sae.k=8"))
+
+
+def test_cli_trains_and_reports_bad_paths(tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "mona_ray.train_sae", f"sae_train.model={tiny['model']}",
+            "sae_train.model_dtype=float32", "sae_train.device=cpu", "sae_train.hookpoints=[layers.0]",
+            "sae_train.sae.expansion_factor=2", "sae_train.sae.k=2", "sae_train.train.batch_size=128",
+            "sae_train.train.steps=5", "sae_train.max_length=32"]
+    r = subprocess.run(base + [f"sae_train.data.path={tiny['data']}", f"sae_train.out_dir={tmp_path / 'o'}"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fvu" in r.stderr and (tmp_path / "o" / "layers.0" / "sae.safetensors").exists()
+    r = subprocess.run(base + [f"sae_train.data.path={tmp_path / 'missing.parquet'}",
+                               f"sae_train.out_dir={tmp_path / 'o2'}"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 2 and "sae_train.data.path=" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(base[:3] + ["sae_train.model=/nowhere", f"sae_train.data.path={tiny['data']}",
+                                   f"sae_train.out_dir={tmp_path / 'o3'}"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 2 and "model.path='/nowhere'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def test_sparse_encoder_gradient_equals_dense_autograd():
+    g = torch.Generator().manual_seed(0)
+    xc = torch.randn(7, 5, dtype=torch.double, generator=g).requires_grad_()
+    W = torch.randn(13, 5, dtype=torch.double, generator=g).requires_grad_()
+    b = torch.randn(13, dtype=torch.double, generator=g).requires_grad_()
+    idx = torch.randint(0, 13, (7, 3), generator=g)
+    w = torch.randn(7, 3, dtype=torch.double, generator=g)
+    (T.encode_selected(xc, W, b, idx, (xc @ W.T + b).detach()) * w).sum().backward()
+    sparse = [t.grad.clone() for t in (xc, W, b)]
+    for t in (xc, W, b):
+        t.grad = None
+    ((xc @ W.T + b).gather(1, idx) * w).sum().backward()
+    for a, t in zip(sparse, (xc, W, b)):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_decoder_constraint_and_auxk():
+    torch.manual_seed(0)
+    x = torch.randn(512, 8) * 2 + 1
+    params, scale = T.init_params(x, 32, seed=0)
+    torch.testing.assert_close(params["W_enc"], params["W_dec"])  # encoder = decoder transpose
+    assert math.isclose((x * scale).pow(2).sum(-1).mean().item(), 8, rel_tol=1e-4)
+    opt, since = {}, torch.zeros(32, dtype=torch.long)
+    since[:10] = 10_000  # ten latents dead from the start: AuxK must be active and reach them
+    before = params["W_enc"][:10].clone()
+    st = T.train_step(params, opt, since, x * scale, 1, k=2, lr=1e-2, auxk_alpha=1 / 32, k_aux=4, dead_tokens=5000)
+    assert st.auxk > 0 and st.dead_frac == pytest.approx(10 / 32)
+    torch.testing.assert_close(params["W_dec"].norm(dim=-1), torch.ones(32))
+    assert not torch.allclose(params["W_enc"][:10], before)
+
+
+def test_parallel_gradient_is_removed():
+    W = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1).requires_grad_()
+    W.grad = torch.randn(6, 4)
+    T.remove_parallel_grad(W)
+    torch.testing.assert_close((W.grad * W).sum(-1), torch.zeros(6), atol=1e-6, rtol=0)
+
+
+def test_lr_schedule_and_geometric_median():
+    s = TrainSettings(steps=100, lr_warmup_steps=10, lr_decay_frac=0.2)
+    assert lr_at(1, 1.0, s) == pytest.approx(0.1) and lr_at(50, 1.0, s) == 1.0
+    assert lr_at(100, 1.0, s) == pytest.approx(1 / 20) and lr_at(90, 1.0, s) == pytest.approx(11 / 20)
+    assert T.default_lr(2 ** 14) == pytest.approx(2e-4) and T.default_lr(4 * 2 ** 14) == pytest.approx(1e-4)
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    gm = T.geometric_median(pts)
+    assert gm.norm() < 1.0 < pts.mean(0).norm()  # robust to the outlier, unlike the mean
