@@ -1,0 +1,112 @@
+"""DSIR: data selection with importance resampling over hashed n-grams (Xie et al. 2023).
+
+Implemented here in NumPy, following the reference ``HashedNgramDSIR``:
+
+1. Text -> lower-cased words with the ``wordpunct`` rule (runs of word characters, or
+   runs of other non-space characters).
+2. Every unigram and bigram (``"w1 w2"``) is hashed into one of ``num_buckets`` buckets
+   (the first 8 bytes of BLAKE2b, modulo ``num_buckets``; the reference uses SHA-256, any
+   stable hash does).
+3. Two bag-of-n-grams models: ``p_target`` from the target examples and ``p_raw`` from
+   the raw (source) pool: bucket counts divided by their total.
+4. A candidate's log importance weight is
+   ``sum_j c_j(x) * (log(p_target[j] + eps) - log(p_raw[j] + eps))`` with ``c_j(x)`` its
+   bucket counts and ``eps = 1e-8`` as in the reference.
+5. Selection: deterministic top-k by log weight (default). With ``gumbel=True`` the score
+   is the log weight plus seeded Gumbel(0, 1) noise, so that top-k of the score draws k
+   samples without replacement with probability proportional to the importance
+   weight (the Gumbel-top-k trick DSIR uses for resampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .base import Messages, Selector, messages_text
+
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+EPS = 1e-8
+
+
+def wordpunct(text: str) -> list[str]:
+    return _WORDPUNCT.findall(text.lower())
+
+
+def bucket_of(ngram: str, num_buckets: int) -> int:
+    return int.from_bytes(hashlib.blake2b(ngram.encode("utf-8"), digest_size=8).digest(), "little") % num_buckets
+
+
+class NgramHasher:
+    """Text -> int64 array of the buckets of its unigrams and bigrams (memoised per n-gram)."""
+
+    def __init__(self, num_buckets: int = 10000, ngrams: int = 2):
+        if ngrams not in (1, 2):
+            raise ValueError(f"dsir ngrams={ngrams}: use 1 (unigrams) or 2 (unigrams + bigrams)")
+        self.num_buckets, self.ngrams = num_buckets, ngrams
+        self._memo: dict[str, int] = {}
+
+    def _b(self, s: str) -> int:
+        b = self._memo.get(s)
+        if b is None:
+            b = self._memo[s] = bucket_of(s, self.num_buckets)
+        return b
+
+    def __call__(self, text: str) -> np.ndarray:
+        w = wordpunct(text)
+        grams = w + ([f"{a} {b}" for a, b in zip(w, w[1:])] if self.ngrams == 2 else [])
+        return np.fromiter((self._b(g) for g in grams), dtype=np.int64, count=len(grams))
+
+    def many(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' buckets concatenated, plus CSR-style offsets ``[n + 1]``."""
+        parts = [self(t) for t in texts]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return flat, offsets
+
+
+def bow_probs(flat_buckets: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Bag-of-n-grams model: bucket frequencies normalised to sum to 1."""
+    counts = np.bincount(flat_buckets, minlength=num_buckets).astype(np.float64)
+    total = counts.sum()
+    return counts / total if total > 0 else counts
+
+
+def log_importance_weights(flat_buckets: np.ndarray, offsets: np.ndarray, p_target: np.ndarray,
+                           p_raw: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Per text: sum over its n-grams of ``log(p_target + eps) - log(p_raw + eps)`` at their buckets."""
+    log_diff = np.log(p_target + eps) - np.log(p_raw + eps)
+    per_gram = log_diff[flat_buckets]
+    out = np.zeros(len(offsets) - 1, dtype=np.float64)
+    nonempty = offsets[1:] > offsets[:-1]
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(per_gram, offsets[:-1][nonempty])
+    return out
+
+
+def gumbel_perturb(log_w: np.ndarray, seed: int) -> np.ndarray:
+    """``log_w + Gumbel(0, 1)`` noise: top-k of it samples k rows without replacement, prob. ~ w."""
+    return log_w + np.random.default_rng(seed).gumbel(size=len(log_w))
+
+
+class DSIRSelector(Selector):
+    name = "dsir"
+
+    def __init__(self, num_buckets: int = 10000, ngrams: int = 2, eps: float = EPS, gumbel: bool = False,
+                 seed: int = 0):
+        self.hasher = NgramHasher(num_buckets, ngrams)
+        self.eps, self.gumbel, self.seed = eps, gumbel, seed
+
+    def prepare(self, source: Sequence[Messages], source_ids: Sequence[str]):
+        flat, offsets = self.hasher.many(messages_text(m) for m in source)
+        return flat, offsets, bow_probs(flat, self.hasher.num_buckets)
+
+    def score_prepared(self, state, target: Sequence[Messages]) -> np.ndarray:
+        flat, offsets, p_raw = state
+        t_flat, _ = self.hasher.many(messages_text(m) for m in target)
+        log_w = log_importance_weights(flat, offsets, bow_probs(t_flat, self.hasher.num_buckets), p_raw, self.eps)
+        return gumbel_perturb(log_w, self.seed) if self.gumbel else log_w
