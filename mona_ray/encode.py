@@ -7,7 +7,7 @@ wraps it. For a group of rows it
    a padded-token budget (``micro_batches``), so padding stays small, very long rows run
    on their own, and a row's result never depends on its neighbours;
 2. runs the model only up to the hooked block (``model.TruncatedLM``);
-3. gathers the real, poolable token positions and SAE-encodes them in chunks of
+3. gathers each row's real, poolable token positions and SAE-encodes them in chunks of
    ``sae_chunk_tokens`` so memory stays bounded even at 131k latents;
 4. scatter-adds the TopK codes into per-sample accumulators and pools (``pooling.py``).
 
@@ -183,11 +183,19 @@ class Embedder:
                 res.outputs[name][i] = per_row[b]
 
     def _pool_sparse(self, h, pos, seg, B, width, codes_fn) -> torch.Tensor:
+        """Encode each row's pooled tokens on their own, in chunks of ``sae_chunk_tokens``.
+
+        Per row, because a GEMM's result for one input row can change with the number of
+        rows in the call (seen on CPU BLAS at small M): encoding a sample's tokens apart
+        keeps its codes independent of the other rows in the micro-batch.
+        """
         acc = torch.zeros(B, width, dtype=torch.float32, device=h.device)
         step = self.s.sae_chunk_tokens
-        for a in range(0, pos.shape[0], step):
-            p = pos[a:a + step]
-            vals, idx = codes_fn(h[p[:, 0], p[:, 1]])
-            pooling.scatter_codes(acc, seg[a:a + step], vals, idx)
+        bounds = torch.searchsorted(seg, torch.arange(B + 1, device=seg.device)).tolist()
+        for b in range(B):
+            for a in range(bounds[b], bounds[b + 1], step):
+                p = pos[a:min(a + step, bounds[b + 1])]
+                vals, idx = codes_fn(h[p[:, 0], p[:, 1]])
+                pooling.scatter_codes(acc, seg[a:a + len(p)], vals, idx)
         counts = torch.bincount(seg, minlength=B)
         return pooling.finish(acc, counts, self.s.pooling)

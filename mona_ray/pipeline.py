@@ -400,9 +400,11 @@ class Pipeline:
         files = self._store_files_for(want)
         current = ray.put(idx.select(["content_hash", "id"]))
         proto = ray.put(self.proto)
-        ds = ray.data.read_parquet(files, columns=["content_hash", "indices", "values"])
-        scored = ds.map_batches(stages.score_block, batch_format="pyarrow", batch_size=self.cfg.select.score_batch_rows,
-                                fn_kwargs={"proto": proto, "current": current, "similarity": self.cfg.select.similarity},
+        # One store part per task (our own reader: every stage reads its files the same way).
+        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+        scored = ds.map_batches(stages.score_parts, batch_format="pyarrow", batch_size=1,
+                                fn_kwargs={"proto": proto, "current": current, "similarity": self.cfg.select.similarity,
+                                           "batch_rows": self.cfg.select.score_batch_rows},
                                 num_cpus=self.cfg.ray.task_num_cpus).materialize()
         n = scored.count()
         self.k = k = __import__("mona_ray.scoring", fromlist=["x"]).selection_size(

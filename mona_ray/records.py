@@ -168,17 +168,18 @@ def tokenize(rendered: Rendered, tokenizer, max_length: int, exclude: str = "non
     tokens inside message content (drops role markers and template-inserted text too).
     """
     enc = tokenizer(rendered.text, add_special_tokens=False, truncation=True, max_length=max_length,
-                    return_offsets_mapping=exclude == "template", return_special_tokens_mask=exclude != "none")
+                    return_offsets_mapping=exclude == "template")
     ids = enc["input_ids"]
+    special = set(tokenizer.all_special_ids)
     if exclude == "none":
         mask = [1] * len(ids)
     elif exclude == "special":
-        mask = [0 if s else 1 for s in enc["special_tokens_mask"]]
+        mask = [0 if t in special else 1 for t in ids]
     elif exclude == "template":
         spans = rendered.spans
         mask = []
-        for (a, b), s in zip(enc["offset_mapping"], enc["special_tokens_mask"]):
-            inside = not s and b > a and any(a < e and b > st for st, e in spans)
+        for (a, b), t in zip(enc["offset_mapping"], ids):
+            inside = t not in special and b > a and any(a < e and b > st for st, e in spans)
             mask.append(1 if inside else 0)
     else:
         raise ValueError(f"pool.exclude={exclude!r}: use none, special or template")

@@ -215,6 +215,17 @@ def score_block(batch: pa.Table, proto, similarity: str, current) -> pa.Table:
     return scored.join(current, "content_hash", join_type="inner")
 
 
+def score_parts(batch: pa.Table, proto, similarity: str, current, batch_rows: int) -> pa.Table:
+    """Read store part files (one per call) and score them in slices of ``batch_rows`` rows."""
+    out = []
+    for path in batch.column("path").to_pylist():
+        t = pq.read_table(path, columns=["content_hash", "indices", "values"])
+        for start in range(0, len(t), batch_rows):
+            out.append(score_block(t.slice(start, batch_rows), proto, similarity, current))
+    return pa.concat_tables(out) if out else pa.table({"content_hash": pa.array([], pa.string()),
+                                                       "score": pa.array([], pa.float64()), "id": pa.array([], pa.string())})
+
+
 def block_topk(batch: pa.Table, k: int) -> pa.Table:
     from .scoring import topk
 

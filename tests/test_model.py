@@ -1,0 +1,51 @@
+"""The truncated model returns exactly the sparsify hookpoint; bad paths fail clearly."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mona_ray.model import ModelError, load_tokenizer, load_truncated, parse_hookpoint, resolve_model_path
+
+
+def test_hookpoint_names():
+    assert parse_hookpoint("layers.30") == 30
+    assert parse_hookpoint("model.layers.2") == 2
+    with pytest.raises(ModelError, match="layers.N"):
+        parse_hookpoint("blocks.3.hook_resid_post")
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_layers_n_is_hidden_states_n_plus_1(tiny_lm, layer):
+    full = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    lm = load_truncated(tiny_lm, layer, dtype="float32", device="cpu")
+    assert len(lm.model.layers) == layer + 1  # later blocks are never built
+    ids = torch.tensor([[5, 9, 12, 7, 30, 8]])
+    att = torch.ones_like(ids)
+    with torch.inference_mode():
+        hs = full(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(lm(ids, att), hs[layer + 1], rtol=0, atol=1e-6)
+
+
+def test_last_layer_is_the_block_output_not_the_final_norm(tiny_lm):
+    full = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    last = full.config.num_hidden_layers - 1
+    seen = {}
+    full.model.layers[last].register_forward_hook(lambda m, i, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o))
+    ids = torch.tensor([[5, 9, 12, 7]])
+    att = torch.ones_like(ids)
+    with torch.inference_mode():
+        hs = full(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+        got = load_truncated(tiny_lm, last, dtype="float32", device="cpu")(ids, att)
+    torch.testing.assert_close(got, seen["out"], rtol=0, atol=1e-6)
+    assert not torch.allclose(got, hs[last + 1])  # HF's last entry has the final norm applied
+
+
+def test_out_of_range_layer_and_missing_path(tiny_lm, tmp_path):
+    with pytest.raises(ModelError, match=r"out of range.*0\.\.3"):
+        load_truncated(tiny_lm, 4, device="cpu")
+    with pytest.raises(ModelError, match=r"model\.path=.*set model\.path="):
+        resolve_model_path(str(tmp_path / "nope"))
+
+
+def test_tokenizer_has_pad(tiny_lm):
+    assert load_tokenizer(tiny_lm).pad_token_id is not None

@@ -1,0 +1,120 @@
+"""The real Ray pipeline on a tiny model: exact selection, determinism, refresh, outputs."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from mona_ray import records
+from mona_ray.model import load_tokenizer
+from mona_ray.pipeline import RunError
+from mona_ray.run import load_config, run
+from mona_ray.sae import load_sae
+
+
+def run_tiny(tiny_lm, tiny_sae, data, out, *extra):
+    return run(load_config(tiny_overrides(tiny_lm, tiny_sae, data, out, *extra)), quiet=True)
+
+
+def naive_embedding(full, sae, tok, rec, exclude="special", max_length=64):
+    """Independent path: full HF model on one row, hidden_states[3], the sparsify formula, a plain mean."""
+    r = records.render(records.normalize_record(rec), tok)
+    ids, mask = records.tokenize(r, tok, max_length, exclude)
+    with torch.inference_mode():
+        h = full(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[3][0]
+    pre = torch.relu((h - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    top = pre.topk(sae.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values)[torch.tensor(mask, dtype=torch.bool)]
+    return z.mean(0).double().numpy()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    return out, run_tiny(tiny_lm, tiny_sae, tiny_data, out)
+
+
+def test_selection_equals_the_naive_computation(first_run, tiny_lm, tiny_sae, tiny_data):
+    from transformers import AutoModelForCausalLM
+
+    out, manifest = first_run
+    full = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    sae = load_sae(tiny_sae, hookpoint="layers.2")
+    tok = load_tokenizer(tiny_lm)
+    src = pq.read_table(tiny_data["source"]).to_pylist()
+    tgt = [json.loads(line) for line in tiny_data["target"].read_text().splitlines()]
+    proto = np.mean([naive_embedding(full, sae, tok, r) for r in tgt], axis=0)
+    Z = np.stack([naive_embedding(full, sae, tok, r) for r in src])
+    jac = np.minimum(Z, proto).sum(1) / np.maximum(Z, proto).sum(1)
+    want = sorted(zip(-jac, [r["id"] for r in src]))[:10]
+
+    got = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [g["id"] for g in got] == [i for _, i in want]
+    np.testing.assert_allclose([g["score"] for g in got], [-s for s, _ in want], rtol=1e-5)
+    assert [g["rank"] for g in got] == list(range(1, 11))
+    assert got[0]["instruction"] == next(r for r in src if r["id"] == got[0]["id"])["instruction"]  # full record kept
+
+    scores = pq.read_table(out / "scores.parquet")
+    assert len(scores) == len(src)
+    np.testing.assert_allclose(
+        dict(zip(scores.column("id").to_pylist(), scores.column("score").to_pylist()))[want[0][1]], -want[0][0], rtol=1e-5)
+    sel_pq = pq.read_table(out / "selected.parquet")
+    assert sel_pq.column("id").to_pylist() == [g["id"] for g in got]
+
+
+def test_manifest_counts_and_files(first_run):
+    out, m = first_run
+    assert m["status"] == "complete"
+    assert m["counts"]["source"]["rows_in"] == 90 == m["counts"]["source"]["rows_scored"] + m["counts"]["source"]["rows_rejected"]
+    assert m["counts"]["source"]["rows_selected"] == 10
+    assert m["counts"]["embedded_now"] == 102  # 90 source + 12 target, all new
+    assert m["throughput"]["real_tokens"] > 0 and 0 <= m["throughput"]["padding_fraction"] < 1
+    for f in ("selected.jsonl", "selected.parquet", "scores.parquet", "rejected.parquet", "prototype.safetensors"):
+        assert (out / f).exists(), f
+    assert json.loads((out / "manifest.json").read_text())["fingerprints"]["embedding"] == m["fingerprints"]["embedding"]
+
+
+def test_byte_identical_with_other_actor_counts_and_unit_sizes(first_run, tiny_lm, tiny_sae, tiny_data, tmp_path):
+    out1, _ = first_run
+    out2 = tmp_path / "out2"
+    m2 = run_tiny(tiny_lm, tiny_sae, tiny_data, out2, "embed.rows_per_unit=7", "embed.num_actors=2",
+                  "select.score_batch_rows=13", "embed.token_budget=100")
+    assert m2["counts"]["embedded_now"] == 102  # a fresh store: everything embedded again, differently batched
+    for f in ("selected.jsonl", "selected.parquet", "scores.parquet"):
+        assert (out1 / f).read_bytes() == (out2 / f).read_bytes(), f
+
+
+def test_finished_run_is_kept_unless_overwrite(first_run, tiny_lm, tiny_sae, tiny_data):
+    out, m = first_run
+    with pytest.raises(RunError, match="already holds a finished run.*run.overwrite=true"):
+        run_tiny(tiny_lm, tiny_sae, tiny_data, out)
+    before = (out / "selected.jsonl").read_bytes()
+    m2 = run_tiny(tiny_lm, tiny_sae, tiny_data, out, "run.overwrite=true")
+    assert m2["counts"]["embedded_now"] == 0 and m2["counts"]["reused_from_store"] == 102
+    assert (out / "selected.jsonl").read_bytes() == before
+
+
+def test_refresh_embeds_only_new_rows_and_rescoring_covers_all(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(tiny_data["dir"]))
+    from _tiny_lm import make_rows, write_rows
+
+    store = tmp_path / "store"
+    folder = tmp_path / "src"
+    folder.mkdir()
+    write_rows(folder / "a.parquet", make_rows(40, seed=5))
+    data = {**tiny_data, "source": folder}
+    m1 = run_tiny(tiny_lm, tiny_sae, data, tmp_path / "r1", f"embed.store_dir={store}")
+    assert m1["counts"]["embedded_now"] == 40 + 12
+    new = [{**r, "id": f"new{i}"} for i, r in enumerate(make_rows(15, seed=6))]
+    write_rows(folder / "b.parquet", new)
+    m2 = run_tiny(tiny_lm, tiny_sae, data, tmp_path / "r2", f"embed.store_dir={store}")
+    assert m2["counts"]["embedded_now"] == 15
+    assert m2["counts"]["source"]["rows_scored"] == 55
+    m3 = run_tiny(tiny_lm, tiny_sae, data, tmp_path / "r3", f"embed.store_dir={store}", "sae.k=4")
+    assert m3["counts"]["embedded_now"] == 55 + 12  # a fingerprinted setting changed: everything again
+    assert m3["fingerprints"]["embedding"] != m2["fingerprints"]["embedding"]
