@@ -126,14 +126,30 @@ class Pipeline:
         if cfg.embed.representation not in ("sae", "hidden", "mlp_gate"):
             raise RunError(f"embed.representation={cfg.embed.representation!r}: use sae, hidden or mlp_gate")
         parse_hookpoint(cfg.sae.hookpoint)
-        self.source_units = records.plan_units(list(cfg.source.paths), cfg.embed.rows_per_unit)
-        self.target_units = records.plan_units(list(cfg.target.paths), cfg.embed.rows_per_unit)
-        if not self.source_units:
-            raise InputError(f"source.paths={list(cfg.source.paths)} matched no .parquet/.jsonl/.json file")
-        if not self.target_units:
-            raise InputError(f"target.paths={list(cfg.target.paths)} matched no .parquet/.jsonl/.json file")
-        self.model_dir = resolve_model_path(str(cfg.model.path))
-        self.sae_info = resolve_sae(cfg)
+        # Check every path before any work starts, and report all problems at once.
+        problems = []
+        for name, check in (("model", lambda: resolve_model_path(str(cfg.model.path))),
+                            ("sae", lambda: resolve_sae(cfg)),
+                            ("source", lambda: records.plan_units(list(cfg.source.paths), cfg.embed.rows_per_unit)),
+                            ("target", lambda: records.plan_units(list(cfg.target.paths), cfg.embed.rows_per_unit))):
+            try:
+                setattr(self, f"_{name}", check())
+            except (ModelError, SAEError, InputError) as e:
+                msg = str(e)
+                if name in ("source", "target"):
+                    msg = f"{name}.paths: {msg}; set {name}.paths=[/path/to/files_or_folders]"
+                problems.append(msg)
+        if problems:
+            raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
+        self.model_dir, self.sae_info = self._model, self._sae
+        self.source_units, self.target_units = self._source, self._target
+        for role, units in (("source", self.source_units), ("target", self.target_units)):
+            if not units:
+                paths = list(cfg[role].paths)
+                files = records.input_files(paths)
+                raise InputError(f"the {role} set {paths} has no usable rows: " + (
+                    f"its files are empty ({', '.join(map(str, files))})" if files else
+                    f"no .parquet/.jsonl/.json file matched; set {role}.paths=[...]"))
         check_output_dir(self.out, cfg.run.overwrite)
         self.model_fp = fingerprint_model(self.model_dir)
         render = {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt,
@@ -340,9 +356,11 @@ class Pipeline:
         return dev == "cuda" or (dev == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
 
     def _actor_resources(self) -> dict:
+        extra = dict(self.cfg.embed.get("actor_resources") or {})  # e.g. pin actors to a node type
+        res = {"resources": extra} if extra else {}
         if self._use_gpu():
-            return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu}
-        return {"num_cpus": self.cfg.embed.actor_num_cpus_cpu}
+            return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu, **res}
+        return {"num_cpus": self.cfg.embed.actor_num_cpus_cpu, **res}
 
     def _embed_job(self) -> stages.EmbedJob:
         cfg = self.cfg
@@ -433,8 +451,8 @@ class Pipeline:
         t0 = time.perf_counter()
         out = self.out
         stages.write_atomic(self.scores.select(["id", "score", "file", "row"]), out / "scores.parquet", 65536)
-        rej = pa.concat_tables([self.rejected["source"].append_column("set", pa.array(["source"] * len(self.rejected["source"]))),
-                                self.rejected["target"].append_column("set", pa.array(["target"] * len(self.rejected["target"])))])
+        rej = pa.concat_tables([self.rejected[r].append_column("set", pa.array([r] * len(self.rejected[r]), pa.string()))
+                                for r in ("source", "target")])
         stages.write_atomic(rej.sort_by([("set", "ascending"), ("file", "ascending"), ("row", "ascending")]),
                             out / "rejected.parquet")
         self.selected = selected = self._selected_records()
@@ -518,7 +536,8 @@ def _init_ray(cfg) -> bool:
     if address:
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+        # "local": always a fresh instance for this run, never a stray `ray start` cluster on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
     ctx.print_on_execution_start = False

@@ -104,12 +104,13 @@ def content_hash(messages: list[dict]) -> str:
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def record_id(rec: dict, messages: list[dict], file_key: str, row: int) -> str:
-    """The record's own ``id`` when it has one, else a stable one derived from its content."""
+def record_id(rec: dict, file: str, row: int) -> str:
+    """The record's own ``id`` when it has one, else ``<folder>/<file>:<row>`` (stable, and findable)."""
     rid = rec.get("id")
     if rid is not None and not isinstance(rid, (dict, list)) and str(rid).strip():
         return str(rid)
-    return "h" + content_hash(messages)[:16]
+    p = Path(file)
+    return f"{p.parent.name}/{p.name}:{row}"
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -84,7 +84,7 @@ def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, reje
             continue
         try:
             msgs = records.normalize_record(rec)
-            rid = records.record_id(rec, msgs, unit.path, row)
+            rid = records.record_id(rec, unit.path, row)
             rendered = records.render(msgs, tok, rs.mode, rs.system_prompt)
             ids, mask = records.tokenize(rendered, tok, rs.max_length, rs.exclude)
         except records.RecordError as e:
