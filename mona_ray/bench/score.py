@@ -1,0 +1,196 @@
+"""``bench score``: Jaccard scoring + top-k of N synthetic sparse rows, streamed block by block.
+
+For each N (default 10k, 100k, 1M) the rows arrive in blocks of ``--block-rows`` as a
+Parquet reader would hand them over (two Arrow ``list`` columns plus string ids); each
+block is turned into CSR (``SparseRows.from_arrow``), scored against the target
+prototype and fed to a running top-k (``kernels.RunningTopK``), so memory is one block
+plus O(k), whatever N. Reported per N: seconds per stage, rows/s and peak RSS.
+
+Two extra measurements on the same data:
+
+* ``kernels``: the reference ``scoring.jaccard`` against ``kernels.jaccard`` on the same
+  blocks: time per block and whether every score is bitwise equal;
+* ``float16``: a fresh realistic sample stored with float16 values (targets included)
+  against float32: is the top-``ratio`` selection identical, and how much overlaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from .. import kernels, scoring
+from .common import BenchError, Stages, peak_rss_mb, reset_peak_rss, table
+from .synth import Generator, RowPool, SynthSpec, prototype_from
+
+KERNELS = {"fast": kernels.jaccard, "reference": scoring.jaccard}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated row counts (default: %(default)s)")
+    p.add_argument("--block-rows", type=int, default=8192, help="rows per streamed block (default: %(default)s)")
+    p.add_argument("--latents", type=int, default=9216, help="SAE width (default: %(default)s, the embedded SAE)")
+    p.add_argument("--nnz", type=int, default=2400, help="mean non-zeros per row (default: %(default)s)")
+    p.add_argument("--sae-k", type=int, default=32, help="per-token TopK of the simulated SAE (default: %(default)s)")
+    p.add_argument("--targets", type=int, default=100, help="target rows in the prototype (default: %(default)s)")
+    p.add_argument("--ratio", type=float, default=0.05, help="share selected (default: %(default)s)")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default="fast", help="Jaccard implementation (default: %(default)s)")
+    p.add_argument("--pool-rows", type=int, default=16384, help="distinct synthetic rows blocks are drawn from (default: %(default)s)")
+    p.add_argument("--compare-blocks", type=int, default=8, help="blocks timed with both kernels (0: skip)")
+    p.add_argument("--quality-rows", type=int, default=20000, help="rows for the float16-vs-float32 check (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--sizes={text!r}: expected comma-separated integers, e.g. 10000,100000") from None
+    if not sizes or min(sizes) < 1:
+        raise BenchError(f"--sizes={text!r}: every size must be a positive integer")
+    return sizes
+
+
+def _check(args) -> list[int]:
+    sizes = _sizes(args.sizes)
+    for name in ("block_rows", "latents", "targets", "pool_rows"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    if args.block_rows > args.pool_rows:
+        raise BenchError(f"--block-rows={args.block_rows} exceeds --pool-rows={args.pool_rows}")
+    if not 0 < args.ratio <= 1:
+        raise BenchError(f"--ratio={args.ratio} must be in (0, 1]")
+    return sizes
+
+
+def _as_arrow(rows: scoring.SparseRows) -> tuple[pa.Array, pa.Array]:
+    """The two list columns a Parquet reader would return for this block."""
+    off = pa.array(rows.indptr.astype(np.int32))
+    return (pa.ListArray.from_arrays(off, pa.array(rows.indices)),
+            pa.ListArray.from_arrays(off, pa.array(rows.values)))
+
+
+def _ids(start: int, n: int) -> np.ndarray:
+    return np.array([f"row-{i:09d}" for i in range(start, start + n)], dtype=object)
+
+
+def stream(n_rows: int, pool: RowPool, proto: np.ndarray, args, kernel) -> dict:
+    """Score ``n_rows`` rows block by block; time each stage and track peak RSS."""
+    rng = np.random.default_rng(args.seed + n_rows)
+    k = scoring.selection_size(n_rows, args.ratio)
+    st = Stages()
+    reset_peak_rss()
+    rss0 = peak_rss_mb()
+    run = kernels.RunningTopK(k)
+    nnz = 0
+    for a in range(0, n_rows, args.block_rows):
+        b = min(args.block_rows, n_rows - a)
+        with st("generate"):
+            idx_col, val_col = _as_arrow(pool.block(b, rng))
+            ids = _ids(a, b)
+        with st("to_csr"):
+            rows = scoring.SparseRows.from_arrow(idx_col, val_col)
+        with st("score"):
+            s = kernel(rows, proto)
+        with st("topk"):
+            run.add(s, ids)
+        nnz += len(rows.indices)
+        del idx_col, val_col, rows, s, ids
+    with st("topk"):
+        top_s, _ = run.result()
+    work = st["to_csr"] + st["score"] + st["topk"]
+    return {"rows": n_rows, "selected": len(top_s), "nnz_per_row": nnz / n_rows,
+            "generate_s": st["generate"], "to_csr_s": st["to_csr"], "score_s": st["score"],
+            "topk_s": st["topk"], "score_topk_s": work, "rows_per_s": n_rows / work if work else None,
+            "rss_at_start_mb": rss0, "peak_rss_mb": peak_rss_mb()}
+
+
+def compare_kernels(pool: RowPool, proto: np.ndarray, args) -> dict:
+    rng = np.random.default_rng(args.seed + 7)
+    t_ref = t_fast = 0.0
+    equal = True
+    for _ in range(args.compare_blocks):
+        rows = pool.block(args.block_rows, rng)
+        t0 = time.perf_counter()
+        ref = scoring.jaccard(rows, proto)
+        t1 = time.perf_counter()
+        fast = kernels.jaccard(rows, proto)
+        t2 = time.perf_counter()
+        t_ref, t_fast = t_ref + t1 - t0, t_fast + t2 - t1
+        equal &= bool(np.array_equal(ref.view(np.int64), fast.view(np.int64)))
+    n = args.compare_blocks
+    return {"blocks": n, "block_rows": args.block_rows, "reference_s_per_block": t_ref / n,
+            "fast_s_per_block": t_fast / n, "speedup": t_ref / t_fast if t_fast else None, "bitwise_equal": equal}
+
+
+def float16_effect(gen: Generator, args) -> dict:
+    """Select top-``ratio`` of fresh realistic rows from float32 and from float16 storage."""
+    rng = np.random.default_rng(args.seed + 11)
+    rows = gen.rows(gen.source_affinity(args.quality_rows, rng), rng)
+    ids = _ids(0, len(rows))
+    k = scoring.selection_size(len(rows), args.ratio)
+    out = {"rows": len(rows), "selected": k}
+    sel = {}
+    scores = {}
+    for name, dt in (("float32", np.float32), ("float16", np.float16)):
+        r = scoring.SparseRows(rows.indptr, rows.indices, rows.values.astype(dt))
+        proto = prototype_from(gen, args.targets, value_dtype=dt)
+        scores[name] = kernels.jaccard(r, proto)
+        sel[name] = list(scoring.topk(scores[name], ids, k)[1])
+    a, b = set(sel["float32"]), set(sel["float16"])
+    diff = np.abs(scores["float32"] - scores["float16"])
+    out.update({
+        "identical_order": sel["float32"] == sel["float16"],
+        "identical_set": a == b,
+        "overlap": len(a & b) / k,
+        "swapped_rows": len(a - b),
+        "max_abs_score_diff": float(diff.max()),
+        "median_abs_score_diff": float(np.median(diff)),
+        "score_gap_at_cut": float(np.sort(scores["float32"])[::-1][k - 1] - np.sort(scores["float32"])[::-1][k])
+        if k < len(rows) else None,
+        "subnormal_share_fp16": float(np.mean(np.abs(rows.values) < np.finfo(np.float16).tiny)),
+        "bytes_per_row_float32": 8 * len(rows.indices) / len(rows),
+        "bytes_per_row_float16": 6 * len(rows.indices) / len(rows),
+    })
+    return out
+
+
+def run(args) -> tuple[dict, str]:
+    sizes = _check(args)
+    spec = SynthSpec(num_latents=args.latents, nnz=args.nnz, k=args.sae_k, seed=args.seed)
+    try:
+        gen = Generator(spec)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    t0 = time.perf_counter()
+    proto = prototype_from(gen, args.targets)
+    pool = RowPool(gen, args.pool_rows, seed=args.seed + 2)
+    setup_s = time.perf_counter() - t0
+    kernel = KERNELS[args.kernel]
+    results = [stream(n, pool, proto, args, kernel) for n in sizes]
+    report = {"params": {**vars(args), "sizes": sizes}, "setup_s": setup_s, "results": results}
+    text = [f"score: Jaccard + top-{args.ratio:g} of N rows, {args.nnz} nnz of {args.latents} latents, "
+            f"blocks of {args.block_rows}, kernel={args.kernel}",
+            table(results, [("rows", "N"), ("nnz_per_row", "nnz/row"), ("generate_s", "generate s"),
+                            ("to_csr_s", "to_csr s"), ("score_s", "score s"), ("topk_s", "topk s"),
+                            ("score_topk_s", "total s"), ("rows_per_s", "rows/s"), ("peak_rss_mb", "peak RSS MB")]),
+            "(total = to_csr + score + topk; generate is the synthetic data source, not part of the pipeline)"]
+    if args.compare_blocks > 0:
+        report["kernels"] = compare_kernels(pool, proto, args)
+        text += ["", "kernels: scoring.jaccard vs kernels.jaccard on the same blocks",
+                 table([report["kernels"]], [("blocks", "blocks"), ("block_rows", "rows/block"),
+                                             ("reference_s_per_block", "reference s/block"),
+                                             ("fast_s_per_block", "fast s/block"), ("speedup", "speedup"),
+                                             ("bitwise_equal", "bitwise equal")])]
+    if args.quality_rows > 0:
+        report["float16"] = float16_effect(gen, args)
+        text += ["", f"float16 vs float32 stored values: top-{args.ratio:g} selection",
+                 table([report["float16"]], [("rows", "rows"), ("selected", "selected"),
+                                             ("identical_order", "same order"), ("identical_set", "same set"),
+                                             ("overlap", "overlap"), ("swapped_rows", "swapped"),
+                                             ("max_abs_score_diff", "max |dscore|"),
+                                             ("score_gap_at_cut", "gap at cut")])]
+    return report, "\n".join(text)
