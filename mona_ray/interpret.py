@@ -1,0 +1,165 @@
+"""Why a selection came out as it did: the prototype's latents and each selected row's.
+
+For a MoNA run (SAE codes, mean pooling, generalized Jaccard) this writes, into the run
+folder, ``explain.json`` and ``explain.md``:
+
+* **Prototype**: its ``top_latents`` largest latents p_k, each with the target tokens that
+  activate it most (row, position, token, activation, a few tokens of context). Token
+  codes are recomputed for the target rows only (a few hundred rows: seconds).
+* **Selected rows**: for each, the latents it shares with the prototype that contribute
+  most to its score. The Jaccard numerator is ``sum_k min(z_k, p_k)``, so latent k
+  contributes ``min(z_k, p_k)``; its ``share`` is that over the row's numerator. The
+  row's score ``sum min / (|z|_1 + |p|_1 - sum min)`` is recomputed and reported.
+
+The pipeline calls :func:`explain` once at the end of a run and :func:`write_explain`
+with the run folder; see the function docs for the arguments.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .encode import micro_batches, padded_length
+
+
+def _token_text(tokenizer, tid: int) -> str:
+    return tokenizer.decode([int(tid)])
+
+
+def _context(tokenizer, ids: Sequence[int], pos: int, width: int) -> str:
+    left = tokenizer.decode(list(ids[max(0, pos - width):pos]))
+    right = tokenizer.decode(list(ids[pos + 1:pos + 1 + width]))
+    return f"{left}[[{_token_text(tokenizer, ids[pos])}]]{right}".replace("\n", "\\n")
+
+
+@torch.inference_mode()
+def top_activating_tokens(lm, sae, target_ids: list[list[int]], target_masks: list[list[int]], latents: np.ndarray,
+                          k: int | None, per_latent: int, token_budget: int = 4096, pad_token_id: int = 0
+                          ) -> dict[int, list[tuple[float, int, int]]]:
+    """For each latent in ``latents``: the ``per_latent`` (activation, row, position) with the
+    highest activation over the target rows' pooled tokens (TopK codes, as the pipeline encodes)."""
+    want = torch.as_tensor(np.asarray(latents, dtype=np.int64))
+    heaps: dict[int, list] = {int(j): [] for j in latents}
+    lengths = [len(x) for x in target_ids]
+    for mb in micro_batches(lengths, token_budget, 64, 16):
+        rows = [i for i in mb if lengths[i]]
+        if not rows:
+            continue
+        T = padded_length(max(lengths[i] for i in rows), 16)
+        inp = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(rows), T), dtype=torch.long)
+        pool = torch.zeros((len(rows), T), dtype=torch.bool)
+        for b, i in enumerate(rows):
+            inp[b, :lengths[i]] = torch.as_tensor(target_ids[i])
+            att[b, :lengths[i]] = 1
+            pool[b, :lengths[i]] = torch.as_tensor(target_masks[i], dtype=torch.bool)
+        h = lm(inp.to(lm.device), att.to(lm.device))
+        pos = pool.nonzero()
+        vals, idx = sae.encode(h[pos[:, 0].to(h.device), pos[:, 1].to(h.device)], k)
+        vals, idx = vals.float().cpu(), idx.cpu()
+        hit = idx.unsqueeze(-1) == want  # [n_tok, K, n_latents]
+        act = (vals.unsqueeze(-1) * hit).sum(1)  # [n_tok, n_latents]
+        for c, j in enumerate(want.tolist()):
+            col = act[:, c]
+            nz = col.nonzero().flatten()
+            if len(nz) == 0:
+                continue
+            top = nz[col[nz].argsort(descending=True)[:per_latent]]
+            for t in top.tolist():
+                item = (float(col[t]), rows[int(pos[t, 0])], int(pos[t, 1]))
+                if len(heaps[j]) < per_latent:
+                    heapq.heappush(heaps[j], item)
+                else:
+                    heapq.heappushpop(heaps[j], item)
+    return {j: sorted(hp, key=lambda x: (-x[0], x[1], x[2])) for j, hp in heaps.items()}
+
+
+def contributions(indices: np.ndarray, values: np.ndarray, proto: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per shared latent, largest first: (latent, ``min(z_k, p_k)`` (the Jaccard numerator's
+    terms), ``z_k``)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    z = np.asarray(values, dtype=np.float64)
+    c = np.minimum(z, proto[idx])
+    order = np.lexsort((idx, -c))
+    keep = order[c[order] > 0]
+    return idx[keep], c[keep], z[keep]
+
+
+def explain(lm, sae, tokenizer, target_ids: list[list[int]], prototype: np.ndarray,
+            selected: list[tuple[str, np.ndarray, np.ndarray]], *, target_masks: list[list[int]] | None = None,
+            k: int | None = None, top_latents: int = 20, tokens_per_latent: int = 8, shared_per_row: int = 10,
+            context: int = 6, token_budget: int = 4096) -> dict:
+    """The explanation of a selection, as a JSON-ready dict.
+
+    ``lm``: the loaded ``TruncatedLM``; ``sae``: the ``SAE`` the run used; ``tokenizer``: the
+    model's; ``target_ids``: the target rows' token ids as the run tokenized them, with
+    ``target_masks`` their pool masks (default: every non-special token, i.e.
+    ``pool.exclude=special``); ``prototype``: the dense prototype the run scored with;
+    ``selected``: ``(id, latent indices, mean-pooled values)`` of each selected row, best
+    first; ``k``: the run's SAE K override (None = the SAE's own).
+    """
+    proto = np.asarray(prototype, dtype=np.float64)
+    if target_masks is None:
+        special = set(tokenizer.all_special_ids)
+        target_masks = [[0 if t in special else 1 for t in ids] for ids in target_ids]
+    p_l1 = float(proto.sum())
+    top = np.argsort(-proto, kind="stable")[:top_latents]
+    top = top[proto[top] > 0]
+    acts = top_activating_tokens(lm, sae, target_ids, target_masks, top, k, tokens_per_latent, token_budget,
+                                 tokenizer.pad_token_id or 0)
+    latents = []
+    for j in top.tolist():
+        latents.append({"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
+                        "top_tokens": [{"row": r, "position": pos, "token": _token_text(tokenizer, target_ids[r][pos]),
+                                        "activation": a, "context": _context(tokenizer, target_ids[r], pos, context)}
+                                       for a, r, pos in acts[j]]})
+    top_set = set(top.tolist())
+    rows = []
+    for rid, idx, val in selected:
+        li, c, z = contributions(idx, val, proto)
+        s_min = float(c.sum())
+        denom = float(np.sum(val, dtype=np.float64)) + p_l1 - s_min
+        rows.append({"id": str(rid), "score": s_min / denom if denom > 0 else 0.0, "sum_min": s_min,
+                     "shared_latents": int(len(li)),
+                     "top_shared": [{"latent": int(a), "contribution": float(b), "share": float(b) / s_min if s_min else 0.0,
+                                     "z": float(zz), "p": float(proto[a]), "prototype_top": int(a) in top_set}
+                                    for a, b, zz in zip(li[:shared_per_row], c[:shared_per_row], z[:shared_per_row])]})
+    return {"prototype": {"l1": p_l1, "nonzero": int((proto > 0).sum()), "num_latents": int(len(proto)),
+                          "target_rows": len(target_ids), "top_latents": latents},
+            "selected": rows}
+
+
+def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tuple[Path, Path]:
+    """``explain.json`` (everything) and ``explain.md`` (readable; the first ``max_rows_md`` rows)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explain.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    p = doc["prototype"]
+    md = ["# Why these rows were selected", "",
+          f"Prototype: mean of {p['target_rows']} target rows; {p['nonzero']} of {p['num_latents']} latents active, "
+          f"L1 = {p['l1']:.4g}.", "", "## The prototype's top latents", "",
+          "| latent | p_k | share of L1 | target tokens that activate it most (token in [[ ]], activation) |",
+          "|---|---|---|---|"]
+    for lat in p["top_latents"]:
+        toks = "<br>".join(f"`{t['context'].replace('|', '/').replace('`', '')}` ({t['activation']:.3g})"
+                           for t in lat["top_tokens"][:4])
+        md.append(f"| {lat['latent']} | {lat['value']:.4g} | {lat['share_of_prototype']:.1%} | {toks} |")
+    md += ["", "## Selected rows: the shared latents that contribute most", "",
+           "Contribution of latent k = min(z_k, p_k); share = its part of the row's Jaccard numerator. "
+           "Latents marked * are among the prototype's top latents above.", "",
+           "| rank | id | score | shared latents | top contributions (latent: contribution, share) |", "|---|---|---|---|---|"]
+    for i, r in enumerate(doc["selected"][:max_rows_md], 1):
+        tops = ", ".join(f"{s['latent']}{'*' if s['prototype_top'] else ''}: {s['contribution']:.3g} ({s['share']:.0%})"
+                         for s in r["top_shared"][:5])
+        md.append(f"| {i} | `{r['id']}` | {r['score']:.4f} | {r['shared_latents']} | {tops} |")
+    if len(doc["selected"]) > max_rows_md:
+        md.append(f"\n({len(doc['selected']) - max_rows_md} more rows in explain.json)")
+    (out / "explain.md").write_text("\n".join(md) + "\n")
+    return out / "explain.json", out / "explain.md"

@@ -1,0 +1,61 @@
+"""Interpretability: the prototype's latents with their top target tokens, and each selected
+row's contributions, checked against independent recomputation (tiny model, random SAE)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_lm import make_rows  # noqa: E402
+
+from mona_ray.interpret import explain, write_explain  # noqa: E402
+from mona_ray.model import load_tokenizer, load_truncated  # noqa: E402
+from mona_ray.records import normalize_record, render, tokenize  # noqa: E402
+from mona_ray.sae import load_sae  # noqa: E402
+from mona_ray.scoring import SparseRows, jaccard  # noqa: E402
+
+
+def test_explain_matches_recomputation(tiny_lm, tiny_sae, tmp_path):
+    tok = load_tokenizer(tiny_lm)
+    lm = load_truncated(tiny_lm, 2, dtype="float32")
+    sae = load_sae(tiny_sae, hookpoint="layers.2")
+    enc = [tokenize(render(normalize_record(r), tok), tok, 64, "special") for r in make_rows(6, seed=9)]
+    ids, masks = [e[0] for e in enc], [e[1] for e in enc]
+    rng = np.random.default_rng(0)
+    proto = np.where(rng.random(128) < 0.3, rng.random(128), 0.0)
+    selected = []
+    for i in range(4):
+        li = np.sort(rng.choice(128, size=20, replace=False)).astype(np.int32)
+        selected.append((f"s{i}", li, rng.random(20).astype(np.float32)))
+    doc = explain(lm, sae, tok, ids, proto, selected, target_masks=masks, top_latents=5, tokens_per_latent=3)
+
+    lat = doc["prototype"]["top_latents"]
+    assert [x["latent"] for x in lat] == np.argsort(-proto, kind="stable")[:5].tolist()
+    checked = 0
+    for x in lat:
+        for t in x["top_tokens"]:  # the activation recomputed from the single row
+            r, pos = t["row"], t["position"]
+            assert masks[r][pos] == 1
+            with torch.no_grad():
+                h = lm(torch.tensor([ids[r]]), torch.ones(1, len(ids[r]), dtype=torch.long))[0, pos:pos + 1]
+            vals, idx = sae.encode(h)
+            hit = (idx[0] == x["latent"]).nonzero()
+            assert len(hit) == 1 and abs(float(vals[0, hit[0, 0]]) - t["activation"]) < 1e-4
+            checked += 1
+        acts = [t["activation"] for t in x["top_tokens"]]
+        assert acts == sorted(acts, reverse=True)
+    assert checked > 0
+    rows = SparseRows.from_lists([s[1] for s in selected], [s[2] for s in selected])
+    np.testing.assert_allclose([r["score"] for r in doc["selected"]], jaccard(rows, proto), rtol=1e-6)
+    for (rid, li, val), r in zip(selected, doc["selected"]):
+        mins = np.minimum(val.astype(np.float64), proto[li])
+        assert r["shared_latents"] == int((mins > 0).sum())
+        assert r["top_shared"][0]["contribution"] == mins.max()
+        assert r["top_shared"][0]["latent"] == li[mins.argmax()]
+        assert abs(r["sum_min"] - mins.sum()) < 1e-9
+    j, m = write_explain(doc, tmp_path)
+    assert "s0" in m.read_text() and j.stat().st_size > 0
