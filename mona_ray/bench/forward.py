@@ -16,18 +16,18 @@ import time
 import torch
 
 from .. import pooling
-from ..encode import micro_batches
+from ..encode import micro_batches, padded_length
 from ..model import TruncatedLM
 from ..sae import SAE
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
+def _padded(rows: list[list[int]], pad_id: int, pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    T = padded_length(max(len(r) for r in rows), pad_multiple)
     inp = torch.full((len(rows), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -37,23 +37,23 @@ def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def bare_forward(lm: TruncatedLM, groups: list[list[list[int]]], token_budget: int, max_rows: int,
-                 pad_id: int = 0) -> tuple[float, int]:
+                 pad_multiple: int = 1, pad_id: int = 0) -> tuple[float, int]:
     """Seconds and padded tokens for the truncated forward over each group's micro-batches.
 
     ``groups``: the rows of each unit the pipeline embeds in one Embedder call (micro-batches
     never span units there, so they do not here either).
     """
-    _sync(lm.device)
+    sync(lm.device)
     t0 = time.perf_counter()
     padded = 0
     with torch.inference_mode():
         for ids in groups:
             lengths = [len(x) for x in ids]
-            for mb in micro_batches(lengths, token_budget, max_rows):
-                inp, att = _padded([ids[i] for i in mb], pad_id)
+            for mb in micro_batches(lengths, token_budget, max_rows, pad_multiple):
+                inp, att = _padded([ids[i] for i in mb], pad_id, pad_multiple)
                 padded += inp.numel()
                 lm(inp.to(lm.device, non_blocking=True), att.to(lm.device, non_blocking=True))
-    _sync(lm.device)
+    sync(lm.device)
     return time.perf_counter() - t0, padded
 
 
@@ -67,7 +67,7 @@ def naive_embed(model, layer: int, sae: SAE, ids: list[list[int]], masks: list[l
     device = next(model.parameters()).device
     out = torch.zeros(len(ids), sae.num_latents, dtype=torch.float32)
     padded = 0
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for a in range(0, len(ids), batch_size):
@@ -87,5 +87,5 @@ def naive_embed(model, layer: int, sae: SAE, ids: list[list[int]], masks: list[l
                 vals, idx = sae.encode(h[p[:, 0], p[:, 1]])
                 pooling.scatter_codes(acc, seg[c:c + sae_chunk_tokens], vals, idx)
             out[a:a + len(rows)] = pooling.finish(acc, torch.bincount(seg, minlength=len(rows)), "mean").cpu()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, padded, out

@@ -23,11 +23,11 @@ import time
 import numpy as np
 import torch
 
-from ..encode import Embedder, EmbedSettings
+from ..encode import Embedder, EmbedSettings, micro_batches
 from ..model import TruncatedLM, resolve_dtype
 from ..sae import SAE
 from . import flops
-from .forward import _sync, bare_forward
+from .forward import bare_forward, sync
 from .common import BenchError, table
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None, help="truncation length (default: 2048; tiny: 128)")
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per micro-batch (default: 65536; tiny: 512)")
     p.add_argument("--max-batch-rows", type=int, default=256)
+    p.add_argument("--pad-multiple", type=int, default=None,
+                   help="rows are padded to a multiple of this and batched only with equal lengths (default: "
+                        "the pipeline's EmbedSettings default)")
     p.add_argument("--sae-chunk-tokens", type=int, default=None, help="tokens per SAE chunk (default: 8192; tiny: 256)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto; tiny: cpu)")
@@ -149,6 +152,8 @@ def _run(args) -> tuple[dict, str]:
     build_s = time.perf_counter() - t0
     settings = EmbedSettings(token_budget=s["token_budget"], max_batch_rows=args.max_batch_rows,
                              sae_chunk_tokens=s["sae_chunk_tokens"])
+    if args.pad_multiple is not None:
+        settings.pad_multiple = args.pad_multiple
     emb = Embedder(lm, sae, settings, pad_token_id=0)
     ids = synthetic_rows(s["rows"], s["mean_len"], s["max_len"], arch["vocab_size"], args.seed + 2)
     masks = [[1] * len(x) for x in ids]
@@ -158,14 +163,15 @@ def _run(args) -> tuple[dict, str]:
         torch.cuda.reset_peak_memory_stats()
 
     emb.embed(ids, masks)  # warm-up: kernels, allocator, SDPA backend selection
-    bare = (lm, [ids], s["token_budget"], args.max_batch_rows)
+    bare = (lm, [ids], s["token_budget"], args.max_batch_rows, settings.pad_multiple)
+    n_mb = len(micro_batches(lengths, s["token_budget"], args.max_batch_rows, settings.pad_multiple))
     bare_forward(*bare)
     t_loop, t_bare, padded = [], [], 0
     for _ in range(args.repeats):
-        _sync(dev)
+        sync(dev)
         a = time.perf_counter()
         res = emb.embed(ids, masks)
-        _sync(dev)
+        sync(dev)
         t_loop.append(time.perf_counter() - a)
         padded = res.padded_tokens
         t_bare.append(bare_forward(*bare)[0])
@@ -186,7 +192,8 @@ def _run(args) -> tuple[dict, str]:
         "model": "tiny Llama" if args.tiny else "Llama-3-8B shape (random weights)",
         "blocks_run": s["layer"] + 1, "hookpoint": f"layers.{s['layer']}", "sae_latents": s["latents"], "sae_k": s["sae_k"],
         "rows": s["rows"], "real_tokens": real, "padded_tokens": padded, "padding_fraction": 1 - real / padded,
-        "token_budget": s["token_budget"], "model_build_s": build_s, "repeats": args.repeats,
+        "token_budget": s["token_budget"], "pad_multiple": settings.pad_multiple, "micro_batches": n_mb,
+        "mean_padded_tokens_per_micro_batch": padded / n_mb, "model_build_s": build_s, "repeats": args.repeats,
         "model_gflop_per_token": f_model / real / 1e9, "sae_gflop_per_token": f_sae / real / 1e9,
         "bare_forward_s": bare_s, "bare_tokens_per_s": real / bare_s, "bare_mfu": mfu(f_model, bare_s),
         "inner_loop_s": loop_s, "inner_loop_tokens_per_s": real / loop_s, "inner_loop_mfu": mfu(f_model + f_sae, loop_s),
@@ -201,7 +208,8 @@ def _run(args) -> tuple[dict, str]:
     text = [f"gpu: {result['model']}, {result['hookpoint']} ({result['blocks_run']} blocks), SAE {s['latents']:,} latents "
             f"K={s['sae_k']}, {result['dtype']} on {device_name}" + (" [--tiny: smoke test, not a measurement]" if args.tiny else ""),
             f"{s['rows']:,} rows, {real:,} real tokens, padding {result['padding_fraction']:.1%}, "
-            f"budget {s['token_budget']:,} tokens/micro-batch, median of {args.repeats}",
+            f"{n_mb} micro-batches (budget {s['token_budget']:,}, pad multiple {settings.pad_multiple}, mean "
+            f"{padded / n_mb:,.0f} padded tokens), median of {args.repeats}",
             table(rows, [("what", "stage"), ("sec", "seconds"), ("tok_s", "tokens/s"), ("gflop", "GFLOP/token"),
                          ("mfu", f"MFU (peak {peak:g} TFLOP/s)" if peak else "MFU (no peak known)")])]
     return {"params": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in s.items()}, "result": result}, "\n".join(text)
