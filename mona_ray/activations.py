@@ -26,7 +26,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -284,28 +284,28 @@ def load_shard(path: Path) -> torch.Tensor:
         return f.get_tensor("acts")
 
 
-def shuffled_batches(shards: list[Path], batch_size: int, seed: int, shards_in_memory: int = 8,
-                     skip_batches: int = 0) -> Iterator[torch.Tensor]:
-    """Endless stream of random token batches: groups of shards are loaded, mixed and
-    permuted; every pass over the shards uses a new shard order. Deterministic in ``seed``,
-    so a resumed run can skip the batches it has already used."""
-    if not shards:
-        raise ActivationError("no activation shards to train on")
+def shuffled_batches(shards: list[Path] | Callable[[], list[Path]], batch_size: int, seed: int,
+                     shards_in_memory: int = 8, skip_batches: int = 0) -> Iterator[torch.Tensor]:
+    """Endless stream of random token batches: groups of ``shards_in_memory`` shards are
+    loaded, mixed and permuted; each pass over the shards uses a new shard order.
+    Deterministic in ``seed``, so a resumed run skips the ``skip_batches`` it has used
+    (without loading the skipped groups). ``shards`` may be a function, called at the start
+    of every pass, so that training can use shards a concurrent collection adds."""
+    list_shards = shards if callable(shards) else (lambda: shards)
+    shards = list_shards()
+    if sum(_shard_len(p) for p in shards) < batch_size:
+        raise ActivationError(f"the activation cache holds fewer tokens than one batch ({batch_size}); "
+                              "collect more (sae_train.collect.tokens) or lower sae_train.train.batch_size")
     g = torch.Generator().manual_seed(seed)
-    epoch = 0
     served = 0
     while True:
+        shards = list_shards()
         order = torch.randperm(len(shards), generator=g).tolist()
         for s in range(0, len(order), shards_in_memory):
             group = order[s: s + shards_in_memory]
-            n_total = None
-            perm = None
-            data = None
-            # count batches first so skipped groups are not even loaded
-            sizes = [_shard_len(shards[i]) for i in group]
-            n_total = sum(sizes)
-            n_batches = n_total // batch_size
+            n_total = sum(_shard_len(shards[i]) for i in group)
             perm = torch.randperm(n_total, generator=g)
+            n_batches = n_total // batch_size
             if served + n_batches <= skip_batches:
                 served += n_batches
                 continue
@@ -314,7 +314,6 @@ def shuffled_batches(shards: list[Path], batch_size: int, seed: int, shards_in_m
                 if served >= skip_batches:
                     yield data[perm[b * batch_size: (b + 1) * batch_size]]
                 served += 1
-        epoch += 1
 
 
 _LEN_CACHE: dict[str, int] = {}

@@ -168,11 +168,12 @@ def load_full_model(path: Path, dtype: str, device: str):
 def run(cfg) -> list[SAEMetrics]:
     from tqdm import tqdm
 
-    from .model import load_tokenizer, resolve_model_path
+    from .model import load_tokenizer
+    from .train_sae import resolve_model
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    model_path = resolve_model_path(str(cfg.model))
+    model_path = resolve_model(str(cfg.model), "model")
     hookpoints = [to_sparsify_hookpoint(h) for h in cfg.sae.hookpoints]
     saes = {h: load_sae(str(cfg.sae.path), str(cfg.sae.format), h, cfg.sae.k, dtype=torch.float32)
             for h in hookpoints}

@@ -132,7 +132,8 @@ class SAE:
         return out
 
 
-def _file_fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a weight file (first 16 hex digits): the SAE's identity in manifests."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -177,7 +178,7 @@ def load_sparsify(path: str | Path, hookpoint: str | None = None, k: int | None 
     hp = to_sparsify_hookpoint(hookpoint) if hookpoint else d.name
     return SAE(W_enc=W_enc, b_enc=w["encoder.bias"], W_dec=w["W_dec"], b_dec=w["b_dec"],
                k=int(k or cfg["k"]), hookpoint=hp, activation="topk",
-               fingerprint=_file_fingerprint(d / "sae.safetensors"),
+               fingerprint=file_fingerprint(d / "sae.safetensors"),
                meta={"format": "sparsify", "dir": str(d), "cfg": cfg, "provisional": bool(cfg.get("provisional", False))})
 
 
@@ -314,7 +315,7 @@ def load_saelens(path: str | Path, hookpoint: str | None = None, k: int | None =
               k=int(k or cfg["k"]) if act == "topk" else (int(k) if k else None), hookpoint=hp, activation=act,
               threshold=w.get("threshold"), apply_b_dec_to_input=cfg["apply_b_dec_to_input"],
               normalize="none" if cfg["normalize"] == "expected_average_only_in" else cfg["normalize"],
-              fingerprint=_file_fingerprint(d / _SAELENS_WEIGHTS),
+              fingerprint=file_fingerprint(d / _SAELENS_WEIGHTS),
               meta={"format": "saelens", "dir": str(d), "cfg": cfg, "hook_name": hook})
     dtype = _DTYPES.get(str(cfg.get("dtype") or "").replace("torch.", ""))
     return sae.to(dtype=dtype) if dtype is not None else sae

@@ -214,6 +214,26 @@ def train_step(params: dict[str, torch.Tensor], opt_state: dict[str, torch.Tenso
                      dead_frac=float(dead.float().mean()), l0=float(k))
 
 
+@torch.no_grad()
+def heldout_metrics(params: dict[str, torch.Tensor], scale: float, x: torch.Tensor, k: int,
+                    chunk: int = 4096) -> dict[str, float]:
+    """FVU, mean L0 and the fraction of latents never fired on raw held-out activations ``x``."""
+    x = x.float() * scale
+    num_latents = params["W_enc"].shape[0]
+    fired = torch.zeros(num_latents, dtype=torch.bool)
+    sse, l0 = 0.0, 0.0
+    for c in range(0, x.shape[0], chunk):
+        xb = x[c: c + chunk]
+        pre, idx = select(xb - params["b_dec"], params["W_enc"], params["b_enc"], k, torch.float32)
+        vals = torch.relu(pre.gather(1, idx))
+        recon = decode_sparse(vals, idx, params["W_dec"]) + params["b_dec"]
+        sse += float((xb - recon).double().pow(2).sum())
+        l0 += float((vals > 0).sum())
+        fired[idx[vals > 0]] = True
+    total = float((x.double() - x.double().mean(0)).pow(2).sum())
+    return {"fvu": sse / total, "l0": l0 / x.shape[0], "dead_frac": 1 - float(fired.float().mean())}
+
+
 def export(params: dict[str, torch.Tensor], scale: float, k: int, hookpoint: str,
            dtype: torch.dtype = torch.bfloat16) -> SAE:
     """An :class:`SAE` that takes RAW activations: with x_n = scale * x,

@@ -55,7 +55,6 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 100
     shards_in_memory: int = 8
-    threads: int | None = None
 
 
 def lr_at(step: int, base: float, s: TrainSettings) -> float:
@@ -143,9 +142,15 @@ def settings_fingerprint(cfg) -> str:
 
 def token_batches_from_cache(cache: Path, hookpoints: list[str], batch_size: int, seed: int,
                              shards_in_memory: int, skip: dict[str, int]) -> dict[str, Iterator[torch.Tensor]]:
-    return {h: acts.shuffled_batches(acts.cached_shards(cache, h), batch_size, seed=seed + i,
-                                     shards_in_memory=shards_in_memory, skip_batches=skip.get(h, 0))
-            for i, h in enumerate(hookpoints)}
+    """Batches per hookpoint; the shard list is re-read at every pass, so shards that a
+    concurrent collection adds are used too."""
+    from .model import parse_hookpoint
+
+    # the batch order of a hookpoint does not depend on which others train in the same run
+    return {h: acts.shuffled_batches(lambda h=h: acts.cached_shards(cache, h), batch_size,
+                                     seed=seed + parse_hookpoint(h), shards_in_memory=shards_in_memory,
+                                     skip_batches=skip.get(h, 0))
+            for h in hookpoints}
 
 
 def streamed_batches(stream: Iterator[tuple[int, dict[str, torch.Tensor]]], hookpoints: list[str],
@@ -184,13 +189,15 @@ def _format_postfix(states: dict[str, HookState]) -> dict[str, str]:
 
 
 def export_all(out_dir: Path, states: dict[str, HookState], k: int, cfg, dtype: torch.dtype,
-               extra: dict) -> list[Path]:
+               extra: dict, heldout: dict[str, dict] | None = None) -> list[Path]:
     dirs = []
     for h, st in states.items():
         sae = T.export(st.params, st.scale, k, h, dtype)
         info = {"hookpoint": h, "model": str(cfg.model), "trained_tokens": st.tokens, "trained_steps": st.step,
                 "train_fvu": st.last.fvu if st.last else None,
                 "train_dead_frac": st.last.dead_frac if st.last else None, **extra}
+        if heldout and h in heldout:
+            info["heldout"] = heldout[h]
         dirs.append(save_sparsify(sae, out_dir, extra_cfg=info))
     return dirs
 
@@ -199,11 +206,11 @@ def train(cfg) -> dict[str, HookState]:
     """Run (or resume) training as configured; returns the final per-hookpoint states."""
     from tqdm import tqdm
 
-    from .model import load_tokenizer, load_truncated, parse_hookpoint, resolve_model_path
+    from .model import load_tokenizer, load_truncated, parse_hookpoint
 
     s = _train_settings(cfg.train)
-    if s.threads:
-        torch.set_num_threads(int(s.threads))
+    if cfg.threads:  # 1 is much faster than 2 on a shared, oversubscribed CPU
+        torch.set_num_threads(int(cfg.threads))
     hookpoints = list(cfg.hookpoints)
     for h in hookpoints:
         parse_hookpoint(h)
@@ -214,10 +221,13 @@ def train(cfg) -> dict[str, HookState]:
     fp = settings_fingerprint(cfg)
     save_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.save_dtype]
 
-    model_path = resolve_model_path(str(cfg.model))
+    model_path = resolve_model(str(cfg.model), "sae_train.model")
     cache = Path(str(cfg.cache_dir)).expanduser() if cfg.cache_dir else None
     prog = acts.read_progress(cache) if cache is not None else None
     need_model = prog is None or not (prog.get("done") or prog["tokens"] >= int(cfg.collect.tokens))
+    if cache is not None and int(cfg.heldout.tokens) > 0:
+        hprog = acts.read_progress(cache / "heldout")
+        need_model |= not (hprog.get("done") or hprog["tokens"] >= int(cfg.heldout.tokens))
     collect_hps = acts.cache_hookpoints(cache, hookpoints) if cache is not None else hookpoints
     rows = acts.read_rows(cfg.data.path, "train", cfg.data.holdout_permille, cfg.data.seed, cfg.data.max_rows,
                           key="sae_train.data.path") if need_model else None
@@ -240,6 +250,10 @@ def train(cfg) -> dict[str, HookState]:
                                          progress=bar)
         print(f"[train_sae] activation cache {cache}: {prog['tokens']:,} tokens from {prog['rows']:,} rows "
               f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    heldout = None
+    if int(cfg.heldout.tokens) > 0:
+        heldout = collect_heldout(cfg, tlm, tok, collect_hps, cache)
+    if cache is not None:
         tlm = None  # free the model before training
 
     states: dict[str, HookState] = {}
@@ -294,10 +308,54 @@ def train(cfg) -> dict[str, HookState]:
                         h: {"loss": st.last.loss, "fvu": st.last.fvu, "auxk": st.last.auxk,
                             "dead": st.last.dead_frac} for h, st in states.items()}}) + "\n")
             if step % s.checkpoint_every == 0 or step == s.steps:
+                extra = {"provisional": True} if cfg.provisional else {}
+                if heldout is not None:
+                    ev = {h: T.heldout_metrics(st.params, st.scale, heldout[h], k) for h, st in states.items()}
+                    with open(log_file, "a") as fh:
+                        fh.write(json.dumps({"step": step, "time": round(time.time() - t0, 1), "heldout": ev}) + "\n")
+                    bar.write(f"step {step} held-out: " + "  ".join(
+                        f"{h} fvu {m['fvu']:.4f} l0 {m['l0']:.1f} dead {m['dead_frac']:.2%}" for h, m in ev.items()))
                 for st in states.values():
                     save_checkpoint(out_dir, st, fp)
-                export_all(out_dir, states, k, cfg, save_dtype, {"provisional": bool(cfg.provisional)} if cfg.provisional else {})
+                export_all(out_dir, states, k, cfg, save_dtype, extra,
+                           {h: ev[h] for h in states} if heldout is not None else {})
     return states
+
+
+def collect_heldout(cfg, tlm, tok, hookpoints: list[str], cache: Path | None) -> dict[str, torch.Tensor]:
+    """Held-out activations (``heldout.tokens`` per hookpoint) for the checkpoint metrics:
+    cached in ``<cache_dir>/heldout`` when there is a cache, else kept in memory."""
+    n = int(cfg.heldout.tokens)
+    rows = None
+    if tlm is not None:
+        rows = acts.read_rows(cfg.data.path, "heldout", cfg.data.holdout_permille, cfg.data.seed,
+                              key="sae_train.data.path")
+    if cache is not None:
+        if tlm is not None:
+            acts.collect_to_cache(tlm, tok, rows, hookpoints, cache / "heldout", n, int(cfg.max_length),
+                                  int(cfg.collect.batch_tokens), n, cfg.render.mode, cfg.render.system_prompt)
+        return {h: torch.cat([acts.load_shard(p) for p in acts.cached_shards(cache / "heldout", h)])[:n]
+                for h in hookpoints}
+    got: dict[str, list[torch.Tensor]] = {h: [] for h in hookpoints}
+    total = 0
+    for _, a in acts.stream_activations(tlm, tok, rows, hookpoints, int(cfg.max_length),
+                                        int(cfg.collect.batch_tokens), cfg.render.mode, cfg.render.system_prompt):
+        for h in hookpoints:
+            got[h].append(a[h].to(torch.bfloat16))
+        total += a[hookpoints[0]].shape[0]
+        if total >= n:
+            break
+    return {h: torch.cat(v)[:n] for h, v in got.items()}
+
+
+def resolve_model(path: str, key: str) -> Path:
+    """``resolve_model_path`` with the error naming this command's override."""
+    from .model import ModelError, resolve_model_path
+
+    try:
+        return resolve_model_path(path)
+    except ModelError as e:
+        raise SAEError(f"{key}={path!r}: {e} Set {key}=/path/to/checkpoint.") from None
 
 
 def _cycle(rows_fn):

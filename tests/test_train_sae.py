@@ -29,17 +29,19 @@ def train_cfg(tiny, out, cache=None, *extra):
     overrides = [f"sae_train.model={tiny['model']}", f"sae_train.data.path={tiny['data']}",
                  f"sae_train.out_dir={out}", "sae_train.hookpoints=[layers.1,layers.2]",
                  "sae_train.model_dtype=float32", "sae_train.device=cpu", "sae_train.max_length=64",
+                 "sae_train.threads=1",
                  "sae_train.sae.expansion_factor=4", "sae_train.sae.k=4", "sae_train.train.batch_size=256",
                  "sae_train.train.steps=80", "sae_train.train.checkpoint_every=40", "sae_train.train.lr=0.003",
                  "sae_train.train.lr_warmup_steps=5", "sae_train.train.dead_tokens=5000",
                  "sae_train.collect.batch_tokens=1024", "sae_train.collect.shard_tokens=2000",
-                 "sae_train.collect.tokens=8000", f"sae_train.cache_dir={cache if cache else 'null'}", *extra]
+                 "sae_train.collect.tokens=8000", "sae_train.heldout.tokens=2000", "sae_train.data.holdout_permille=100", f"sae_train.cache_dir={cache if cache else 'null'}", *extra]
     with initialize_config_dir(config_dir=str(ROOT / "mona_ray" / "conf"), version_base="1.3"):
         return compose(config_name="train_sae", overrides=overrides).sae_train
 
 
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+def read_log(out, heldout=False):
+    recs = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in recs if ("heldout" in r) == heldout]
 
 
 def test_trains_two_layers_from_a_cache_and_resumes(tiny, tmp_path):
@@ -55,14 +57,20 @@ def test_trains_two_layers_from_a_cache_and_resumes(tiny, tmp_path):
     assert json.loads((cache / "progress.json").read_text()) == prog
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(10, 90, 10))
+    ev = read_log(out, heldout=True)
+    assert [r["step"] for r in ev] == [40, 80]
+    assert (cache / "heldout" / "layers.2" / "shard_00000.safetensors").exists()
     for h in ("layers.1", "layers.2"):
         first, last = log[0][h]["fvu"], log[-1][h]["fvu"]
         assert last < 0.7 * first, (h, first, last)
+        assert ev[1]["heldout"][h]["fvu"] < ev[0]["heldout"][h]["fvu"] < 1
+        assert ev[1]["heldout"][h]["l0"] <= 4
         assert states[h].step == 80 and states[h].tokens == 80 * 256
         sae = load_sae(out, "auto", h)
         assert sae.num_latents == 128 and sae.k == 4 and sae.dtype == torch.bfloat16 and sae.d_in == 32
         cfg_json = json.loads((out / h / "cfg.json").read_text())
         assert cfg_json["trained_steps"] == 80 and "provisional" not in cfg_json
+        assert cfg_json["heldout"] == ev[1]["heldout"][h]
         assert torch.allclose(sae.W_dec.float().norm(dim=-1), torch.ones(128), atol=1e-2)
     ck = load_checkpoint(out, "layers.2", settings_fingerprint(cfg))
     assert ck.step == 80 and set(ck.opt) == {f"{p}.{m}" for p in ("W_enc", "b_enc", "W_dec", "b_dec") for m in "mv"}
@@ -106,6 +114,7 @@ def test_cli_trains_and_reports_bad_paths(tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "mona_ray.train_sae", f"sae_train.model={tiny['model']}",
             "sae_train.model_dtype=float32", "sae_train.device=cpu", "sae_train.hookpoints=[layers.0]",
+            "sae_train.threads=1",
             "sae_train.sae.expansion_factor=2", "sae_train.sae.k=2", "sae_train.train.batch_size=128",
             "sae_train.train.steps=5", "sae_train.max_length=32"]
     r = subprocess.run(base + [f"sae_train.data.path={tiny['data']}", f"sae_train.out_dir={tmp_path / 'o'}"],
@@ -116,10 +125,11 @@ def test_cli_trains_and_reports_bad_paths(tiny, tmp_path):
                                f"sae_train.out_dir={tmp_path / 'o2'}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 2 and "sae_train.data.path=" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(base[:3] + ["sae_train.model=/nowhere", f"sae_train.data.path={tiny['data']}",
-                                   f"sae_train.out_dir={tmp_path / 'o3'}"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 2 and "model.path='/nowhere'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_model_path_names_the_override(tiny, tmp_path):
+    with pytest.raises(SAEError, match="sae_train.model='/nowhere'.*Set sae_train.model="):
+        train(train_cfg(tiny, tmp_path / "o", None, "sae_train.model=/nowhere"))
 
 
 # ----------------------------------------------------------------------------- math
@@ -171,3 +181,22 @@ def test_lr_schedule_and_geometric_median():
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
     gm = T.geometric_median(pts)
     assert gm.norm() < 1.0 < pts.mean(0).norm()  # robust to the outlier, unlike the mean
+
+
+def test_shuffled_batches_skip_and_cover(tmp_path):
+    from itertools import islice
+
+    from mona_ray import activations as A
+
+    x = torch.arange(600, dtype=torch.float32)[:, None].repeat(1, 3)
+    A.write_shard_set(tmp_path, 0, {"h": x[:250]}, torch.float32)
+    A.write_shard_set(tmp_path, 1, {"h": x[250:]}, torch.float32)
+    shards = [tmp_path / "h" / f"shard_{i:05d}.safetensors" for i in range(2)]
+    full = list(islice(A.shuffled_batches(shards, 100, seed=3, shards_in_memory=1), 12))
+    again = list(islice(A.shuffled_batches(shards, 100, seed=3, shards_in_memory=1, skip_batches=7), 5))
+    for a, b in zip(full[7:], again):
+        torch.testing.assert_close(a, b)
+    first_pass = torch.cat(full[:5])[:, 0]  # one pass = 2 + 3 batches, each token at most once
+    assert first_pass.unique().numel() == 500
+    with pytest.raises(A.ActivationError, match="batch_size"):
+        next(A.shuffled_batches(shards, 1000, seed=0))
