@@ -445,6 +445,67 @@ class Pipeline:
         self.counts["source"]["rows_scored"] = len(self.scores)
         self.timings["score"] = time.perf_counter() - t0
 
+    def score_with_selector(self) -> None:
+        """A baseline selector (bm25, dsir, dense, random, nait) on the prepared rows, on the driver."""
+        from .scoring import selection_size, topk
+        from .selectors import selector_from_config
+
+        t0 = time.perf_counter()
+        sel = selector_from_config(self.cfg)
+        src, src_ids = self._messages("source")
+        tgt, _ = self._messages("target")
+        s = np.asarray(sel.score(src, tgt, src_ids), dtype=np.float64)
+        idx = self.index["source"]
+        by_id = pa.table({"id": pa.array(src_ids, pa.string()), "score": pa.array(s, pa.float64())})
+        self.scores = idx.select(["id", "content_hash", "file", "row"]).join(by_id, "id").sort_by(
+            [("file", "ascending"), ("row", "ascending")])
+        self.k = selection_size(len(s), self.cfg.select.ratio, self.cfg.select.count)
+        self.top_scores, self.top_ids = topk(s, src_ids, self.k)
+        self.counts["source"]["rows_scored"] = len(self.scores)
+        self.counts["embedded_now"] = self.counts["reused_from_store"] = 0
+        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0}
+        self.timings["score"] = time.perf_counter() - t0
+
+    def _messages(self, role: str) -> tuple[list[list[dict]], list[str]]:
+        """The usable rows of a set as conversations, in file order, read back from the prepared parts."""
+        msgs, ids = [], []
+        for pi, (_, positions) in sorted(_rows_by_part(self.index[role]).items()):
+            parts = self.source_parts if role == "source" else self.target_parts
+            t = pq.read_table(parts[pi]["part"], columns=["id", "record"]).take(pa.array(positions, pa.int64()))
+            ids += t.column("id").to_pylist()
+            msgs += [records.normalize_record(json.loads(r)) for r in t.column("record").to_pylist()]
+        return msgs, ids
+
+    def explain(self) -> None:
+        """explain.json / explain.md: the prototype's latents and why each selected row was chosen.
+
+        Runs as one Ray task with an embedding actor's resources (a GPU on a cluster)."""
+        import ray
+
+        t0 = time.perf_counter()
+        tgt_ids, tgt_masks = [], []
+        for pi, (_, positions) in sorted(_rows_by_part(self.index["target"]).items()):
+            t = pq.read_table(self.target_parts[pi]["part"], columns=["input_ids", "pool_mask"]).take(
+                pa.array(positions, pa.int64()))
+            tgt_ids += t.column("input_ids").to_pylist()
+            tgt_masks += t.column("pool_mask").to_pylist()
+        sel_hash = dict(zip(self.scores.column("id").to_pylist(), self.scores.column("content_hash").to_pylist()))
+        want = {sel_hash[i] for i in self.top_ids}
+        vecs = {}
+        for f in self._store_files_for(want):
+            t = pq.read_table(f)
+            for h, ind, val in zip(t.column("content_hash").to_pylist(), t.column("indices").to_pylist(),
+                                   t.column("values").to_pylist()):
+                if h in want:
+                    vecs[h] = (np.asarray(ind, np.int32), np.asarray(val, np.float32))
+        selected = [(rid, *vecs[sel_hash[rid]]) for rid in self.top_ids]
+        remote = ray.remote(**self._actor_resources())(stages.explain_task)
+        doc = ray.get(remote.remote(self._embed_job(), tgt_ids, tgt_masks, self.proto, selected))
+        from .interpret import write_explain
+
+        write_explain(doc, self.out)
+        self.timings["explain"] = time.perf_counter() - t0
+
     # -------------------------------------------------------------- outputs
 
     def write_outputs(self) -> dict:
@@ -458,9 +519,7 @@ class Pipeline:
         self.selected = selected = self._selected_records()
         report.write_selection(selected, out)
         self.timings["write"] = time.perf_counter() - t0
-        manifest = report.manifest(self, selected)
-        report.write_json_atomic(manifest, out / "manifest.json")
-        return manifest
+        return report.manifest(self, selected)
 
     def _selected_records(self) -> list[dict]:
         idx = self.index["source"]
@@ -491,10 +550,20 @@ class Pipeline:
         try:
             self.prepare()
             self.dedupe()
-            self.embed()
-            self.prototype()
-            self.score()
-            return self.write_outputs()
+            if self.cfg.select.method == "mona":
+                self.embed()
+                self.prototype()
+                self.score()
+            else:
+                self.score_with_selector()
+            manifest = self.write_outputs()
+            if self.cfg.select.method == "mona" and self.cfg.report.explain and self.cfg.embed.representation == "sae":
+                self.explain()
+                manifest["timings_s"]["explain"] = round(self.timings["explain"], 3)
+                manifest["files"]["explain"] = "explain.md"
+            # written last: "complete" means every output above is in place
+            report.write_json_atomic(manifest, self.out / "manifest.json")
+            return manifest
         finally:
             if started_here:
                 ray.shutdown()

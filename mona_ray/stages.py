@@ -191,6 +191,16 @@ class EmbedActor:
                 "seconds": time.perf_counter() - t0, "rejected": json.dumps(rejected)}
 
 
+def explain_task(job: EmbedJob, target_ids, target_masks, proto, selected) -> dict:
+    """Load the run's model and SAE and explain the selection (``interpret.explain``)."""
+    from .interpret import explain
+
+    actor = EmbedActor(job)
+    tok = _tokenizer(job.model_dir, job.trust_remote_code)
+    return explain(actor.lm, actor.embedder.sae, tok, target_ids, proto, selected, target_masks=target_masks,
+                   k=job.k, token_budget=job.token_budget)
+
+
 # ----------------------------------------------------------------------------- score
 
 

@@ -118,3 +118,22 @@ def test_refresh_embeds_only_new_rows_and_rescoring_covers_all(ray_local, tiny_l
     m3 = run_tiny(tiny_lm, tiny_sae, data, tmp_path / "r3", f"embed.store_dir={store}", "sae.k=4")
     assert m3["counts"]["embedded_now"] == 55 + 12  # a fingerprinted setting changed: everything again
     assert m3["fingerprints"]["embedding"] != m2["fingerprints"]["embedding"]
+
+
+def test_explanation_written(first_run):
+    out, m = first_run
+    doc = json.loads((out / "explain.json").read_text())
+    assert [r["id"] for r in doc["selected"]] == [json.loads(x)["id"] for x in (out / "selected.jsonl").read_text().splitlines()]
+    got = [json.loads(x)["score"] for x in (out / "selected.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["score"] for r in doc["selected"]], got, rtol=1e-9)  # contributions add up to the score
+    assert doc["prototype"]["top_latents"] and "explain.md" in m["files"]["explain"]
+
+
+@pytest.mark.parametrize("method", ["bm25", "random"])
+def test_baseline_selectors_run_through_the_same_pipeline(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path, method):
+    out = tmp_path / method
+    m = run_tiny(tiny_lm, tiny_sae, tiny_data, out, f"select.method={method}")
+    sel = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(sel) == 10 and m["counts"]["embedded_now"] == 0
+    assert [s["score"] for s in sel] == sorted((s["score"] for s in sel), reverse=True)
+    assert len(pq.read_table(out / "scores.parquet")) == 90
