@@ -36,9 +36,9 @@ from .evaluation.metrics import evaluate_ranking
 from .model import ModelError, parse_hookpoint
 from .run import asset_path  # noqa: F401  (registers the ${mona_ray.asset:...} config resolver)
 from .records import InputError
-from .sae import SAEError, detect_format
+from .sae import SAEError, detect_format, load_sae
 from .selectors import get_selector
-from .selectors.features import FeatureExtractor, SaeVariant, spec_from_config
+from .selectors.features import FeatureExtractor, MlpGateVariant, SaeVariant, spec_from_config
 from .selectors.mona import mona_scores
 from .selectors.nait import combine, nait_directions, project
 
@@ -61,12 +61,13 @@ class Timer(dict):
 # ----------------------------------------------------------------------------- model-based variants
 
 
-def mona_variants(cfg) -> list[dict]:
+def mona_variants(cfg, sae_k: int) -> list[dict]:
     """The MoNA variants to score: the full representation x pooling x similarity grid, plus
-    the default (sae/mean/jaccard) at other token-exclusion rules, blocks and K."""
+    the default (sae/mean/jaccard) at other token-exclusion rules, blocks and K.
+    ``sae_k``: the K the SAE is used with (``sae.k`` or its own)."""
     m = cfg.mona
     base = dict(representation="sae", pooling="mean", similarity="jaccard", exclude=cfg.pool.exclude,
-                hookpoint=cfg.sae.hookpoint, k=cfg.sae.k)
+                hookpoint=cfg.sae.hookpoint, k=sae_k)
     out = []
     for rep in m.representations:
         for pool in m.poolings:
@@ -74,25 +75,29 @@ def mona_variants(cfg) -> list[dict]:
                 out.append({**base, "representation": rep, "pooling": pool, "similarity": sim})
     out += [{**base, "exclude": e} for e in m.excludes if e != cfg.pool.exclude]
     out += [{**base, "hookpoint": h} for h in m.hookpoints if h != cfg.sae.hookpoint]
-    out += [{**base, "k": k} for k in m.ks if k != cfg.sae.k]
+    out += [{**base, "k": k} for k in m.ks if k != sae_k]
     return out
 
 
-def variant_name(v: dict, cfg) -> str:
+def variant_name(v: dict, cfg, sae_k: int) -> str:
     name = f"mona:{v['representation']}/{v['pooling']}/{v['similarity']}"
     if v["representation"] == "sae":
         if v["hookpoint"] != cfg.sae.hookpoint:
             name += f"@{v['hookpoint']}"
-        if v["k"] != cfg.sae.k:
+        if v["k"] != sae_k:
             name += f"/k={v['k']}"
         if v["exclude"] != cfg.pool.exclude:
             name += f"/exclude={v['exclude']}"
     return name
 
 
-def product_of(v: dict) -> str:
-    if v["representation"] != "sae":
-        return v["representation"]
+def product_of(v: dict, mlp_k: int) -> str:
+    """The feature product a variant is scored on (``hidden`` comes from the Embedder; SAE and
+    mlp_gate codes are encoded from the cached activations of the one pass)."""
+    if v["representation"] == "hidden":
+        return "hidden"
+    if v["representation"] == "mlp_gate":
+        return MlpGateVariant(v["hookpoint"], mlp_k, v["exclude"]).name
     return SaeVariant(v["hookpoint"], v["k"], v["exclude"]).name
 
 
@@ -109,6 +114,10 @@ def sae_available(path, hookpoint: str) -> bool:
 
 def evaluate(cfg: DictConfig) -> dict:
     timer = Timer()
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -186,27 +195,34 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[dict, dict | None]:
     spec = replace(spec_from_config(cfg), mlp_k=cfg.embed.mlp_k)
-    variants = mona_variants(cfg) if "mona" in wanted else []
+    sae_k = None
+    if "mona" in wanted:
+        if not sae_available(cfg.sae.path, cfg.sae.hookpoint):
+            raise SAEError(f"sae.path={cfg.sae.path!r}: no SAE for hookpoint {cfg.sae.hookpoint} "
+                           "(MoNA needs one); set sae.path, or drop mona from selectors")
+        sae_k = int(cfg.sae.k or load_sae(cfg.sae.path, cfg.sae.format, hookpoint=cfg.sae.hookpoint).k)
+    mlp_k = int(cfg.embed.mlp_k or sae_k or 32)  # as the pipeline: embed.mlp_k, else the SAE's K
+    variants = mona_variants(cfg, sae_k) if "mona" in wanted else []
     kept = []
     for v in variants:
         if v["representation"] == "sae" and not sae_available(cfg.sae.path, v["hookpoint"]):
-            if v["hookpoint"] == cfg.sae.hookpoint:
-                raise SAEError(f"sae.path={cfg.sae.path!r}: no SAE for hookpoint {v['hookpoint']} "
-                               "(MoNA needs one); set sae.path, or drop mona from selectors")
-            notes.append(f"{variant_name(v, cfg)} skipped: no SAE for {v['hookpoint']} under {cfg.sae.path}")
+            notes.append(f"{variant_name(v, cfg, sae_k)} skipped: no SAE for {v['hookpoint']} under {cfg.sae.path}")
             continue
         kept.append(v)
     sae_vars = sorted({SaeVariant(v["hookpoint"], v["k"], v["exclude"]) for v in kept if v["representation"] == "sae"},
                       key=lambda x: x.name)
-    products = tuple(r for r in ("mlp_gate", "hidden") if any(v["representation"] == r for v in kept))
+    mlp_vars = sorted({MlpGateVariant(v["hookpoint"], mlp_k, v["exclude"]) for v in kept
+                       if v["representation"] == "mlp_gate"}, key=lambda x: x.name)
+    products = ("hidden",) if any(v["representation"] == "hidden" for v in kept) else ()
     nait_layers = None
     if "nait" in wanted:
         last = parse_hookpoint(cfg.sae.hookpoint)
         nait_layers = list(range(last + 1)) if cfg.nait.layers == "all" else [int(x) for x in cfg.nait.layers]
     resid = sorted({parse_hookpoint(v.hookpoint) for v in sae_vars}) if cfg.embed.keep_residuals else []
-    fx = FeatureExtractor(spec, products=products, variants=sae_vars, nait_layers=nait_layers,
+    fx = FeatureExtractor(spec, products=products, variants=sae_vars + mlp_vars, nait_layers=nait_layers,
                           cache_dir=Path(cfg.cache_dir).expanduser() / "features", chunk_rows=int(cfg.embed.chunk_rows),
-                          progress=bool(cfg.progress), keep_residuals=resid)
+                          progress=bool(cfg.progress), keep_residuals=resid,
+                          keep_mlp_inputs=sorted({parse_hookpoint(v.hookpoint) for v in mlp_vars}))
     _log("model features: pool (one pass for every representation; cached)")
     src = timer.run("model features: pool", fx.extract, pool.messages, "features: pool")
     pool_stats = dict(fx.stats)
@@ -216,8 +232,8 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
     t0 = time.perf_counter()
     for t in targets:
         for v in kept:
-            sc = mona_scores(src, tgt[t], product_of(v), v["pooling"], v["similarity"])
-            scores[t][variant_name(v, cfg)] = _demote(sc, src.rejected)
+            sc = mona_scores(src, tgt[t], product_of(v, mlp_k), v["pooling"], v["similarity"])
+            scores[t][variant_name(v, cfg, sae_k)] = _demote(sc, src.rejected)
         if nait_layers is not None:
             dirs = nait_directions(tgt[t].nait)
             proj_t = project(tgt[t].nait, dirs)
@@ -225,10 +241,11 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             for ln in cfg.nait.layer_norms:
                 scores[t]["nait" if ln == "none" else f"nait:{ln}"] = _demote(combine(proj, proj_t, ln), src.rejected)
     timer["model selectors: scoring"] = time.perf_counter() - t0
-    doc = {**fx.model_info(), "pool_pass": pool_stats, "variants": [variant_name(v, cfg) for v in kept]}
+    doc = {**fx.model_info(), "pool_pass": pool_stats, "sae_k": sae_k, "mlp_k": mlp_k,
+           "variants": [variant_name(v, cfg, sae_k) for v in kept]}
     profiles = None
-    reps = {"sae": SaeVariant(cfg.sae.hookpoint, cfg.sae.k, cfg.pool.exclude).name, "mlp_gate": "mlp_gate",
-            "hidden": "hidden"}
+    reps = {"sae": SaeVariant(cfg.sae.hookpoint, sae_k, cfg.pool.exclude).name,
+            "mlp_gate": MlpGateVariant(cfg.sae.hookpoint, mlp_k, cfg.pool.exclude).name, "hidden": "hidden"}
     have = {r: p for r, p in reps.items() if p in tgt[next(iter(tgt))].sparse or p in tgt[next(iter(tgt))].dense}
     if have:
         profiles = {}

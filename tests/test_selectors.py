@@ -14,7 +14,7 @@ from mona_ray.selectors import SELECTORS, get_selector
 from mona_ray.selectors.bm25 import aggregate_scores
 from mona_ray.selectors.dense import SentenceEncoder, centroid_cosine
 from mona_ray.selectors.dsir import bucket_of, wordpunct
-from mona_ray.selectors.features import FeatureExtractor, ModelSpec, SaeVariant
+from mona_ray.selectors.features import FeatureExtractor, MlpGateVariant, ModelSpec, SaeVariant
 from mona_ray.selectors.nait import combine, nait_directions, project
 
 
@@ -256,15 +256,20 @@ def test_one_pass_serves_every_variant_and_caches(tiny_lm, tiny_sae, tmp_path):
     spec = ModelSpec(model_path=str(tiny_lm), sae_path=str(tiny_sae), hookpoint="layers.2", dtype="float32",
                      max_length=64)
     rows = _rows(40, 5)
-    V = [SaeVariant("layers.2"), SaeVariant("layers.2", exclude="none"), SaeVariant("layers.2", k=3)]
+    V = [SaeVariant("layers.2"), SaeVariant("layers.2", exclude="none"), SaeVariant("layers.2", k=3),
+         MlpGateVariant("layers.2", k=8), MlpGateVariant("layers.2", k=20)]
     fx = FeatureExtractor(spec, products=("sae", "mlp_gate", "hidden"), variants=V, nait_layers=[0, 2],
-                          keep_residuals=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
+                          keep_residuals=[2], keep_mlp_inputs=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
     f = fx.extract(rows)
     assert fx.stats["rows_embedded"] == 40
-    # the default variant, encoded from cached residuals, equals the Embedder's product
-    a, b = f.sparse["sae"], f.sparse[V[0].name]
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_allclose(a.values, b.values, rtol=1e-6)
+    # the default variants, encoded from cached activations, equal the Embedder's products
+    # (the Embedder's mlp_gate K defaults to the SAE's K, 8)
+    for prod, var in (("sae", V[0]), ("mlp_gate", V[3])):
+        a, b = f.sparse[prod], f.sparse[var.name]
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-6)
+    assert (np.diff(f.sparse[V[4].name].indptr) >= np.diff(f.sparse[V[3].name].indptr)).all()
+    a = f.sparse["sae"]
     # sum pooling is the stored sum; mean divides by the pooled-token count
     s, m = f.pooled("sae", "sum"), f.pooled("sae", "mean")
     counts = np.repeat(f.n_pooled["sae"], np.diff(s.indptr))
@@ -273,7 +278,7 @@ def test_one_pass_serves_every_variant_and_caches(tiny_lm, tiny_sae, tmp_path):
     assert (np.diff(f.sparse[V[2].name].indptr) <= np.diff(a.indptr)).all()  # K=3 activates fewer latents
     # a second extractor over the same rows: nothing is recomputed, everything is equal
     fx2 = FeatureExtractor(spec, products=("sae", "mlp_gate", "hidden"), variants=V, nait_layers=[0, 2],
-                           keep_residuals=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
+                           keep_residuals=[2], keep_mlp_inputs=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
     f2 = fx2.extract(rows)
     assert fx2.stats["rows_embedded"] == 0
     np.testing.assert_array_equal(f2.nait, f.nait)
@@ -284,3 +289,21 @@ def test_one_pass_serves_every_variant_and_caches(tiny_lm, tiny_sae, tmp_path):
     f3 = fx3.extract(rows)
     assert fx3.stats["rows_embedded"] == 0
     assert (f3.n_pooled[SaeVariant("layers.2", exclude="template").name] < f.n_pooled["sae"]).all()
+
+
+def test_selector_from_pipeline_config():
+    from omegaconf import OmegaConf
+
+    from mona_ray.selectors import selector_from_config
+
+    cfg = OmegaConf.create({"select": {"method": "bm25", "bm25": {"aggregate": "max"}},
+                            "model": {"path": "/m"}, "sae": {"path": "/s", "hookpoint": "layers.3"}})
+    sel = selector_from_config(cfg)
+    assert sel.name == "bm25" and sel.aggregate == "max"
+    cfg.select.method = "nait"
+    cfg.select.nait = {"layer_norm": "zscore"}
+    nait = selector_from_config(cfg, progress=False)
+    assert nait.layers == [0, 1, 2, 3] and nait.layer_norm == "zscore" and nait.spec.model_path == "/m"
+    cfg.select.method = "dsirr"
+    with pytest.raises(ValueError, match="unknown selector 'dsirr'"):
+        selector_from_config(cfg)

@@ -60,4 +60,26 @@ def get_selector(name: str, **cfg) -> Selector:
     return cls(**cfg)
 
 
-__all__ = ["SELECTORS", "Selector", "get_selector", "messages_text"]
+def selector_from_config(cfg, **overrides) -> Selector:
+    """The selector a pipeline config asks for: ``select.method`` with its settings from
+    ``select.<method>`` (a mapping, optional). The model-based selectors (``mona``, ``nait``)
+    also take the run's ``model`` / ``sae`` / ``render`` / ``pool`` / ``embed`` settings, and
+    ``mona`` its ``embed.representation``, ``pool.method`` and ``select.similarity``."""
+    from dataclasses import asdict
+
+    select = cfg.get("select", {}) or {}
+    method = select.get("method", "mona")
+    opts = dict(select.get(method, {}) or {})
+    if method in ("mona", "nait"):
+        from .features import spec_from_config
+
+        base = asdict(spec_from_config(cfg))
+        if method == "mona":
+            base.update(representation=(cfg.get("embed", {}) or {}).get("representation", "sae"),
+                        pooling=(cfg.get("pool", {}) or {}).get("method", "mean"),
+                        similarity=select.get("similarity", "jaccard"))
+        opts = {**base, **opts}
+    return get_selector(method, **{**opts, **overrides})
+
+
+__all__ = ["SELECTORS", "Selector", "get_selector", "messages_text", "selector_from_config"]

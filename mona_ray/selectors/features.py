@@ -76,6 +76,28 @@ class SaeVariant:
     def name(self) -> str:
         return f"sae@{self.hookpoint}:k={self.k or 'sae'}:exclude={self.exclude}"
 
+    @property
+    def source(self) -> str:
+        return resid_name(parse_hookpoint(self.hookpoint))
+
+
+@dataclass(frozen=True)
+class MlpGateVariant:
+    """The polysemantic ablation at any K: TopK_K of |act_fn(W_gate x)| at the MLP of block
+    ``hookpoint``, encoded from its cached MLP inputs (``keep_mlp_inputs``)."""
+
+    hookpoint: str
+    k: int
+    exclude: str = "special"
+
+    @property
+    def name(self) -> str:
+        return f"mlp_gate@{self.hookpoint}:k={self.k}:exclude={self.exclude}"
+
+    @property
+    def source(self) -> str:
+        return mlpin_name(parse_hookpoint(self.hookpoint))
+
 
 @dataclass
 class Features:
@@ -120,19 +142,32 @@ def _concat_sparse(parts: list[dict]) -> SparseRows:
                       np.concatenate([p["values"] for p in parts]).astype(np.float32))
 
 
-def encode_pooled(h_tokens: torch.Tensor, seg: torch.Tensor, n_rows: int, sae: SAE, k: int | None,
+def encode_pooled(h_tokens: torch.Tensor, seg: torch.Tensor, n_rows: int, width: int, codes_fn,
                   chunk_tokens: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Sum-pooled TopK SAE codes: tokens ``[n_tok, d]`` with their row ``seg [n_tok]`` ->
-    per row ``(indices, values)``; the same math as the Embedder's (``pooling.py``)."""
-    acc = torch.zeros(n_rows, sae.num_latents, dtype=torch.float32, device=h_tokens.device)
+    """Sum-pooled TopK codes: tokens ``[n_tok, d]`` with their row ``seg [n_tok]`` -> per row
+    ``(indices, values)``; ``codes_fn(x) -> (values, indices)``. The Embedder's math (``pooling.py``)."""
+    acc = torch.zeros(n_rows, width, dtype=torch.float32, device=h_tokens.device)
     for a in range(0, h_tokens.shape[0], chunk_tokens):
-        vals, idx = sae.encode(h_tokens[a:a + chunk_tokens], k or sae.k)
+        vals, idx = codes_fn(h_tokens[a:a + chunk_tokens])
         pooling.scatter_codes(acc, seg[a:a + chunk_tokens], vals, idx)
     return pooling.to_sparse(acc)
 
 
+def sae_codes(sae: SAE, k: int | None):
+    return lambda x: sae.encode(x, k or sae.k)
+
+
+def mlp_gate_codes(mlp, k: int):
+    """As the Embedder's mlp_gate: TopK_K of |act_fn(gate_proj(x))|."""
+    return lambda x: mlp.act_fn(mlp.gate_proj(x)).abs().topk(k, dim=-1, sorted=False)
+
+
 def resid_name(layer: int) -> str:
     return f"resid@layers.{layer}"
+
+
+def mlpin_name(layer: int) -> str:
+    return f"mlpin@layers.{layer}"
 
 
 def _to_store(t: torch.Tensor) -> np.ndarray:
@@ -152,7 +187,7 @@ class _Tap:
     def __init__(self, lm, key_to_rows: dict[tuple, list[int]], ex_masks: dict[str, list[list[int]]],
                  nait_pos: list[tuple[int, int]] | None, nait_layers: list[int], nait_dirs: np.ndarray | None,
                  variants: list[tuple[SaeVariant, SAE, int]], n_rows: int, chunk_tokens: int,
-                 resid_layers: Sequence[int] = (), lengths: Sequence[int] = ()):
+                 resid_layers: Sequence[int] = (), mlpin_layers: Sequence[int] = ()):
         self.lm, self.key_to_rows, self.ex_masks = lm, key_to_rows, ex_masks
         self.nait_pos, self.nait_layers, self.variants, self.chunk_tokens = nait_pos, nait_layers, variants, chunk_tokens
         self.dirs = None if nait_dirs is None else torch.as_tensor(nait_dirs, dtype=torch.float32)
@@ -163,8 +198,8 @@ class _Tap:
             shape = (n_rows, len(nait_layers)) if nait_dirs is not None else (n_rows, len(nait_layers), lm.hidden_size)
             self.nait = np.zeros(shape, dtype=np.float32)
         self.var_out = {v.name: [None] * n_rows for v, _, _ in variants}
-        self.lengths = list(lengths)
-        self.resid = {layer: [None] * n_rows for layer in resid_layers}
+        self.kept = {name: [None] * n_rows for name in [resid_name(x) for x in resid_layers] +
+                     [mlpin_name(x) for x in mlpin_layers]}
         self.handles = [lm.model.register_forward_pre_hook(self._pre, with_kwargs=True)]
         by_layer: dict[int, list] = {}
         for li, layer in enumerate(nait_layers):
@@ -172,7 +207,10 @@ class _Tap:
         for v, sae, layer in variants:
             by_layer.setdefault(layer, []).append(("sae", (v, sae)))
         for layer in resid_layers:
-            by_layer.setdefault(layer, []).append(("resid", layer))
+            by_layer.setdefault(layer, []).append(("keep", resid_name(layer)))
+        for layer in mlpin_layers:
+            self.handles.append(lm.block(layer).mlp.register_forward_pre_hook(
+                lambda _m, args, name=mlpin_name(layer): self._keep(args[0], name)))
         for layer, jobs in by_layer.items():
             self.handles.append(lm.block(layer).register_forward_hook(
                 lambda _m, _i, out, jobs=jobs: self._block(out[0] if isinstance(out, (tuple, list)) else out, jobs)))
@@ -205,8 +243,8 @@ class _Tap:
                         self.nait[r, li] = val
             elif kind == "sae":
                 self._encode_variant(h, *job)
-            elif kind == "resid":
-                self._keep_resid(h, job)
+            elif kind == "keep":
+                self._keep(h, job)
 
     def _encode_variant(self, h: torch.Tensor, v: SaeVariant, sae: SAE) -> None:
         B, T = h.shape[:2]
@@ -216,17 +254,19 @@ class _Tap:
                 m = self.ex_masks[v.exclude][rows[0]]
                 mask[b, :len(m)] = torch.as_tensor(m, dtype=torch.bool)
         pos = mask.to(h.device).nonzero()
-        per_row = encode_pooled(h[pos[:, 0], pos[:, 1]], pos[:, 0], B, sae, v.k, self.chunk_tokens)
+        per_row = encode_pooled(h[pos[:, 0], pos[:, 1]], pos[:, 0], B, sae.num_latents, sae_codes(sae, v.k),
+                                self.chunk_tokens)
         for b, rows in enumerate(self.batch_rows):
             for r in rows:
                 self.var_out[v.name][r] = per_row[b]
 
-    def _keep_resid(self, h: torch.Tensor, layer: int) -> None:
+    @torch.inference_mode()
+    def _keep(self, h: torch.Tensor, name: str) -> None:
         for b, rows in enumerate(self.batch_rows):
             if rows:
                 x = h[b][self.att[b].to(h.device)].detach().cpu().clone()
                 for r in rows:
-                    self.resid[layer][r] = x
+                    self.kept[name][r] = x
 
 
 class FeatureExtractor:
@@ -240,9 +280,10 @@ class FeatureExtractor:
     blocks used must be at or before the spec's hookpoint, where the model is cut.
     """
 
-    def __init__(self, spec: ModelSpec, products: Sequence[str] = ("sae",), variants: Sequence[SaeVariant] = (),
+    def __init__(self, spec: ModelSpec, products: Sequence[str] = ("sae",), variants: Sequence = (),
                  nait_layers: Sequence[int] | None = None, cache_dir: str | Path | None = None,
-                 chunk_rows: int = 256, progress: bool = True, keep_residuals: Sequence[int] = ()):
+                 chunk_rows: int = 256, progress: bool = True, keep_residuals: Sequence[int] = (),
+                 keep_mlp_inputs: Sequence[int] = ()):
         unknown = set(products) - set(EMBEDDER_PRODUCTS)
         if unknown:
             raise ValueError(f"unknown representation(s) {sorted(unknown)}; use {', '.join(EMBEDDER_PRODUCTS)}")
@@ -250,7 +291,13 @@ class FeatureExtractor:
         self.layer = parse_hookpoint(spec.hookpoint)
         self.nait_layers = None if nait_layers is None else [int(x) for x in nait_layers]
         self.resid_layers = sorted({int(x) for x in keep_residuals})
-        for lay in (self.nait_layers or []) + [parse_hookpoint(v.hookpoint) for v in self.variants] + self.resid_layers:
+        self.mlpin_layers = sorted({int(x) for x in keep_mlp_inputs})
+        for v in self.variants:
+            if isinstance(v, MlpGateVariant) and parse_hookpoint(v.hookpoint) not in self.mlpin_layers:
+                raise ValueError(f"{v.name} is encoded from cached MLP inputs: add block "
+                                 f"{parse_hookpoint(v.hookpoint)} to keep_mlp_inputs")
+        for lay in ((self.nait_layers or []) + [parse_hookpoint(v.hookpoint) for v in self.variants]
+                    + self.resid_layers + self.mlpin_layers):
             if not 0 <= lay <= self.layer:
                 raise ValueError(f"block {lay} is after the hookpoint {spec.hookpoint} where the model is cut; "
                                  f"set sae.hookpoint to layers.{lay} or later")
@@ -272,6 +319,8 @@ class FeatureExtractor:
             if "sae" in self.products or (s.sae_path and "mlp_gate" in self.products):
                 saes[(s.sae_path, s.hookpoint)] = self._sae(s.sae_path, s.hookpoint, lm)
             for v in self.variants:
+                if isinstance(v, MlpGateVariant):
+                    continue
                 key = (v.sae_path or s.sae_path, v.hookpoint)
                 if key not in saes:
                     saes[key] = self._sae(key[0], v.hookpoint, lm)
@@ -306,10 +355,15 @@ class FeatureExtractor:
                 extra.update(mlp_k=self._mlp_k())
             keys[p] = f"{p}-" + fingerprint({**base, **extra, "product": p})
         for v in self.variants:
+            if isinstance(v, MlpGateVariant):
+                keys[v.name] = "mlpvariant-" + fingerprint({**base, "variant": asdict(v)})
+                continue
             sae = saes[(v.sae_path or s.sae_path, v.hookpoint)]
             keys[v.name] = "variant-" + fingerprint({**base, "variant": asdict(v), "sae": sae.fingerprint})
         for layer in self.resid_layers:
             keys[resid_name(layer)] = "resid-" + fingerprint({**base, "layer": layer})
+        for layer in self.mlpin_layers:
+            keys[mlpin_name(layer)] = "mlpin-" + fingerprint({**base, "layer": layer})
         if self.nait_layers is not None:
             keys["nait"] = "nait-" + fingerprint({**base, "layers": self.nait_layers,
                                                   "dirs": None if nait_dirs is None else fingerprint(nait_dirs.tolist())})
@@ -332,7 +386,7 @@ class FeatureExtractor:
         for a, b, ck in chunks(hashes, self.chunk_rows):
             got = {p: self.cache.load(key, ck) for p, key in keys.items()}
             missing = [p for p, v in got.items() if v is None]
-            later = [v for v in self.variants if v.name in missing and resid_name(parse_hookpoint(v.hookpoint)) in keys]
+            later = [v for v in self.variants if v.name in missing and v.source in keys]
             forward = [p for p in missing if p not in {v.name for v in later}]
             if forward:
                 fresh = self._compute(rows[a:b], forward, nait_dirs)
@@ -340,7 +394,7 @@ class FeatureExtractor:
                     got[p] = fresh[p]
                     self.cache.save(keys[p], ck, fresh[p], meta={"product": p, "spec": asdict(self.spec)})
             if later:
-                fresh = self._variants_from_resid(rows[a:b], later, got)
+                fresh = self._variants_from_kept(rows[a:b], later, got)
                 for v in later:
                     got[v.name] = fresh[v.name]
                     self.cache.save(keys[v.name], ck, fresh[v.name], meta={"product": v.name, "spec": asdict(self.spec)})
@@ -362,8 +416,8 @@ class FeatureExtractor:
                 f.nait = np.concatenate([x["nait"] for x in ps]) if ps else None
                 f.nait_layers = list(self.nait_layers)
                 continue
-            if p.startswith("resid@"):
-                continue  # residuals stay on disk: they only feed SAE variants
+            if p.startswith(("resid@", "mlpin@")):
+                continue  # kept activations stay on disk: they only feed variants
             f.n_pooled[p] = np.concatenate([x["n_pooled"] for x in ps]) if ps else np.zeros(0, np.int64)
             if p == "hidden":
                 f.dense[p] = np.concatenate([x["sums"] for x in ps]) if ps else np.zeros((0, lm.hidden_size))
@@ -408,7 +462,7 @@ class FeatureExtractor:
     def _compute(self, rows, missing: list[str], nait_dirs) -> dict[str, dict]:
         _, tok, lm, saes, _ = self._load()
         s = self.spec
-        variants = [v for v in self.variants if v.name in missing]
+        variants = [v for v in self.variants if v.name in missing and isinstance(v, SaeVariant)]
         want_nait = "nait" in missing
         excludes = {s.exclude} | {v.exclude for v in variants} | ({"special"} if want_nait else set())
         ids, masks = self._tokenize(rows, excludes)
@@ -422,7 +476,8 @@ class FeatureExtractor:
         tap = _Tap(lm, key_to_rows, masks, nait_pos, self.nait_layers or [], nait_dirs,
                    [(v, saes[(v.sae_path or s.sae_path, v.hookpoint)], parse_hookpoint(v.hookpoint)) for v in variants],
                    len(rows), s.sae_chunk_tokens,
-                   resid_layers=[x for x in self.resid_layers if resid_name(x) in missing], lengths=[len(x) for x in ids])
+                   resid_layers=[x for x in self.resid_layers if resid_name(x) in missing],
+                   mlpin_layers=[x for x in self.mlpin_layers if mlpin_name(x) in missing])
         reps = tuple(p for p in self.products if p in missing)
         try:
             res = self._embedder(reps).embed(ids, masks[s.exclude])
@@ -451,21 +506,21 @@ class FeatureExtractor:
                            "n_pooled": npool, "width": np.asarray(sae.num_latents), "rejected": rejected}
         if want_nait:
             out["nait"] = {"nait": tap.nait, "rejected": rejected}
-        for layer, per_row in tap.resid.items():
+        for name, per_row in tap.kept.items():
             zero = torch.zeros((0, lm.hidden_size), dtype=lm.dtype)
             per_row = [x if x is not None else zero for x in per_row]
-            out[resid_name(layer)] = {"tokens": _to_store(torch.cat(per_row)),
+            out[name] = {"tokens": _to_store(torch.cat(per_row)),
                                       "lengths": np.asarray([len(x) for x in per_row], np.int64), "rejected": rejected}
         return out
 
-    def _variants_from_resid(self, rows, variants: list[SaeVariant], got: dict[str, dict]) -> dict[str, dict]:
-        """SAE variants encoded from cached residuals (no model pass)."""
+    def _variants_from_kept(self, rows, variants: list, got: dict[str, dict]) -> dict[str, dict]:
+        """Variants encoded from cached activations (no model pass)."""
         _, _, lm, saes, _ = self._load()
         s = self.spec
         _, masks = self._tokenize(rows, {v.exclude for v in variants})
         out = {}
         for v in variants:
-            r = got[resid_name(parse_hookpoint(v.hookpoint))]
+            r = got[v.source]
             lengths = r["lengths"]
             h = _from_store(r["tokens"]).to(lm.device)
             seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(lengths))
@@ -479,12 +534,17 @@ class FeatureExtractor:
                                            "clear the feature cache")
                     keep[at:at + n] = torch.as_tensor(m, dtype=torch.bool)
                 at += n
-            sae = saes[(v.sae_path or s.sae_path, v.hookpoint)]
+            if isinstance(v, MlpGateVariant):
+                mlp = lm.block(parse_hookpoint(v.hookpoint)).mlp
+                width, codes = mlp.gate_proj.out_features, mlp_gate_codes(mlp, v.k)
+            else:
+                sae = saes[(v.sae_path or s.sae_path, v.hookpoint)]
+                width, codes = sae.num_latents, sae_codes(sae, v.k)
             with torch.inference_mode():
-                per_row = encode_pooled(h[keep.to(h.device)], seg[keep].to(h.device), len(lengths), sae, v.k,
+                per_row = encode_pooled(h[keep.to(h.device)], seg[keep].to(h.device), len(lengths), width, codes,
                                         s.sae_chunk_tokens)
             npool = np.asarray([int(sum(m)) if n else 0 for m, n in zip(masks[v.exclude], lengths.tolist())], np.int64)
-            out[v.name] = {**_sparse_arrays(per_row), "n_pooled": npool, "width": np.asarray(sae.num_latents),
+            out[v.name] = {**_sparse_arrays(per_row), "n_pooled": npool, "width": np.asarray(width),
                            "rejected": r["rejected"]}
         return out
 
