@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Iterable, Sequence
+import sys
+from typing import Sequence
 
 import numpy as np
 
@@ -60,9 +61,12 @@ class NgramHasher:
         grams = w + ([f"{a} {b}" for a, b in zip(w, w[1:])] if self.ngrams == 2 else [])
         return np.fromiter((self._b(g) for g in grams), dtype=np.int64, count=len(grams))
 
-    def many(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    def many(self, texts: Sequence[str], progress: bool = False, desc: str = "dsir") -> tuple[np.ndarray, np.ndarray]:
         """All texts' buckets concatenated, plus CSR-style offsets ``[n + 1]``."""
-        parts = [self(t) for t in texts]
+        from tqdm.auto import tqdm
+
+        parts = [self(t) for t in tqdm(texts, desc=desc, unit="row", disable=not progress, file=sys.stderr,
+                                       mininterval=2)]
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([len(p) for p in parts], out=offsets[1:])
         flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -97,16 +101,16 @@ class DSIRSelector(Selector):
     name = "dsir"
 
     def __init__(self, num_buckets: int = 10000, ngrams: int = 2, eps: float = EPS, gumbel: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, progress: bool = False):
         self.hasher = NgramHasher(num_buckets, ngrams)
-        self.eps, self.gumbel, self.seed = eps, gumbel, seed
+        self.eps, self.gumbel, self.seed, self.progress = eps, gumbel, seed, progress
 
     def prepare(self, source: Sequence[Messages], source_ids: Sequence[str]):
-        flat, offsets = self.hasher.many(messages_text(m) for m in source)
+        flat, offsets = self.hasher.many([messages_text(m) for m in source], self.progress, "dsir: n-grams")
         return flat, offsets, bow_probs(flat, self.hasher.num_buckets)
 
     def score_prepared(self, state, target: Sequence[Messages]) -> np.ndarray:
         flat, offsets, p_raw = state
-        t_flat, _ = self.hasher.many(messages_text(m) for m in target)
+        t_flat, _ = self.hasher.many([messages_text(m) for m in target])
         log_w = log_importance_weights(flat, offsets, bow_probs(t_flat, self.hasher.num_buckets), p_raw, self.eps)
         return gumbel_perturb(log_w, self.seed) if self.gumbel else log_w
