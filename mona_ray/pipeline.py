@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from . import records, report, stages
 from .model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from .records import InputError
-from .sae import SAEError, detect_format, find_sparsify_dir
+from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir
 
 FINGERPRINT_VERSION = 1
 
@@ -75,7 +75,7 @@ def resolve_sae(cfg) -> dict:
         w = d / "sae.safetensors"
         info.update(num_latents=sae_cfg.get("num_latents") or sae_cfg["d_in"] * sae_cfg["expansion_factor"],
                     k=int(cfg.sae.k or sae_cfg["k"]), provisional=bool(sae_cfg.get("provisional", False)),
-                    fingerprint=_file_sig(w))
+                    fingerprint=file_fingerprint(w))
     else:
         from .sae import load_sae
 
@@ -83,14 +83,6 @@ def resolve_sae(cfg) -> dict:
         info.update(num_latents=sae.num_latents, k=sae.k, fingerprint=sae.fingerprint,
                     provisional=bool(sae.meta.get("provisional", False)))
     return info
-
-
-def _file_sig(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
