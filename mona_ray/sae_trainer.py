@@ -25,6 +25,7 @@ forward matmul.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +84,10 @@ def _csr(idx: torch.Tensor, vals: torch.Tensor, num_latents: int) -> torch.Tenso
     crow = torch.zeros(num_latents + 1, dtype=torch.long, device=idx.device)
     crow[1:] = torch.bincount(rows, minlength=num_latents).cumsum(0)
     cols = torch.arange(n, device=idx.device).repeat_interleave(k)
-    return torch.sparse_csr_tensor(crow, cols[order], vals.reshape(-1)[order], (num_latents, n),
-                                   check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols[order], vals.reshape(-1)[order], (num_latents, n),
+                                       check_invariants=False)
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -164,6 +167,7 @@ def forward_loss(params: dict[str, torch.Tensor], x: torch.Tensor, k: int, dead:
     return loss, fvu, auxk, idx
 
 
+@torch.no_grad()  # the update must not join the autograd graph (W_dec requires grad here)
 def remove_parallel_grad(W_dec: torch.Tensor) -> None:
     """Project each decoder row's gradient onto the row's orthogonal complement."""
     g = W_dec.grad
