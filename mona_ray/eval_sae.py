@@ -115,7 +115,7 @@ def evaluate(model, tokenizer, saes: dict[str, SAE], rows: list[dict], max_lengt
         for h, sae in saes.items():
             x = store[h][keep]
             vals, idx = sae.encode(x)
-            x_hat = sae.reconstruct(x)
+            x_hat = sae.reconstruct(x, codes=(vals, idx))
             accs[h].add(x.float(), x_hat.float(), vals.float(), idx)
 
             def patch(_m, _i, out, x_hat=x_hat):

@@ -103,11 +103,9 @@ class SAE:
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse codes of ``x [N, d_in]``: ``(values [N, k], indices [N, k])``."""
         pre = self.pre_acts(x)
-        if self.activation == "topk":
-            acts = torch.relu(pre)
-            vals, idx = acts.topk(k or self.k, dim=-1, sorted=False)
-            return vals, idx
         acts = torch.relu(pre)
+        if self.activation == "topk":
+            return acts.topk(k or self.k, dim=-1, sorted=False)
         if self.activation == "jumprelu":
             acts = acts * (pre > self.threshold).to(acts.dtype)
         if k is not None:  # an explicit K on a non-TopK SAE keeps the K largest
@@ -121,11 +119,13 @@ class SAE:
                                                 mode="sum")
         return out + self.b_dec
 
-    def reconstruct(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """The SAE's reconstruction of ``x`` in the input's own space (normalisation undone)."""
+    def reconstruct(self, x: torch.Tensor, k: int | None = None,
+                    codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The SAE's reconstruction of ``x`` in the input's own space (normalisation undone);
+        ``codes``: ``encode(x, k)`` when the caller already has it."""
         x = x.to(self.dtype)
         _, undo = self._normalize_input(x)
-        out = self.decode(*self.encode(x, k))
+        out = self.decode(*(codes if codes is not None else self.encode(x, k)))
         if undo is not None:
             mu, scale = undo
             out = out * scale + (mu if mu is not None else 0)
