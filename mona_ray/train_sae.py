@@ -132,7 +132,8 @@ def settings_fingerprint(cfg) -> str:
     """What a checkpoint must agree with to be resumed (not steps/lr: those may be extended)."""
     import hashlib
 
-    key = {"model": str(cfg.model), "data": str(cfg.data.path), "holdout": cfg.data.holdout_permille,
+    data = str(Path(str(cfg.data.path)).expanduser().resolve())  # the same file however it is spelled
+    key = {"model": str(cfg.model), "data": data, "holdout": cfg.data.holdout_permille,
            "sae": {k: cfg.sae[k] for k in cfg.sae}, "max_length": cfg.max_length, "render": dict(cfg.render)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
