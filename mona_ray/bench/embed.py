@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .common import BenchError, peak_rss_mb, reset_peak_rss, table
+from .common import BenchError, CpuMeter, peak_rss_mb, reset_peak_rss, table
 
 DEFAULT_SOURCE = "demo/source.parquet"
 
@@ -91,13 +91,14 @@ def _compose(overrides: list[str]):
 def _stand_in_sae(model_dir: Path, hookpoint: str, latents: int, k: int, root: Path, seed: int) -> Path:
     import torch
 
-    from ..sae import SAE, save_sparsify
+    from ..model import parse_hookpoint
+    from ..sae import save_sparsify
+    from .gpu import random_sae
 
     d = json.loads((model_dir / "config.json").read_text())["hidden_size"]
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(latents, d, generator=g) / d ** 0.5
-    save_sparsify(SAE(W_enc=W, b_enc=torch.zeros(latents), W_dec=W.clone(), b_dec=torch.zeros(d), k=k,
-                      hookpoint=hookpoint), root, extra_cfg={"note": "random stand-in for bench embed"})
+    sae = random_sae(d, latents, k, parse_hookpoint(hookpoint), torch.float32, "cpu", seed)
+    sae.W_dec = sae.W_dec.clone()  # safetensors refuses tensors that share memory
+    save_sparsify(sae, root, extra_cfg={"note": "random stand-in for bench embed"})
     return root
 
 
@@ -133,16 +134,18 @@ def _units(parts) -> tuple[list[list[list[int]]], list[dict]]:
 # ----------------------------------------------------------------------------- measurements
 
 
-def run_pipeline(cfg) -> tuple[dict, float]:
+def run_pipeline(cfg) -> tuple[dict, float, float]:
+    """Run the job with a Ray instance of its own; returns (manifest, wall s, CPU s of every process)."""
     from ..run import USER_ERRORS
     from ..run import run as run_job
 
     t0 = time.perf_counter()
     try:
-        manifest = run_job(cfg, quiet=True)
+        with CpuMeter() as cpu:
+            manifest = run_job(cfg, quiet=True)
     except USER_ERRORS as e:
         raise BenchError(f"pipeline run failed: {e}") from None
-    return manifest, time.perf_counter() - t0
+    return manifest, time.perf_counter() - t0, cpu.seconds
 
 
 def naive_selection(pooled, rows: list[dict], ratio: float, count) -> list[str]:
@@ -180,10 +183,9 @@ def _naive(model_dir, layer, dtype, device, cfg, rows, batch, pad):
     return sec, padded, cpu, pooled, peak_rss_mb()
 
 
-def run(args) -> tuple[dict, str]:
-    import torch
-
-    load_start = os.getloadavg()[0]
+def _setup(args) -> tuple[Path, object, Path, str, str, int]:
+    """Sample the rows, compose the run's config; (work dir, cfg, model dir, SAE note, source, its rows)."""
+    from ..model import resolve_model_path
 
     if args.rows < 1:
         raise BenchError(f"--rows={args.rows} must be positive")
@@ -191,16 +193,12 @@ def run(args) -> tuple[dict, str]:
         raise BenchError(f"--naive-batch={args.naive_batch} must be positive")
     if args.target_rows < 0 or args.bare_repeats < 1:
         raise BenchError("--target-rows must be >= 0 and --bare-repeats >= 1")
-    from ..model import load_tokenizer, load_truncated, parse_hookpoint, resolve_dtype, resolve_model_path
-    from .forward import bare_forward
-
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mona_bench_embed_"))
     work.mkdir(parents=True, exist_ok=True)
     src = args.source or str(files("mona_ray") / "assets" / DEFAULT_SOURCE)
-    pool_rows = _sample_rows(src, args.rows, args.seed, work / "rows.parquet")
+    src_rows = _sample_rows(src, args.rows, args.seed, work / "rows.parquet")
     overrides = [f"source.paths=[{work / 'rows.parquet'}]", f"run.output_dir={work / 'run'}", *args.overrides]
-    cfg = _compose(overrides)
-    tgt = list(cfg.target.paths)
+    tgt = list(_compose(overrides).target.paths)
     if len(tgt) != 1:
         raise BenchError(f"target.paths={tgt}: the benchmark samples one target file")
     _sample_rows(tgt[0], args.target_rows, args.seed, work / "targets.parquet", flag="target.paths")
@@ -209,14 +207,56 @@ def run(args) -> tuple[dict, str]:
     model_dir = resolve_model_path(str(cfg.model.path))
     sae_note = "configured"
     if not Path(str(cfg.sae.path)).exists():
-        sae_root = _stand_in_sae(model_dir, cfg.sae.hookpoint, args.random_sae_latents, args.random_sae_k,
-                                 work / "sae", args.seed)
-        cfg = _compose(overrides + [f"sae.path={sae_root}", "sae.format=sparsify"])
-        sae_note = f"random stand-in ({args.random_sae_latents} latents, K={args.random_sae_k}): {cfg.sae.path} missing"
+        sae_note = (f"random stand-in ({args.random_sae_latents} latents, K={args.random_sae_k}): "
+                    f"{cfg.sae.path} missing")
+        root = _stand_in_sae(model_dir, cfg.sae.hookpoint, args.random_sae_latents, args.random_sae_k,
+                             work / "sae", args.seed)
+        cfg = _compose(overrides + [f"sae.path={root}", "sae.format=sparsify"])
+    return work, cfg, model_dir, sae_note, src, src_rows
 
-    # 1. the pipeline
+
+def _references(args, cfg, model_dir: Path, groups, rows) -> dict:
+    """Bare forward (warm, ``--bare-repeats`` passes around the naive one) and the naive loop."""
+    import torch
+
+    from ..model import load_tokenizer, load_truncated, parse_hookpoint, resolve_dtype
+    from .forward import bare_forward
+
+    threads = cfg.embed.torch_threads  # as many threads as the pipeline's single actor
+    threads = max(1, os.cpu_count() or 1) if threads in (None, "auto") else int(threads)
+    torch.set_num_threads(threads)
+    layer = parse_hookpoint(cfg.sae.hookpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(str(cfg.model.dtype), device)
+    pad = load_tokenizer(model_dir).pad_token_id
+    batching = (cfg.embed.token_budget, cfg.embed.max_batch_rows, cfg.embed.pad_multiple, pad)
     reset_peak_rss()
-    manifest, wall = run_pipeline(cfg)
+    t0 = time.perf_counter()
+    lm = load_truncated(model_dir, layer, str(cfg.model.dtype), device)
+    out = {"device": device, "dtype": str(dtype).replace("torch.", ""), "torch_threads": threads,
+           "bare_model_load_s": time.perf_counter() - t0, "bare_runs": []}
+    bare_forward(lm, [[g[0]] for g in groups], *batching)  # warm-up: one row per unit, untimed
+
+    def bare_pass():
+        c0 = time.process_time()
+        sec, padded = bare_forward(lm, groups, *batching)
+        out["bare_runs"].append({"s": sec, "cpu_s": time.process_time() - c0, "padded": padded})
+
+    bare_pass()
+    out["bare_peak_rss_mb"] = peak_rss_mb()
+    if not args.skip_naive:
+        out["naive"] = _naive(model_dir, layer, dtype, device, cfg, rows, args.naive_batch, pad)
+    for _ in range(args.bare_repeats - 1):
+        bare_pass()
+    return out
+
+
+def run(args) -> tuple[dict, str]:
+    load_start = os.getloadavg()[0]
+    work, cfg, model_dir, sae_note, src, src_rows = _setup(args)
+
+    reset_peak_rss()
+    manifest, wall, pipeline_cpu = run_pipeline(cfg)
     driver_rss = peak_rss_mb()
     thr, tim = manifest["throughput"], manifest["timings_s"]
     real = thr["real_tokens"]
@@ -224,92 +264,71 @@ def run(args) -> tuple[dict, str]:
     if sum(len(r["ids"]) for r in rows) != real:
         raise BenchError(f"token count mismatch: pipeline embedded {real} real tokens, the prepared rows hold "
                          f"{sum(len(r['ids']) for r in rows)} (was the embedding store reused? use a fresh --work-dir)")
-
-    # 2. bare truncated forward, same micro-batches, same thread count as the actor
-    job_threads = cfg.embed.torch_threads
-    threads = max(1, os.cpu_count() or 1) if job_threads in (None, "auto") else int(job_threads)
-    torch.set_num_threads(threads)
-    layer = parse_hookpoint(cfg.sae.hookpoint)
-    device = "cpu" if not torch.cuda.is_available() else "cuda"
-    dtype = resolve_dtype(str(cfg.model.dtype), device)
-    pad = load_tokenizer(model_dir).pad_token_id
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    lm = load_truncated(model_dir, layer, str(cfg.model.dtype), device)
-    load_s = time.perf_counter() - t0
-    bare_runs = []
-    warm = [[g[0]] for g in groups]  # one row per unit: allocator and kernel warm-up, untimed
-    bare_forward(lm, warm, cfg.embed.token_budget, cfg.embed.max_batch_rows, cfg.embed.pad_multiple, pad)
-
-    def bare_pass():
-        c0 = time.process_time()
-        sec, padded = bare_forward(lm, groups, cfg.embed.token_budget, cfg.embed.max_batch_rows,
-                                   cfg.embed.pad_multiple, pad)
-        bare_runs.append({"s": sec, "cpu_s": time.process_time() - c0, "padded": padded})
-
-    bare_pass()
-    bare_rss = peak_rss_mb()
-    naive = None
-    if not args.skip_naive:
-        naive = _naive(model_dir, layer, dtype, device, cfg, rows, args.naive_batch, pad)
-    for _ in range(args.bare_repeats - 1):
-        bare_pass()
-    del lm
-    bare_s = float(np.mean([b["s"] for b in bare_runs]))
-    bare_padded = bare_runs[0]["padded"]
-
+    ref = _references(args, cfg, model_dir, groups, rows)
+    runs = ref.pop("bare_runs")
+    naive = ref.pop("naive", None)
+    bare_s = float(np.mean([b["s"] for b in runs]))
+    bare_cpu = float(np.mean([b["cpu_s"] for b in runs]))
     stage_tok_s = real / tim["embed"]
     res = {
-        "rows_source": args.rows, "rows_embedded": len(rows), "source_file": src, "source_file_rows": pool_rows,
-        "sae": sae_note, "device": device, "dtype": str(dtype).replace("torch.", ""), "torch_threads": threads,
+        "rows_source": args.rows, "rows_embedded": len(rows), "source_file": src, "source_file_rows": src_rows,
+        "sae": sae_note, **ref,
         "real_tokens": real, "pipeline_padded_tokens": thr["padded_tokens"], "padding_fraction": thr["padding_fraction"],
-        "pipeline_wall_s": wall, "pipeline_timings_s": tim, "pipeline_embed_s": tim["embed"],
-        "pipeline_embed_tokens_per_s": stage_tok_s, "pipeline_forward_tokens_per_s": thr["tokens_per_s_forward"],
-        "pipeline_end_to_end_tokens_per_s": real / wall, "pipeline_rows_per_s": len(rows) / tim["embed"],
+        "pipeline_wall_s": wall, "pipeline_cpu_s": pipeline_cpu, "pipeline_timings_s": tim,
+        "pipeline_embed_s": tim["embed"], "pipeline_embed_tokens_per_s": stage_tok_s,
+        "pipeline_forward_tokens_per_s": thr["tokens_per_s_forward"], "pipeline_end_to_end_tokens_per_s": real / wall,
+        "pipeline_tokens_per_cpu_s": real / pipeline_cpu, "pipeline_rows_per_s": len(rows) / tim["embed"],
         "pipeline_driver_peak_rss_mb": driver_rss,
-        "bare_model_load_s": load_s, "bare_s": bare_s, "bare_padded_tokens": bare_padded,
-        "bare_tokens_per_s": real / bare_s, "bare_peak_rss_mb": bare_rss, "bare_runs": bare_runs,
-        "bare_tokens_per_cpu_s": real / float(np.mean([b["cpu_s"] for b in bare_runs])),
-        "load_average_1m_start": load_start, "load_average_1m_end": os.getloadavg()[0],
+        "bare_runs": runs, "bare_s": bare_s, "bare_cpu_s": bare_cpu, "bare_padded_tokens": runs[0]["padded"],
+        "bare_tokens_per_s": real / bare_s, "bare_tokens_per_cpu_s": real / bare_cpu,
         "ratio_pipeline_over_bare": stage_tok_s / (real / bare_s),
+        "cpu_ratio_pipeline_over_bare": bare_cpu / pipeline_cpu,
         "ratio_actor_forward_over_bare": (thr["tokens_per_s_forward"] or 0) / (real / bare_s),
+        "load_average_1m_start": load_start, "load_average_1m_end": os.getloadavg()[0],
     }
-
     if naive is not None:
-        naive_s, naive_padded, naive_cpu_s, pooled, naive_rss = naive
+        naive_s, naive_padded, naive_cpu, pooled, naive_rss = naive
         chosen = naive_selection(pooled.numpy(), rows, cfg.select.ratio, cfg.select.count)
         sel = pq.read_table(work / "run" / "selected.parquet", columns=["id"]).column("id").to_pylist()
         res.update({
-            "naive_batch": args.naive_batch, "naive_s": naive_s, "naive_padded_tokens": naive_padded,
-            "naive_padding_fraction": 1 - real / naive_padded, "naive_tokens_per_s": real / naive_s,
-            "naive_tokens_per_cpu_s": real / naive_cpu_s, "naive_peak_rss_mb": naive_rss,
+            "naive_batch": args.naive_batch, "naive_s": naive_s, "naive_cpu_s": naive_cpu,
+            "naive_padded_tokens": naive_padded, "naive_padding_fraction": 1 - real / naive_padded,
+            "naive_tokens_per_s": real / naive_s, "naive_tokens_per_cpu_s": real / naive_cpu,
+            "naive_peak_rss_mb": naive_rss,
             "speedup_pipeline_over_naive": stage_tok_s / (real / naive_s),
-            "speedup_bare_over_naive": naive_s / bare_s,
+            "cpu_speedup_pipeline_over_naive": naive_cpu / pipeline_cpu,
+            "speedup_bare_over_naive": naive_s / bare_s, "cpu_speedup_bare_over_naive": naive_cpu / bare_cpu,
             "naive_selection_overlap": len(set(chosen) & set(sel)) / max(1, len(sel)),
             "naive_selection_identical": chosen == sel,
         })
-    report = {"params": {k: v for k, v in vars(args).items()}, "work_dir": str(work), "result": res}
+    report = {"params": dict(vars(args)), "work_dir": str(work), "result": res}
     return report, _text(res)
 
 
 def _text(r: dict) -> str:
     lines = [f"embed: {r['rows_embedded']} rows ({r['rows_source']} source + targets), {r['real_tokens']:,} real tokens, "
-             f"{r['dtype']} on {r['device']} ({r['torch_threads']} threads); SAE: {r['sae']}"]
+             f"{r['dtype']} on {r['device']} ({r['torch_threads']} threads); SAE: {r['sae']}; "
+             f"load average {r['load_average_1m_start']:.1f} -> {r['load_average_1m_end']:.1f}"]
+    real = r["real_tokens"]
     rows = [{"what": "pipeline, embed stage (Ray actor pool, incl. start-up)", "sec": r["pipeline_embed_s"],
              "tok_s": r["pipeline_embed_tokens_per_s"], "pad": r["padding_fraction"], "rss": r["pipeline_driver_peak_rss_mb"]},
-            {"what": "pipeline, end to end (prepare..outputs, incl. Ray start)", "sec": r["pipeline_wall_s"],
-             "tok_s": r["pipeline_end_to_end_tokens_per_s"]},
+            {"what": "pipeline, end to end (Ray start..outputs; CPU of all processes)", "sec": r["pipeline_wall_s"],
+             "tok_s": r["pipeline_end_to_end_tokens_per_s"], "cpu": r["pipeline_cpu_s"],
+             "tok_cpu": r["pipeline_tokens_per_cpu_s"]},
             {"what": "bare truncated forward, same micro-batches", "sec": r["bare_s"], "tok_s": r["bare_tokens_per_s"],
-             "pad": 1 - r["real_tokens"] / r["bare_padded_tokens"], "rss": r["bare_peak_rss_mb"]}]
+             "pad": 1 - real / r["bare_padded_tokens"], "rss": r["bare_peak_rss_mb"], "cpu": r["bare_cpu_s"],
+             "tok_cpu": r["bare_tokens_per_cpu_s"]}]
     if "naive_s" in r:
         rows.append({"what": f"naive: full model, hidden_states, batch {r['naive_batch']}", "sec": r["naive_s"],
-                     "tok_s": r["naive_tokens_per_s"], "pad": r["naive_padding_fraction"], "rss": r["naive_peak_rss_mb"]})
-    lines.append(table(rows, [("what", "path"), ("sec", "seconds"), ("tok_s", "tokens/s"), ("pad", "padding"),
-                              ("rss", "peak RSS MB")]))
-    lines.append(f"pipeline / bare = {r['ratio_pipeline_over_bare']:.3f}   (actor forward / bare = "
-                 f"{r['ratio_actor_forward_over_bare']:.3f})   rows/s = {r['pipeline_rows_per_s']:.2f}")
+                     "tok_s": r["naive_tokens_per_s"], "pad": r["naive_padding_fraction"], "rss": r["naive_peak_rss_mb"],
+                     "cpu": r["naive_cpu_s"], "tok_cpu": r["naive_tokens_per_cpu_s"]})
+    lines.append(table(rows, [("what", "path"), ("sec", "wall s"), ("tok_s", "tokens/s"), ("cpu", "CPU s"),
+                              ("tok_cpu", "tokens/CPU s"), ("pad", "padding"), ("rss", "peak RSS MB")]))
+    lines.append(f"pipeline / bare: {r['ratio_pipeline_over_bare']:.3f} in wall time (embed stage), "
+                 f"{r['cpu_ratio_pipeline_over_bare']:.3f} in CPU time (whole job)   rows/s = {r['pipeline_rows_per_s']:.2f}")
     if "naive_s" in r:
-        lines.append(f"speedup over naive: pipeline {r['speedup_pipeline_over_naive']:.2f}x, bare forward "
-                     f"{r['speedup_bare_over_naive']:.2f}x; naive selection overlap with the pipeline's "
+        lines.append(f"speedup over naive: pipeline {r['speedup_pipeline_over_naive']:.2f}x wall, "
+                     f"{r['cpu_speedup_pipeline_over_naive']:.2f}x CPU; bare forward {r['speedup_bare_over_naive']:.2f}x "
+                     f"wall, {r['cpu_speedup_bare_over_naive']:.2f}x CPU; naive selection overlap with the pipeline's "
                      f"{r['naive_selection_overlap']:.0%} (identical: {'yes' if r['naive_selection_identical'] else 'no'})")
     return "\n".join(lines)
