@@ -414,7 +414,8 @@ class Pipeline:
         ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
         scored = ds.map_batches(stages.score_parts, batch_format="pyarrow", batch_size=1,
                                 fn_kwargs={"proto": proto, "current": current, "similarity": self.cfg.select.similarity,
-                                           "batch_rows": self.cfg.select.score_batch_rows},
+                                           "batch_rows": self.cfg.select.score_batch_rows,
+                                           "dense": self.cfg.embed.representation == "hidden"},
                                 num_cpus=self.cfg.ray.task_num_cpus).materialize()
         n = scored.count()
         self.k = k = __import__("mona_ray.scoring", fromlist=["x"]).selection_size(

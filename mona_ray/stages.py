@@ -204,7 +204,7 @@ def explain_task(job: EmbedJob, target_ids, target_masks, proto, selected) -> di
 # ----------------------------------------------------------------------------- score
 
 
-def score_block(batch: pa.Table, proto, similarity: str, current) -> pa.Table:
+def score_block(batch: pa.Table, proto, similarity: str, current, dense: bool = False) -> pa.Table:
     """Score one block of embedding rows against the prototype and keep the block's top-k.
 
     ``current``: table (content_hash, id) of the rows in this run; embeddings of other
@@ -220,18 +220,23 @@ def score_block(batch: pa.Table, proto, similarity: str, current) -> pa.Table:
     if isinstance(current, ray.ObjectRef):
         current = ray.get(current)
     rows = SparseRows.from_arrow(batch.column("indices"), batch.column("values"))
-    s = score(rows, proto, similarity)
+    if dense:  # raw hidden states: signed, stored densely; the sparse shortcuts assume z >= 0
+        from .scoring import dense_similarity
+
+        s = dense_similarity(rows.values.reshape(len(rows), -1), proto, similarity)
+    else:
+        s = score(rows, proto, similarity)
     scored = pa.table({"content_hash": batch.column("content_hash"), "score": pa.array(s, pa.float64())})
     return scored.join(current, "content_hash", join_type="inner")
 
 
-def score_parts(batch: pa.Table, proto, similarity: str, current, batch_rows: int) -> pa.Table:
+def score_parts(batch: pa.Table, proto, similarity: str, current, batch_rows: int, dense: bool = False) -> pa.Table:
     """Read store part files (one per call) and score them in slices of ``batch_rows`` rows."""
     out = []
     for path in batch.column("path").to_pylist():
         t = pq.read_table(path, columns=["content_hash", "indices", "values"])
         for start in range(0, len(t), batch_rows):
-            out.append(score_block(t.slice(start, batch_rows), proto, similarity, current))
+            out.append(score_block(t.slice(start, batch_rows), proto, similarity, current, dense))
     return pa.concat_tables(out) if out else pa.table({"content_hash": pa.array([], pa.string()),
                                                        "score": pa.array([], pa.float64()), "id": pa.array([], pa.string())})
 

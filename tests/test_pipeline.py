@@ -137,3 +137,13 @@ def test_baseline_selectors_run_through_the_same_pipeline(ray_local, tiny_lm, ti
     assert len(sel) == 10 and m["counts"]["embedded_now"] == 0
     assert [s["score"] for s in sel] == sorted((s["score"] for s in sel), reverse=True)
     assert len(pq.read_table(out / "scores.parquet")) == 90
+
+
+@pytest.mark.parametrize("rep", ["hidden", "mlp_gate"])
+def test_ablation_representations_run_through_the_pipeline(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path, rep):
+    out = tmp_path / rep
+    m = run_tiny(tiny_lm, tiny_sae, tiny_data, out, f"embed.representation={rep}", "embed.mlp_k=8")
+    sel = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(sel) == 10 and m["counts"]["source"]["rows_scored"] == 90
+    scores = [s["score"] for s in sel]
+    assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
