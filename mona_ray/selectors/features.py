@@ -36,7 +36,7 @@ from ..records import content_hash, render, tokenize
 from ..sae import SAE, load_sae
 from ..scoring import SparseRows
 from .cache import ChunkCache, chunks, fingerprint
-from .tap import Tap, _from_store, _to_store, encode_pooled, mlp_gate_codes, mlpin_name, resid_name, sae_codes
+from .tap import Tap, _from_store, _to_store, encode_pooled, mlpin_name, resid_name, sae_codes
 
 EMBEDDER_PRODUCTS = ("sae", "mlp_gate", "hidden")
 FEATURES_VERSION = 1
@@ -388,40 +388,81 @@ class FeatureExtractor:
         return out
 
     def _variants_from_kept(self, rows, variants: list, got: dict[str, dict]) -> dict[str, dict]:
-        """Variants encoded from cached activations (no model pass)."""
+        """Variants encoded from cached activations (no model pass).
+
+        Variants that read the same cached activations with the same encoder (one SAE at
+        several K / exclusion rules, or mlp_gate) share one dense activation pass per token
+        chunk and differ only in their TopK and token mask: one GEMM, not one per variant."""
         _, _, lm, saes, _ = self._load()
         s = self.spec
         _, masks = self._tokenize(rows, {v.exclude for v in variants})
-        out = {}
+        groups: dict[tuple, list] = {}
         for v in variants:
-            r = got[v.source]
+            if isinstance(v, MlpGateVariant):
+                groups.setdefault(("mlp", v.source), []).append(v)
+            else:
+                sae_key = (v.sae_path or s.sae_path, v.hookpoint)
+                share = saes[sae_key].activation == "topk"
+                groups.setdefault(("sae", v.source, sae_key) if share else ("one", v.name), []).append(v)
+        out = {}
+        for key, vs in groups.items():
+            r = got[vs[0].source]
             lengths = r["lengths"]
             h = _from_store(r["tokens"]).to(lm.device)
-            seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(lengths))
-            keep = torch.zeros(h.shape[0], dtype=torch.bool)
-            at = 0
-            for i, n in enumerate(lengths.tolist()):
-                if n:
-                    m = masks[v.exclude][i]
-                    if len(m) != n:
-                        raise RuntimeError(f"cached residuals of row {i} have {n} tokens, tokenization gives {len(m)}; "
-                                           "clear the feature cache")
-                    keep[at:at + n] = torch.as_tensor(m, dtype=torch.bool)
-                at += n
-            if isinstance(v, MlpGateVariant):
-                mlp = lm.block(parse_hookpoint(v.hookpoint)).mlp
-                width, codes = mlp.gate_proj.out_features, mlp_gate_codes(mlp, v.k)
+            seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(lengths)).to(h.device)
+            keeps = {v.name: self._token_mask(masks[v.exclude], lengths).to(h.device) for v in vs}
+            if key[0] == "mlp":
+                mlp = lm.block(parse_hookpoint(vs[0].hookpoint)).mlp
+                width, dense = mlp.gate_proj.out_features, (lambda x, mlp=mlp: mlp.act_fn(mlp.gate_proj(x)).abs())
+                ks = {v.name: v.k for v in vs}
+            elif key[0] == "sae":
+                sae = saes[key[2]]
+                width, dense = sae.num_latents, (lambda x, sae=sae: torch.relu(sae.pre_acts(x)))
+                ks = {v.name: v.k or sae.k for v in vs}
             else:
+                (v,) = vs
                 sae = saes[(v.sae_path or s.sae_path, v.hookpoint)]
-                width, codes = sae.num_latents, sae_codes(sae, v.k)
+                with torch.inference_mode():
+                    keep = keeps[v.name]
+                    per_row = encode_pooled(h[keep], seg[keep], len(lengths), sae.num_latents, sae_codes(sae, v.k),
+                                            s.sae_chunk_tokens)
+                out[v.name] = self._variant_arrays(per_row, masks[v.exclude], lengths, sae.num_latents, r)
+                continue
+            accs = {v.name: torch.zeros(len(lengths), width, dtype=torch.float32, device=h.device) for v in vs}
             with torch.inference_mode():
-                per_row = encode_pooled(h[keep.to(h.device)], seg[keep].to(h.device), len(lengths), width, codes,
-                                        s.sae_chunk_tokens)
-            npool = np.asarray([int(sum(m)) if n else 0 for m, n in zip(masks[v.exclude], lengths.tolist())], np.int64)
-            out[v.name] = {**_sparse_arrays(per_row), "n_pooled": npool, "width": np.asarray(width),
-                           "rejected": r["rejected"]}
+                for a in range(0, h.shape[0], s.sae_chunk_tokens):
+                    b = min(h.shape[0], a + s.sae_chunk_tokens)
+                    if not any(keeps[v.name][a:b].any() for v in vs):
+                        continue
+                    acts = dense(h[a:b])
+                    for v in vs:
+                        m = keeps[v.name][a:b]
+                        if m.any():
+                            vals, idx = acts[m].topk(ks[v.name], dim=-1, sorted=False)
+                            pooling.scatter_codes(accs[v.name], seg[a:b][m], vals, idx)
+            for v in vs:
+                out[v.name] = self._variant_arrays(pooling.to_sparse(accs[v.name]), masks[v.exclude], lengths, width, r)
         return out
 
+    @staticmethod
+    def _token_mask(row_masks: list[list[int]], lengths: np.ndarray) -> torch.Tensor:
+        """The cached tokens (all real tokens, row after row) that a pooling mask keeps."""
+        keep = torch.zeros(int(lengths.sum()), dtype=torch.bool)
+        at = 0
+        for i, n in enumerate(lengths.tolist()):
+            if n:
+                m = row_masks[i]
+                if len(m) != n:
+                    raise RuntimeError(f"cached activations of row {i} have {n} tokens, tokenization gives {len(m)}; "
+                                       "clear the feature cache")
+                keep[at:at + n] = torch.as_tensor(m, dtype=torch.bool)
+            at += n
+        return keep
+
+    @staticmethod
+    def _variant_arrays(per_row, row_masks, lengths: np.ndarray, width: int, src: dict) -> dict:
+        npool = np.asarray([int(sum(m)) if n else 0 for m, n in zip(row_masks, lengths.tolist())], np.int64)
+        return {**_sparse_arrays(per_row), "n_pooled": npool, "width": np.asarray(width), "rejected": src["rejected"]}
 
 def spec_from_config(cfg) -> ModelSpec:
     """A :class:`ModelSpec` from a pipeline-style config (``model``, ``sae``, ``render``, ``pool``, ``embed``)."""

@@ -33,11 +33,6 @@ def sae_codes(sae: SAE, k: int | None):
     return lambda x: sae.encode(x, k or sae.k)
 
 
-def mlp_gate_codes(mlp, k: int):
-    """As the Embedder's mlp_gate: TopK_K of |act_fn(gate_proj(x))|."""
-    return lambda x: mlp.act_fn(mlp.gate_proj(x)).abs().topk(k, dim=-1, sorted=False)
-
-
 def resid_name(layer: int) -> str:
     return f"resid@layers.{layer}"
 
