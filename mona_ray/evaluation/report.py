@@ -46,20 +46,41 @@ def target_table(res: dict, ks: list, share_top: int = 3) -> list[str]:
     return lines
 
 
-def summary_table(results: dict, ks: list) -> list[str]:
-    """Mean over targets of AP and of precision at the last k, per selector."""
-    sels = list(next(iter(results.values()))["selectors"])
+def summary_table(results: dict, ks: list, selectors: list[str] | None = None, sort: bool = True) -> list[str]:
+    """Per selector: AP per target, mean AP and mean precision at the last k over targets."""
+    sels = selectors or list(next(iter(results.values()))["selectors"])
     last = str(ks[-1])
     head = ["selector"] + [f"AP {t}" for t in results] + ["mean AP", f"mean P@{last}"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     rows = []
     for s in sels:
-        aps = [results[t]["selectors"][s]["ap"] for t in results if s in results[t]["selectors"]]
-        ps = [results[t]["selectors"][s]["precision"][last] for t in results if s in results[t]["selectors"]]
+        have = [t for t in results if s in results[t]["selectors"]]
+        if len(have) != len(results):
+            continue
+        aps = [results[t]["selectors"][s]["ap"] for t in have]
+        ps = [results[t]["selectors"][s]["precision"][last] for t in have]
         rows.append((sum(aps) / len(aps), s, aps, sum(ps) / len(ps)))
-    for mean_ap, s, aps, mean_p in sorted(rows, key=lambda r: -r[0]):
+    for mean_ap, s, aps, mean_p in (sorted(rows, key=lambda r: -r[0]) if sort else rows):
         lines.append(f"| {s} | " + " | ".join(_fmt(a) for a in aps) + f" | **{_fmt(mean_ap)}** | {_fmt(mean_p)} |")
     return lines
+
+
+DEFAULT = "mona:sae/mean/jaccard"
+
+
+def ablation_groups(names: list[str]) -> dict[str, list[str]]:
+    """The comparisons the MoNA paper makes, from the evaluated selectors' names."""
+    reps = [r for r in ("sae", "mlp_gate", "hidden") if f"mona:{r}/mean/jaccard" in names]
+    sims = ("jaccard", "cosine", "euclidean")
+    groups = {
+        "methods (MoNA default vs baselines)": [n for n in names if not n.startswith("mona:")] + [DEFAULT],
+        "representation x similarity (mean pooling)": [f"mona:{r}/mean/{s}" for r in reps for s in sims],
+        "pooling (mean vs sum)": [f"mona:{r}/{p}/{s}" for r in reps for s in sims for p in ("mean", "sum")],
+        "layer": [DEFAULT] + [n for n in names if n.startswith(DEFAULT + "@")],
+        "K": [DEFAULT] + [n for n in names if n.startswith(DEFAULT + "/k=")],
+        "token exclusion (pool.exclude)": [DEFAULT] + [n for n in names if n.startswith(DEFAULT + "/exclude=")],
+    }
+    return {g: [n for n in v if n in names] for g, v in groups.items() if len([n for n in v if n in names]) > 1}
 
 
 def write_markdown(doc: dict, path: Path) -> None:
@@ -71,6 +92,9 @@ def write_markdown(doc: dict, path: Path) -> None:
     for note in doc.get("notes", []):
         out.append(f"- note: {note}")
     out += ["", "## Summary (sorted by mean average precision)", ""] + summary_table(results, ks)
+    names = list(next(iter(results.values()))["selectors"])
+    for group, sels in ablation_groups(names).items():
+        out += ["", f"### Ablation: {group}", ""] + summary_table(results, ks, sels, sort=False)
     for t, res in results.items():
         out += ["", f"## {t} (relevant domains: {', '.join(sorted(res['relevant']))})", ""] + target_table(res, ks)
     if doc.get("figure4"):
