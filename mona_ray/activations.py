@@ -93,6 +93,20 @@ def tokenize_rows(rows: Iterable[dict], tokenizer, max_length: int, render_mode:
             yield Tokenized(ids, keep)
 
 
+def rows_for_tokens(rows: list[dict], tokenizer, n_tokens: int, max_length: int,
+                    render_mode: str = "chat_template", system_prompt: str | None = None) -> list[dict]:
+    """The shortest prefix of ``rows`` holding at least ``n_tokens`` kept tokens. Collecting
+    whole rows keeps an evaluation set unbiased: cutting a length-sorted stream at a token
+    count would keep only the shortest rows."""
+    total = 0
+    for i, rec in enumerate(rows):
+        total += sum(t.keep.count(1) for t in tokenize_rows([rec], tokenizer, max_length, render_mode,
+                                                            system_prompt))
+        if total >= n_tokens:
+            return rows[: i + 1]
+    return rows
+
+
 def length_batches(items: Iterable[Tokenized], batch_tokens: int, window: int = 256) -> Iterator[list[Tokenized]]:
     """Group sequences of similar length (sorted within windows) into padded batches of
     at most ``batch_tokens`` tokens, keeping the overall order roughly intact."""

@@ -40,6 +40,8 @@ from .sae import SAEError, save_sparsify
 
 # ----------------------------------------------------------------------------- config
 
+HELDOUT_DIR = "heldout_rows"  # held-out activations inside the cache
+
 
 @dataclass
 class TrainSettings:
@@ -227,8 +229,7 @@ def train(cfg) -> dict[str, HookState]:
     prog = acts.read_progress(cache) if cache is not None else None
     need_model = prog is None or not (prog.get("done") or prog["tokens"] >= int(cfg.collect.tokens))
     if cache is not None and int(cfg.heldout.tokens) > 0:
-        hprog = acts.read_progress(cache / "heldout")
-        need_model |= not (hprog.get("done") or hprog["tokens"] >= int(cfg.heldout.tokens))
+        need_model |= not acts.read_progress(cache / HELDOUT_DIR).get("done")
     collect_hps = acts.cache_hookpoints(cache, hookpoints) if cache is not None else hookpoints
     rows = acts.read_rows(cfg.data.path, "train", cfg.data.holdout_permille, cfg.data.seed, cfg.data.max_rows,
                           key="sae_train.data.path") if need_model else None
@@ -324,29 +325,27 @@ def train(cfg) -> dict[str, HookState]:
 
 
 def collect_heldout(cfg, tlm, tok, hookpoints: list[str], cache: Path | None) -> dict[str, torch.Tensor]:
-    """Held-out activations (``heldout.tokens`` per hookpoint) for the checkpoint metrics:
-    cached in ``<cache_dir>/heldout`` when there is a cache, else kept in memory."""
+    """Held-out activations for the checkpoint metrics: all kept tokens of the first held-out
+    rows that hold ``heldout.tokens`` of them (whole rows, so not biased towards short ones);
+    cached in ``<cache_dir>/heldout_rows`` when there is a cache, else kept in memory."""
     n = int(cfg.heldout.tokens)
     rows = None
     if tlm is not None:
         rows = acts.read_rows(cfg.data.path, "heldout", cfg.data.holdout_permille, cfg.data.seed,
                               key="sae_train.data.path")
+        rows = acts.rows_for_tokens(rows, tok, n, int(cfg.max_length), cfg.render.mode, cfg.render.system_prompt)
     if cache is not None:
-        if tlm is not None:
-            acts.collect_to_cache(tlm, tok, rows, hookpoints, cache / "heldout", n, int(cfg.max_length),
-                                  int(cfg.collect.batch_tokens), n, cfg.render.mode, cfg.render.system_prompt)
-        return {h: torch.cat([acts.load_shard(p) for p in acts.cached_shards(cache / "heldout", h)])[:n]
-                for h in hookpoints}
+        where = cache / HELDOUT_DIR
+        if tlm is not None:  # every token of the chosen rows, in one shard
+            acts.collect_to_cache(tlm, tok, rows, hookpoints, where, 1 << 62, int(cfg.max_length),
+                                  int(cfg.collect.batch_tokens), 1 << 62, cfg.render.mode, cfg.render.system_prompt)
+        return {h: torch.cat([acts.load_shard(p) for p in acts.cached_shards(where, h)]) for h in hookpoints}
     got: dict[str, list[torch.Tensor]] = {h: [] for h in hookpoints}
-    total = 0
     for _, a in acts.stream_activations(tlm, tok, rows, hookpoints, int(cfg.max_length),
                                         int(cfg.collect.batch_tokens), cfg.render.mode, cfg.render.system_prompt):
         for h in hookpoints:
             got[h].append(a[h].to(torch.bfloat16))
-        total += a[hookpoints[0]].shape[0]
-        if total >= n:
-            break
-    return {h: torch.cat(v)[:n] for h, v in got.items()}
+    return {h: torch.cat(v) for h, v in got.items()}
 
 
 def resolve_model(path: str, key: str) -> Path:

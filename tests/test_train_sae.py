@@ -59,7 +59,7 @@ def test_trains_two_layers_from_a_cache_and_resumes(tiny, tmp_path):
     assert [r["step"] for r in log] == list(range(10, 90, 10))
     ev = read_log(out, heldout=True)
     assert [r["step"] for r in ev] == [40, 80]
-    assert (cache / "heldout" / "layers.2" / "shard_00000.safetensors").exists()
+    assert (cache / "heldout_rows" / "layers.2" / "shard_00000.safetensors").exists()
     for h in ("layers.1", "layers.2"):
         first, last = log[0][h]["fvu"], log[-1][h]["fvu"]
         assert last < 0.7 * first, (h, first, last)
@@ -201,3 +201,22 @@ def test_shuffled_batches_skip_and_cover(tmp_path):
     assert first_pass.unique().numel() == 500
     with pytest.raises(A.ActivationError, match="batch_size"):
         next(A.shuffled_batches(shards, 1000, seed=0))
+
+
+def test_heldout_set_is_whole_rows(tiny, tmp_path):
+    """The held-out metric uses every kept token of a prefix of the held-out rows, not the
+    shortest rows that a token cut of a length-sorted stream would keep."""
+    from mona_ray import activations as A
+    from mona_ray.model import load_tokenizer
+
+    tok = load_tokenizer(tiny["model"])
+    rows = A.read_rows(tiny["data"], "heldout", 100, 0)
+    kept = [sum(t.keep) for t in A.tokenize_rows(rows, tok, 64)]
+    chosen = A.rows_for_tokens(rows, tok, 300, 64)
+    n = len(chosen)
+    assert sum(kept[:n]) >= 300 > sum(kept[: n - 1]) and chosen == rows[:n]
+    cache = tmp_path / "cache"
+    train(train_cfg(tiny, tmp_path / "out", cache, "sae_train.train.steps=1", "sae_train.heldout.tokens=300",
+                    "sae_train.train.checkpoint_every=1"))
+    got = A.load_shard(A.cached_shards(cache / "heldout_rows", "layers.1")[0])
+    assert got.shape[0] == sum(kept[:n])
