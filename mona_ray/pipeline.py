@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from . import records, report, stages
 from .model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from .records import InputError
-from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir
+from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
 
 FINGERPRINT_VERSION = 1
 
@@ -117,6 +117,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if cfg.embed.representation not in ("sae", "hidden", "mlp_gate"):
             raise RunError(f"embed.representation={cfg.embed.representation!r}: use sae, hidden or mlp_gate")
+        cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)  # SAELens hook names accepted too
         parse_hookpoint(cfg.sae.hookpoint)
         # Check every path before any work starts, and report all problems at once.
         problems = []
