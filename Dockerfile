@@ -6,7 +6,8 @@
 # The base image's torch must satisfy the pin in pyproject.toml (torch==2.13.0; a CUDA
 # build such as 2.13.0+cu128 does). It is kept as installed: the install below is
 # constrained to it, so pip fails loudly instead of pulling a second torch. Ray is pinned to
-# the version the KubeRay manifests in launch/ declare (rayVersion).
+# the version the KubeRay manifests in launch/ declare (rayVersion), with the dashboard
+# (ray[default]) that serves the Jobs API KubeRay submits through.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -28,7 +29,7 @@ COPY mona_ray ./mona_ray
 COPY launch ./launch
 
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-constraint.txt \
- && pip install --constraint /tmp/torch-constraint.txt . "ray[data]==${RAY_VERSION}" \
+ && pip install --constraint /tmp/torch-constraint.txt . "ray[default,data]==${RAY_VERSION}" \
  && python -c "import mona_ray.run, ray, torch; print('mona_ray ready: torch', torch.__version__, 'CUDA', torch.version.cuda, 'ray', ray.__version__)"
 
 # Optional: convert and cache the embedded SmolLM2 demo model at build time (needs network

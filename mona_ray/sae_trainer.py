@@ -76,6 +76,19 @@ def init_params(first_batch: torch.Tensor, num_latents: int, seed: int, b_dec_in
     return params, scale
 
 
+def params_from_sae(first_batch: torch.Tensor, sae: SAE) -> tuple[dict[str, torch.Tensor], float]:
+    """Warm start: the parameters of an exported (raw-input) ``sae`` in the normalised space
+    of this data, the inverse of :func:`export` (biases times ``scale``, weights as they are;
+    decoder rows renormalised)."""
+    x = first_batch.float()
+    scale = math.sqrt(x.shape[1] / x.pow(2).sum(-1).mean().item())
+    W_dec = sae.W_dec.detach().float().clone()
+    W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    params = {"W_enc": sae.W_enc.detach().float().clone(), "b_enc": sae.b_enc.detach().float() * scale,
+              "W_dec": W_dec, "b_dec": sae.b_dec.detach().float() * scale}
+    return params, scale
+
+
 def _csr(idx: torch.Tensor, vals: torch.Tensor, num_latents: int) -> torch.Tensor:
     """The [L, N] sparse matrix with ``vals[n, j]`` at (``idx[n, j]``, n)."""
     n, k = idx.shape

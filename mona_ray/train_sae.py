@@ -137,6 +137,8 @@ def settings_fingerprint(cfg) -> str:
     data = str(Path(str(cfg.data.path)).expanduser().resolve())  # the same file however it is spelled
     key = {"model": str(cfg.model), "data": data, "holdout": cfg.data.holdout_permille,
            "sae": {k: cfg.sae[k] for k in cfg.sae}, "max_length": cfg.max_length, "render": dict(cfg.render)}
+    if cfg.get("init_from"):  # a warm start is another run (absent: the fingerprints of earlier runs hold)
+        key["init_from"] = str(Path(str(cfg.init_from)).expanduser().resolve())
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -265,6 +267,7 @@ def train(cfg) -> dict[str, HookState]:
             print(f"[train_sae] {h}: resuming at step {st.step} ({st.tokens:,} tokens)", file=sys.stderr)
             states[h] = st
     k = int(cfg.sae.k)
+    init = warm_start_saes(cfg, [h for h in hookpoints if h not in states])
 
     if cache is not None:
         skip = {h: st.step for h, st in states.items()}
@@ -291,9 +294,13 @@ def train(cfg) -> dict[str, HookState]:
             for h in hookpoints:
                 x = batch[h].float()
                 if h not in states:
-                    d = x.shape[1]
-                    num_latents = int(cfg.sae.num_latents) or d * int(cfg.sae.expansion_factor)
-                    params, scale = T.init_params(x, num_latents, s.seed, s.b_dec_init)
+                    if init is not None:
+                        params, scale = T.params_from_sae(x, init[h])
+                    else:
+                        d = x.shape[1]
+                        num_latents = int(cfg.sae.num_latents) or d * int(cfg.sae.expansion_factor)
+                        params, scale = T.init_params(x, num_latents, s.seed, s.b_dec_init)
+                    num_latents = params["W_enc"].shape[0]
                     states[h] = HookState(h, params, {}, torch.zeros(num_latents, dtype=torch.long), scale)
                 st = states[h]
                 num_latents = st.params["W_enc"].shape[0]
@@ -322,6 +329,24 @@ def train(cfg) -> dict[str, HookState]:
                 export_all(out_dir, states, k, cfg, save_dtype, extra,
                            {h: ev[h] for h in states} if heldout is not None else {})
     return states
+
+
+def warm_start_saes(cfg, hookpoints: list[str]) -> dict | None:
+    """The SAEs named by ``sae_train.init_from`` (a sparsify folder) for the hookpoints that
+    start fresh, checked against the configured width and K; None when it is not set."""
+    if not cfg.get("init_from") or not hookpoints:
+        return None
+    from .sae import load_sparsify
+
+    out = {}
+    for h in hookpoints:
+        sae = load_sparsify(str(cfg.init_from), hookpoint=h)
+        want = int(cfg.sae.num_latents) or sae.d_in * int(cfg.sae.expansion_factor)
+        if sae.activation != "topk" or sae.num_latents != want:
+            raise SAEError(f"sae_train.init_from={cfg.init_from}: the {h} SAE has {sae.num_latents} latents "
+                           f"({sae.activation}); this run trains a TopK SAE with {want}")
+        out[h] = sae
+    return out
 
 
 def collect_heldout(cfg, tlm, tok, hookpoints: list[str], cache: Path | None) -> dict[str, torch.Tensor]:

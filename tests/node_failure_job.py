@@ -36,7 +36,8 @@ cluster.remove_node(workers[0])  # a worker node dies with its actor and its uni
 cluster.add_node(num_cpus=1, resources={"embedder": 1})  # and the cluster replaces it, as KubeRay would
 job.join(timeout=600)
 assert "manifest" in result, "the job did not finish"
-print(json.dumps({"removed_node_while_rows_done": done, "embedded": result["manifest"]["counts"]["embedded_now"]}))
+# Ray's own log lines (raylet retry notices) can reach stdout too: the report is the tagged line
+print("NODE_FAILURE_REPORT " + json.dumps({"removed_node_while_rows_done": done, "embedded": result["manifest"]["counts"]["embedded_now"]}))
 sys.stdout.flush()
 ray.shutdown()
 cluster.shutdown()

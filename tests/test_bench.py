@@ -77,7 +77,7 @@ def test_synthetic_rows_are_valid_csr_and_blocks_stream():
     for i in range(len(rows)):
         idx, val = rows.row(i)
         assert np.all(np.diff(idx) > 0) and np.all(val > 0) and idx.max() < 300
-    pool = RowPool(gen, 120, draw_rows=50)
+    pool = RowPool(gen, 120)
     blk = pool.block(30, np.random.default_rng(2))
     assert len(blk) == 30 and blk.indptr[0] == 0 and blk.indptr[-1] == len(blk.values)
     with pytest.raises(ValueError):

@@ -66,7 +66,9 @@ def test_worker_node_removed_mid_embedding(reference, tiny_lm, tiny_sae, tiny_da
     p = subprocess.run([sys.executable, str(HERE / "node_failure_job.py"), str(out), json.dumps(args)],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    report = json.loads(p.stdout.strip().splitlines()[-1])
+    tagged = [line for line in p.stdout.splitlines() if line.startswith("NODE_FAILURE_REPORT ")]
+    assert len(tagged) == 1, p.stdout[-3000:]
+    report = json.loads(tagged[0].split(" ", 1)[1])
     assert report["removed_node_while_rows_done"] < 102  # the node really went away mid-stage
     for f in ("selected.jsonl", "selected.parquet", "scores.parquet"):
         assert (out / f).read_bytes() == (reference / f).read_bytes(), f

@@ -161,6 +161,7 @@ def test_dockerfile_copies_existing_files_and_uses_a_cuda_torch_base():
         for src in sources:
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
     assert "pip install" in text and "--constraint" in text  # torch from the base image is kept
+    assert "ray[default" in text  # the dashboard serves the Jobs API that RayJob submits through
 
 
 def test_submit_sh_builds_the_documented_command(tmp_path):

@@ -93,6 +93,33 @@ def test_exported_sae_takes_raw_activations(tiny, tmp_path):
     torch.testing.assert_close(sae.reconstruct(x), recon_train / st.scale, rtol=1e-4, atol=1e-4)
 
 
+def test_warm_start_continues_from_an_exported_sae(tiny, tmp_path):
+    """init_from maps an exported SAE back into the training space exactly (a vanishing lr
+    leaves it unchanged), continues training from it, and refuses another width."""
+    from mona_ray import activations as A
+
+    first, cache = tmp_path / "first", tmp_path / "cache"
+    train(train_cfg(tiny, first, cache, "sae_train.train.steps=30", "sae_train.save_dtype=float32",
+                    "sae_train.hookpoints=[layers.2]"))
+    x = A.load_shard(A.cached_shards(cache, "layers.2")[0]).float()[:500]
+    src = load_sae(first, "sparsify", "layers.2")
+    same = tmp_path / "same"
+    train(train_cfg(tiny, same, cache, f"sae_train.init_from={first}", "sae_train.train.steps=1",
+                    "sae_train.train.lr=1e-12", "sae_train.save_dtype=float32", "sae_train.hookpoints=[layers.2]"))
+    torch.testing.assert_close(load_sae(same, "sparsify", "layers.2").reconstruct(x), src.reconstruct(x),
+                               rtol=1e-4, atol=1e-4)
+    # continuing for 10 steps starts from the first SAE's quality, far below a fresh start's
+    warm, fresh = tmp_path / "warm", tmp_path / "fresh"
+    for out, extra in ((warm, [f"sae_train.init_from={first}"]), (fresh, [])):
+        train(train_cfg(tiny, out, cache, "sae_train.train.steps=10", "sae_train.train.checkpoint_every=10",
+                        "sae_train.hookpoints=[layers.2]", *extra))
+    fvu = {o.name: read_log(o, heldout=True)[-1]["heldout"]["layers.2"]["fvu"] for o in (warm, fresh, first)}
+    assert fvu["warm"] < fvu["fresh"] and fvu["warm"] < 1.5 * fvu["first"], fvu
+    with pytest.raises(SAEError, match="init_from"):
+        train(train_cfg(tiny, tmp_path / "wide", cache, f"sae_train.init_from={first}",
+                        "sae_train.hookpoints=[layers.2]", "sae_train.sae.expansion_factor=8"))
+
+
 def test_streamed_mode_and_provisional_flag(tiny, tmp_path):
     out = tmp_path / "out"
     train(train_cfg(tiny, out, None, "sae_train.train.steps=20", "sae_train.provisional=true",

@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated row counts (default: %(default)s)")
     p.add_argument("--block-rows", type=int, default=8192, help="rows per streamed block (default: %(default)s)")
     p.add_argument("--latents", type=int, default=9216, help="SAE width (default: %(default)s, the embedded SAE)")
-    p.add_argument("--nnz", type=int, default=2400, help="mean non-zeros per row (default: %(default)s)")
-    p.add_argument("--sae-k", type=int, default=32, help="per-token TopK of the simulated SAE (default: %(default)s)")
+    p.add_argument("--nnz", type=int, default=4100,
+                   help="mean non-zeros per row (default: %(default)s, as the shipped SmolLM2 SAE gives on the demo)")
+    p.add_argument("--sae-k", type=int, default=64, help="per-token TopK of the simulated SAE (default: %(default)s)")
     p.add_argument("--targets", type=int, default=100, help="target rows in the prototype (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=0.05, help="share selected (default: %(default)s)")
     p.add_argument("--kernel", choices=sorted(KERNELS), default="fast", help="Jaccard implementation (default: %(default)s)")
@@ -129,7 +130,7 @@ def compare_kernels(pool: RowPool, proto: np.ndarray, args) -> dict:
 def float16_effect(gen: Generator, args) -> dict:
     """Select top-``ratio`` of fresh realistic rows from float32 and from float16 storage."""
     rng = np.random.default_rng(args.seed + 11)
-    rows = gen.rows(gen.source_affinity(args.quality_rows, rng), rng)
+    rows = gen.draw(args.quality_rows, rng)
     ids = _ids(0, len(rows))
     k = scoring.selection_size(len(rows), args.ratio)
     out = {"rows": len(rows), "selected": k}
