@@ -290,7 +290,7 @@ class Pipeline:
                                   "out": str(self.store / f"part-{key}.parquet")})
         self.counts["embedded_now"] = sum(len(u["rows"]) for u in units)
         self.counts["reused_from_store"] = len(cached & set(self._current_hashes()))
-        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0}
+        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0, "unit_seconds": 0.0}
         embed_rejected = []
         if units:
             job = self._embed_job()
@@ -308,6 +308,7 @@ class Pipeline:
                 bar.update(int(row["rows"]) + len(json.loads(row["rejected"])))
                 for k in ("real_tokens", "padded_tokens", "forward_seconds"):
                     self.embed_stats[k] += row[k]
+                self.embed_stats["unit_seconds"] += row["seconds"]  # read + embed + write, actor start-up excluded
                 embed_rejected += json.loads(row["rejected"])
                 el = bar.format_dict["elapsed"] or 1e-9
                 bar.set_postfix(tok_s=f"{self.embed_stats['real_tokens'] / el:,.0f}")
@@ -457,7 +458,7 @@ class Pipeline:
         self.top_scores, self.top_ids = topk(s, src_ids, self.k)
         self.counts["source"]["rows_scored"] = len(self.scores)
         self.counts["embedded_now"] = self.counts["reused_from_store"] = 0
-        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0}
+        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0, "unit_seconds": 0.0}
         self.timings["score"] = time.perf_counter() - t0
 
     def _messages(self, role: str) -> tuple[list[list[dict]], list[str]]:

@@ -79,6 +79,8 @@ def manifest(p, selected: list[dict]) -> dict:
             "real_tokens": st["real_tokens"], "padded_tokens": st["padded_tokens"],
             "padding_fraction": round(1 - st["real_tokens"] / st["padded_tokens"], 4) if st["padded_tokens"] else None,
             "tokens_per_s_forward": round(st["real_tokens"] / fwd, 1) if fwd else None,
+            # per actor, summed over its units (read + embed + write): the steady state, start-up excluded
+            "tokens_per_s_units": round(st["real_tokens"] / st["unit_seconds"], 1) if st["unit_seconds"] else None,
             "tokens_per_s_stage": round(st["real_tokens"] / p.timings["embed"], 1) if st["real_tokens"] else None,
         },
         "files": {"selected_jsonl": "selected.jsonl", "selected_parquet": "selected.parquet", "scores": "scores.parquet",

@@ -72,6 +72,7 @@ def test_manifest_counts_and_files(first_run):
     assert m["counts"]["source"]["rows_selected"] == 10
     assert m["counts"]["embedded_now"] == 102  # 90 source + 12 target, all new
     assert m["throughput"]["real_tokens"] > 0 and 0 <= m["throughput"]["padding_fraction"] < 1
+    assert m["throughput"]["tokens_per_s_units"] > 0  # steady-state actor throughput (start-up excluded)
     for f in ("selected.jsonl", "selected.parquet", "scores.parquet", "rejected.parquet", "prototype.safetensors"):
         assert (out / f).exists(), f
     assert json.loads((out / "manifest.json").read_text())["fingerprints"]["embedding"] == m["fingerprints"]["embedding"]
