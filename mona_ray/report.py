@@ -67,7 +67,7 @@ def manifest(p, selected: list[dict]) -> dict:
                    "reused_from_store": p.counts["reused_from_store"]},
         "invariant_rows_in_eq_scored_plus_rejected": src["rows_in"] == src["rows_scored"] + src["rows_rejected"],
         "selection": {"k": int(p.k), "ratio": p.cfg.select.ratio, "count": p.cfg.select.count,
-                      "similarity": p.cfg.select.similarity, "top_score": float(p.top_scores[0]) if len(selected) else None,
+                      "method": p.cfg.select.get("method", "mona"), "similarity": p.cfg.select.similarity, "top_score": float(p.top_scores[0]) if len(selected) else None,
                       "cutoff_score": float(p.top_scores[-1]) if len(selected) else None},
         "fingerprints": {"model": p.model_fp, "sae": p.sae_info.get("fingerprint"), "prepared": p.prep_fp,
                          "embedding": p.embed_fp},
@@ -110,12 +110,16 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
     c = m["counts"]
     src, tgt = c["source"], c["target"]
     thr = m["throughput"]
+    method = m["selection"].get("method", "mona")
+    mona = method == "mona"
     lines = [
         "",
-        "MoNA selection finished" + (" (PROVISIONAL SAE: see the manifest)" if m.get("sae_provisional") else ""),
+        ("MoNA selection finished" if mona else f"Selection finished (baseline: {method})")
+        + (" (PROVISIONAL SAE: see the manifest)" if m.get("sae_provisional") else ""),
         f"  source rows in      {src['rows_in']:>10,}   rejected {src['rows_rejected']:,}   scored {src['rows_scored']:,}",
         f"  target rows in      {tgt['rows_in']:>10,}   rejected {tgt['rows_rejected']:,}   (prototype from {tgt['rows_usable']:,})",
-        f"  selected            {src['rows_selected']:>10,}   (similarity {m['selection']['similarity']}, "
+        f"  selected            {src['rows_selected']:>10,}   ("
+        + (f"similarity {m['selection']['similarity']}" if mona else f"method {method}") + ", "
         f"cutoff score {m['selection']['cutoff_score']:.4f})" if selected else "  selected: none",
         f"  embedded this run   {c['embedded_now']:>10,}   reused from the store {c['reused_from_store']:,}",
     ]

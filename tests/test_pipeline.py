@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from mona_ray import records
+from mona_ray import records, report
 from mona_ray.model import load_tokenizer
 from mona_ray.pipeline import RunError
 from mona_ray.run import load_config, run
@@ -138,6 +138,11 @@ def test_baseline_selectors_run_through_the_same_pipeline(ray_local, tiny_lm, ti
     assert len(sel) == 10 and m["counts"]["embedded_now"] == 0
     assert [s["score"] for s in sel] == sorted((s["score"] for s in sel), reverse=True)
     assert len(pq.read_table(out / "scores.parquet")) == 90
+    assert m["selection"]["method"] == method
+    text = report.summary(m, sel)
+    assert f"Selection finished (baseline: {method})" in text
+    line = next(x for x in text.splitlines() if "cutoff score" in x)
+    assert f"(method {method}, cutoff score" in line and "similarity" not in line  # no SAE similarity in a baseline
 
 
 @pytest.mark.parametrize("rep", ["hidden", "mlp_gate"])
