@@ -41,6 +41,8 @@ from .records import InputError
 from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
 
 FINGERPRINT_VERSION = 1
+# summed over the embedding actor's per-unit reports (unit_seconds: read + embed + write)
+EMBED_STATS = ("real_tokens", "padded_tokens", "forward_seconds", "unit_seconds")
 
 
 class RunError(RuntimeError):
@@ -290,7 +292,7 @@ class Pipeline:
                                   "out": str(self.store / f"part-{key}.parquet")})
         self.counts["embedded_now"] = sum(len(u["rows"]) for u in units)
         self.counts["reused_from_store"] = len(cached & set(self._current_hashes()))
-        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0, "unit_seconds": 0.0}
+        self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         embed_rejected = []
         if units:
             job = self._embed_job()
@@ -306,9 +308,8 @@ class Pipeline:
             bar = _tqdm(total=total_rows, desc=f"embed ({n_actors} actor{'s' * (n_actors > 1)})", unit="row")
             for row in ds.iter_rows():
                 bar.update(int(row["rows"]) + len(json.loads(row["rejected"])))
-                for k in ("real_tokens", "padded_tokens", "forward_seconds"):
+                for k in EMBED_STATS:
                     self.embed_stats[k] += row[k]
-                self.embed_stats["unit_seconds"] += row["seconds"]  # read + embed + write, actor start-up excluded
                 embed_rejected += json.loads(row["rejected"])
                 el = bar.format_dict["elapsed"] or 1e-9
                 bar.set_postfix(tok_s=f"{self.embed_stats['real_tokens'] / el:,.0f}")
@@ -458,7 +459,7 @@ class Pipeline:
         self.top_scores, self.top_ids = topk(s, src_ids, self.k)
         self.counts["source"]["rows_scored"] = len(self.scores)
         self.counts["embedded_now"] = self.counts["reused_from_store"] = 0
-        self.embed_stats = {"real_tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0, "unit_seconds": 0.0}
+        self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         self.timings["score"] = time.perf_counter() - t0
 
     def _messages(self, role: str) -> tuple[list[list[dict]], list[str]]:

@@ -54,12 +54,17 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-5) -> tor
     return y
 
 
+def input_scale(x: torch.Tensor) -> float:
+    """The constant that gives ``x`` unit mean squared norm per dimension."""
+    return math.sqrt(x.shape[1] / x.float().pow(2).sum(-1).mean().item())
+
+
 def init_params(first_batch: torch.Tensor, num_latents: int, seed: int, b_dec_init: str = "geometric_median"
                 ) -> tuple[dict[str, torch.Tensor], float]:
     """Parameters in the normalised space and the input ``scale``."""
     x = first_batch.float()
     d = x.shape[1]
-    scale = math.sqrt(d / x.pow(2).sum(-1).mean().item())
+    scale = input_scale(x)
     x = x * scale
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(num_latents, d, generator=g)
@@ -80,8 +85,7 @@ def params_from_sae(first_batch: torch.Tensor, sae: SAE) -> tuple[dict[str, torc
     """Warm start: the parameters of an exported (raw-input) ``sae`` in the normalised space
     of this data, the inverse of :func:`export` (biases times ``scale``, weights as they are;
     decoder rows renormalised)."""
-    x = first_batch.float()
-    scale = math.sqrt(x.shape[1] / x.pow(2).sum(-1).mean().item())
+    scale = input_scale(first_batch)
     W_dec = sae.W_dec.detach().float().clone()
     W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     params = {"W_enc": sae.W_enc.detach().float().clone(), "b_enc": sae.b_enc.detach().float() * scale,

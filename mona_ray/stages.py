@@ -188,7 +188,7 @@ class EmbedActor:
                     for i, r in sorted(res.rejected.items())]
         return {"unit": unit["key"], "rows": len(good), "real_tokens": res.real_tokens,
                 "padded_tokens": res.padded_tokens, "forward_seconds": res.forward_seconds,
-                "seconds": time.perf_counter() - t0, "rejected": json.dumps(rejected)}
+                "unit_seconds": time.perf_counter() - t0, "rejected": json.dumps(rejected)}
 
 
 def explain_task(job: EmbedJob, target_ids, target_masks, proto, selected) -> dict:
