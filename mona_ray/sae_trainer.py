@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sae import SAE
+from .sae import SAE, SAEError
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -85,6 +85,9 @@ def params_from_sae(first_batch: torch.Tensor, sae: SAE) -> tuple[dict[str, torc
     """Warm start: the parameters of an exported (raw-input) ``sae`` in the normalised space
     of this data, the inverse of :func:`export` (biases times ``scale``, weights as they are;
     decoder rows renormalised)."""
+    if first_batch.shape[1] != sae.d_in:
+        raise SAEError(f"sae_train.init_from: the {sae.hookpoint} SAE reads {sae.d_in}-dimensional inputs, "
+                       f"the model's activations there have {first_batch.shape[1]}")
     scale = input_scale(first_batch)
     W_dec = sae.W_dec.detach().float().clone()
     W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)

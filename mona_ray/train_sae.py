@@ -333,7 +333,9 @@ def train(cfg) -> dict[str, HookState]:
 
 def warm_start_saes(cfg, hookpoints: list[str]) -> dict | None:
     """The SAEs named by ``sae_train.init_from`` (a sparsify folder) for the hookpoints that
-    start fresh, checked against the configured width and K; None when it is not set."""
+    start fresh, checked against the configured width (K is this run's ``sae.k``); None
+    when it is not set. Their input width is checked against the data in
+    :func:`sae_trainer.params_from_sae`."""
     if not cfg.get("init_from") or not hookpoints:
         return None
     from .sae import load_sparsify
@@ -342,9 +344,9 @@ def warm_start_saes(cfg, hookpoints: list[str]) -> dict | None:
     for h in hookpoints:
         sae = load_sparsify(str(cfg.init_from), hookpoint=h)
         want = int(cfg.sae.num_latents) or sae.d_in * int(cfg.sae.expansion_factor)
-        if sae.activation != "topk" or sae.num_latents != want:
-            raise SAEError(f"sae_train.init_from={cfg.init_from}: the {h} SAE has {sae.num_latents} latents "
-                           f"({sae.activation}); this run trains a TopK SAE with {want}")
+        if sae.num_latents != want:
+            raise SAEError(f"sae_train.init_from={cfg.init_from}: the {h} SAE has {sae.num_latents} latents; "
+                           f"this run trains {want}")
         out[h] = sae
     return out
 

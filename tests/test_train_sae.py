@@ -118,6 +118,15 @@ def test_warm_start_continues_from_an_exported_sae(tiny, tmp_path):
     with pytest.raises(SAEError, match="init_from"):
         train(train_cfg(tiny, tmp_path / "wide", cache, f"sae_train.init_from={first}",
                         "sae_train.hookpoints=[layers.2]", "sae_train.sae.expansion_factor=8"))
+    # an SAE for another model (16-dimensional inputs; this model's are 32) is refused, not crashed on
+    from mona_ray.sae import SAE, save_sparsify
+
+    W = torch.randn(64, 16)
+    save_sparsify(SAE(W_enc=W, b_enc=torch.zeros(64), W_dec=W.clone(), b_dec=torch.zeros(16), k=4,
+                      hookpoint="layers.2"), tmp_path / "other")
+    with pytest.raises(SAEError, match="16-dimensional inputs"):
+        train(train_cfg(tiny, tmp_path / "other_out", cache, f"sae_train.init_from={tmp_path / 'other'}",
+                        "sae_train.hookpoints=[layers.2]"))
 
 
 def test_streamed_mode_and_provisional_flag(tiny, tmp_path):
