@@ -148,6 +148,8 @@ def evaluate(cfg: DictConfig) -> dict:
         settings = OmegaConf.to_container(cfg.text_selectors.get(name, {}) or {}, resolve=True)
         if name == "dense" and settings.get("cache_dir", "unset") == "unset":
             settings["cache_dir"] = str(Path(cfg.cache_dir).expanduser() / "dense")
+        if not cfg.progress and name != "random":
+            settings["progress"] = False  # progress=false silences every bar
         sel = get_selector(name, **settings)
         _log(f"{name}: preparing the pool")
         state = timer.run(f"{name}: pool", sel.prepare, pool.messages, pool.ids)

@@ -186,9 +186,24 @@ def fingerprint_model(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of a ``[B, T]`` 0/1 mask is real tokens first, then padding."""
+    m = attention_mask
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 @dataclass
 class TruncatedLM:
-    """A causal LM cut after block ``layer``; ``__call__`` returns that block's output."""
+    """A causal LM cut after block ``layer``; ``__call__`` returns that block's output.
+
+    A right-padded batch runs with no padding mask, under the causal mask alone: position
+    ``i`` attends to positions ``<= i``, all real tokens, so the outputs at real positions
+    are the same (bit for bit on CPU, checked in tests), and attention takes SDPA's causal
+    path (it skips the masked upper triangle on CPU, 9% faster end to end on SmolLM2, and
+    is eligible for FlashAttention on GPU). Outputs at padded positions are then
+    meaningless; nothing reads them. Any other mask is passed through. Hooks that need
+    the batch's real mask read ``batch_mask``.
+    """
 
     model: torch.nn.Module  # the base (headless) model with blocks [0, layer]
     layer: int
@@ -196,13 +211,19 @@ class TruncatedLM:
     hidden_size: int
     dtype: torch.dtype
     device: str
+    batch_mask: torch.Tensor | None = None  # attention mask of the batch in flight (for hooks)
 
     def block(self, i: int) -> torch.nn.Module:
         return self.model.layers[i]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        self.batch_mask = attention_mask
+        mask = None if right_padded(attention_mask) else attention_mask
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        finally:
+            self.batch_mask = None
         return out.last_hidden_state
 
 

@@ -49,3 +49,37 @@ def test_out_of_range_layer_and_missing_path(tiny_lm, tmp_path):
 
 def test_tokenizer_has_pad(tiny_lm):
     assert load_tokenizer(tiny_lm).pad_token_id is not None
+
+
+def test_right_padded_batch_runs_causal_only_and_matches_the_masked_forward(tiny_lm):
+    """A right-padded batch runs without its padding mask (SDPA's causal path); at real
+    positions it gives what the full model gives with the mask, and what each row gives
+    alone, unpadded. A mask that is not right padding is passed through."""
+    from mona_ray.model import right_padded
+
+    full = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    lm = load_truncated(tiny_lm, 2, dtype="float32", device="cpu")
+    rows = [[5, 9, 12, 7, 30, 8, 11, 4], [6, 3, 17], [21, 22, 23, 24, 25]]
+    T = 8
+    ids = torch.zeros((3, T), dtype=torch.long)
+    att = torch.zeros((3, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        att[b, :len(r)] = 1
+    assert right_padded(att) and not right_padded(att.flip(1))
+    seen = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["attention_mask"], lm.batch_mask)),
+                                       with_kwargs=True)
+    with torch.inference_mode():
+        got = lm(ids, att)
+        masked = full(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[3]
+        for b, r in enumerate(rows):
+            real = att[b].bool()
+            torch.testing.assert_close(got[b][real], masked[b][real], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got[b][real], lm(ids[b:b + 1, :len(r)], att[b:b + 1, :len(r)])[0],
+                                       rtol=0, atol=1e-6)
+        assert seen[0][0] is None and seen[0][1] is att  # no mask to the model; hooks still see it
+        assert lm.batch_mask is None  # cleared after the call
+        left = att.flip(1)  # left padding: the mask is needed and is passed through
+        lm(ids.flip(1), left)
+        assert seen[-1][0] is left

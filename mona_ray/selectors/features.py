@@ -392,7 +392,9 @@ class FeatureExtractor:
 
         Variants that read the same cached activations with the same encoder (one SAE at
         several K / exclusion rules, or mlp_gate) share one dense activation pass per token
-        chunk and differ only in their TopK and token mask: one GEMM, not one per variant."""
+        chunk (one GEMM, not one per variant) and one TopK per distinct K; they differ only
+        in the token mask they pool. TopK runs row by row, so a token's codes are the same
+        as the Embedder's whichever variants share the chunk."""
         _, _, lm, saes, _ = self._load()
         s = self.spec
         _, masks = self._tokenize(rows, {v.exclude for v in variants})
@@ -435,11 +437,15 @@ class FeatureExtractor:
                     if not any(keeps[v.name][a:b].any() for v in vs):
                         continue
                     acts = dense(h[a:b])
+                    codes = {}  # one TopK per distinct K, shared by that K's exclusion rules
                     for v in vs:
                         m = keeps[v.name][a:b]
                         if m.any():
-                            vals, idx = acts[m].topk(ks[v.name], dim=-1, sorted=False)
-                            pooling.scatter_codes(accs[v.name], seg[a:b][m], vals, idx)
+                            k = ks[v.name]
+                            if k not in codes:
+                                codes[k] = acts.topk(k, dim=-1, sorted=False)
+                            vals, idx = codes[k]
+                            pooling.scatter_codes(accs[v.name], seg[a:b][m], vals[m], idx[m])
             for v in vs:
                 out[v.name] = self._variant_arrays(pooling.to_sparse(accs[v.name]), masks[v.exclude], lengths, width, r)
         return out

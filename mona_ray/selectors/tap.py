@@ -92,7 +92,7 @@ class Tap:
 
     def _pre(self, _mod, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None).cpu()
-        att = kwargs.get("attention_mask").cpu()
+        att = self.lm.batch_mask.cpu()  # the real mask (TruncatedLM may run without one)
         self.batch_rows = []
         self.att = att.bool()
         for b in range(ids.shape[0]):
