@@ -201,8 +201,8 @@ class TruncatedLM:
     are the same (bit for bit on CPU, checked in tests), and attention takes SDPA's causal
     path (on this project's CPU only 1-2% faster on SmolLM2, measured interleaved batch by
     batch; on GPU the maskless call is what makes SDPA eligible for FlashAttention).
-    Outputs at padded positions are then meaningless; nothing reads them. Any other mask is passed through. Hooks that need
-    the batch's real mask read ``batch_mask``.
+    Outputs at padded positions are then meaningless; nothing reads them. Any other mask is
+    passed through. Hooks that need the batch's real mask read ``batch_mask``.
     """
 
     model: torch.nn.Module  # the base (headless) model with blocks [0, layer]

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..model import ModelError, _file_lock, cache_root, resolve_device
+from ..model import ModelError, _file_lock, cache_root, resolve_device, resolve_dtype
 from ..records import content_hash
 from .base import Messages, Selector, messages_text
 from .cache import ChunkCache, chunks, fingerprint
@@ -84,17 +84,15 @@ class SentenceEncoder:
 
     def __init__(self, path: str | Path, max_length: int = 256, batch_size: int = 64, dtype: str = "bfloat16",
                  device: str = "auto"):
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path)
         if not (self.path / "config.json").exists():
             raise ModelError(f"dense model_path={str(path)!r}: no Hugging Face model folder there (config.json missing)")
         self.device = resolve_device(device)
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        if dtype not in dtypes:
+        if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dense dtype={dtype!r}: use bfloat16 (default) or float32")
-        self.dtype = dtypes[dtype]
+        self.dtype = resolve_dtype(dtype, self.device)
         self.tok = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.max_length, self.batch_size = max_length, batch_size
