@@ -106,7 +106,8 @@ class Embedder:
 
     # ------------------------------------------------------------------ public
 
-    def embed(self, ids: list[list[int]], masks: list[list[int]]) -> EmbedResult:
+    def embed(self, ids: list[list[int]], masks: list[list[int]], on_batch=None) -> EmbedResult:
+        """Embed rows; ``on_batch(rows, real_tokens)`` is called after every micro-batch (progress)."""
         n = len(ids)
         res = EmbedResult(outputs={r: [None] * n for r in self.s.representations},
                           n_tokens=[len(x) for x in ids], n_pooled=[int(sum(m)) for m in masks])
@@ -117,6 +118,8 @@ class Embedder:
         lengths = [len(ids[i]) for i in live]
         for mb in micro_batches(lengths, self.s.token_budget, self.s.max_batch_rows, self.s.pad_multiple):
             self._run_with_retry([live[j] for j in mb], ids, masks, res)
+            if on_batch is not None:
+                on_batch(len(mb), sum(lengths[j] for j in mb))
         return res
 
     # ------------------------------------------------------------------ internals

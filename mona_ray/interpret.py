@@ -40,13 +40,17 @@ def _context(tokenizer, ids: Sequence[int], pos: int, width: int) -> str:
 
 @torch.inference_mode()
 def top_activating_tokens(lm, sae, target_ids: list[list[int]], target_masks: list[list[int]], latents: np.ndarray,
-                          k: int | None, per_latent: int, token_budget: int = 4096, pad_token_id: int = 0
-                          ) -> dict[int, list[tuple[float, int, int]]]:
+                          k: int | None, per_latent: int, token_budget: int = 4096, pad_token_id: int = 0,
+                          sae_chunk_tokens: int = 4096) -> dict[int, list[tuple[float, int, int]]]:
     """For each latent in ``latents``: the ``per_latent`` (activation, row, position) with the
-    highest activation over the target rows' pooled tokens (TopK codes, as the pipeline encodes)."""
+    highest activation over the target rows' pooled tokens (TopK codes, as the pipeline encodes).
+
+    The SAE encodes at most ``sae_chunk_tokens`` tokens per call, as the embedder does, so
+    the pre-activations stay bounded (``tokens x num_latents``) whatever the micro-batch."""
     want = torch.as_tensor(np.asarray(latents, dtype=np.int64))
     heaps: dict[int, list] = {int(j): [] for j in latents}
     lengths = [len(x) for x in target_ids]
+    step = max(1, int(sae_chunk_tokens))
     for mb in micro_batches(lengths, token_budget, 64, 16):
         rows = [i for i in mb if lengths[i]]
         if not rows:
@@ -60,24 +64,31 @@ def top_activating_tokens(lm, sae, target_ids: list[list[int]], target_masks: li
             att[b, :lengths[i]] = 1
             pool[b, :lengths[i]] = torch.as_tensor(target_masks[i], dtype=torch.bool)
         h = lm(inp.to(lm.device), att.to(lm.device))
-        pos = pool.nonzero()
-        vals, idx = sae.encode(h[pos[:, 0].to(h.device), pos[:, 1].to(h.device)], k)
-        vals, idx = vals.float().cpu(), idx.cpu()
-        hit = idx.unsqueeze(-1) == want  # [n_tok, K, n_latents]
-        act = (vals.unsqueeze(-1) * hit).sum(1)  # [n_tok, n_latents]
-        for c, j in enumerate(want.tolist()):
-            col = act[:, c]
-            nz = col.nonzero().flatten()
-            if len(nz) == 0:
-                continue
-            top = nz[col[nz].argsort(descending=True)[:per_latent]]
-            for t in top.tolist():
-                item = (float(col[t]), rows[int(pos[t, 0])], int(pos[t, 1]))
-                if len(heaps[j]) < per_latent:
-                    heapq.heappush(heaps[j], item)
-                else:
-                    heapq.heappushpop(heaps[j], item)
+        all_pos = pool.nonzero()
+        for a in range(0, len(all_pos), step):
+            pos = all_pos[a:a + step]
+            vals, idx = sae.encode(h[pos[:, 0].to(h.device), pos[:, 1].to(h.device)], k)
+            _push_top(heaps, want, vals.float().cpu(), idx.cpu(), pos, rows, per_latent)
     return {j: sorted(hp, key=lambda x: (-x[0], x[1], x[2])) for j, hp in heaps.items()}
+
+
+def _push_top(heaps, want: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, rows: list[int],
+              per_latent: int) -> None:
+    """Offer one chunk's token codes to the per-latent heaps of (activation, row, position)."""
+    hit = idx.unsqueeze(-1) == want  # [n_tok, K, n_latents]
+    act = (vals.unsqueeze(-1) * hit).sum(1)  # [n_tok, n_latents]
+    for c, j in enumerate(want.tolist()):
+        col = act[:, c]
+        nz = col.nonzero().flatten()
+        if len(nz) == 0:
+            continue
+        top = nz[col[nz].argsort(descending=True)[:per_latent]]
+        for t in top.tolist():
+            item = (float(col[t]), rows[int(pos[t, 0])], int(pos[t, 1]))
+            if len(heaps[j]) < per_latent:
+                heapq.heappush(heaps[j], item)
+            else:
+                heapq.heappushpop(heaps[j], item)
 
 
 def contributions(indices: np.ndarray, values: np.ndarray, proto: np.ndarray
@@ -92,10 +103,48 @@ def contributions(indices: np.ndarray, values: np.ndarray, proto: np.ndarray
     return idx[keep], c[keep], z[keep]
 
 
+def explain_prototype(lm, sae, tokenizer, target_ids: list[list[int]], prototype: np.ndarray, *,
+                      target_masks: list[list[int]] | None = None, k: int | None = None, top_latents: int = 20,
+                      tokens_per_latent: int = 8, context: int = 6, token_budget: int = 4096,
+                      sae_chunk_tokens: int = 4096) -> dict:
+    """The prototype's part of the explanation: its top latents with the target tokens that
+    fire them (needs the model and the SAE; reads the target rows only)."""
+    proto = np.asarray(prototype, dtype=np.float64)
+    if target_masks is None:
+        special = set(tokenizer.all_special_ids)
+        target_masks = [[0 if t in special else 1 for t in ids] for ids in target_ids]
+    p_l1 = float(proto.sum())
+    top = np.argsort(-proto, kind="stable")[:top_latents]
+    top = top[proto[top] > 0]
+    acts = top_activating_tokens(lm, sae, target_ids, target_masks, top, k, tokens_per_latent, token_budget,
+                                 tokenizer.pad_token_id or 0, sae_chunk_tokens)
+    latents = []
+    for j in top.tolist():
+        latents.append({"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
+                        "top_tokens": [{"row": r, "position": pos, "token": _token_text(tokenizer, target_ids[r][pos]),
+                                        "activation": a, "context": _context(tokenizer, target_ids[r], pos, context)}
+                                       for a, r, pos in acts[j]]})
+    return {"l1": p_l1, "nonzero": int((proto > 0).sum()), "num_latents": int(len(proto)),
+            "target_rows": len(target_ids), "top_latents": latents}
+
+
+def explain_row(rid: str, idx: np.ndarray, val: np.ndarray, proto: np.ndarray, top_set: set[int],
+                shared_per_row: int = 10) -> dict:
+    """One selected row: its score recomputed and the shared latents that contribute most."""
+    li, c, z = contributions(idx, val, proto)
+    s_min = float(c.sum())
+    denom = float(np.sum(val, dtype=np.float64)) + float(proto.sum()) - s_min
+    return {"id": str(rid), "score": s_min / denom if denom > 0 else 0.0, "sum_min": s_min,
+            "shared_latents": int(len(li)),
+            "top_shared": [{"latent": int(a), "contribution": float(b), "share": float(b) / s_min if s_min else 0.0,
+                            "z": float(zz), "p": float(proto[a]), "prototype_top": int(a) in top_set}
+                           for a, b, zz in zip(li[:shared_per_row], c[:shared_per_row], z[:shared_per_row])]}
+
+
 def explain(lm, sae, tokenizer, target_ids: list[list[int]], prototype: np.ndarray,
             selected: list[tuple[str, np.ndarray, np.ndarray]], *, target_masks: list[list[int]] | None = None,
             k: int | None = None, top_latents: int = 20, tokens_per_latent: int = 8, shared_per_row: int = 10,
-            context: int = 6, token_budget: int = 4096) -> dict:
+            context: int = 6, token_budget: int = 4096, sae_chunk_tokens: int = 4096) -> dict:
     """The explanation of a selection, as a JSON-ready dict.
 
     ``lm``: the loaded ``TruncatedLM``; ``sae``: the ``SAE`` the run used; ``tokenizer``: the
@@ -106,34 +155,12 @@ def explain(lm, sae, tokenizer, target_ids: list[list[int]], prototype: np.ndarr
     first; ``k``: the run's SAE K override (None = the SAE's own).
     """
     proto = np.asarray(prototype, dtype=np.float64)
-    if target_masks is None:
-        special = set(tokenizer.all_special_ids)
-        target_masks = [[0 if t in special else 1 for t in ids] for ids in target_ids]
-    p_l1 = float(proto.sum())
-    top = np.argsort(-proto, kind="stable")[:top_latents]
-    top = top[proto[top] > 0]
-    acts = top_activating_tokens(lm, sae, target_ids, target_masks, top, k, tokens_per_latent, token_budget,
-                                 tokenizer.pad_token_id or 0)
-    latents = []
-    for j in top.tolist():
-        latents.append({"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
-                        "top_tokens": [{"row": r, "position": pos, "token": _token_text(tokenizer, target_ids[r][pos]),
-                                        "activation": a, "context": _context(tokenizer, target_ids[r], pos, context)}
-                                       for a, r, pos in acts[j]]})
-    top_set = set(top.tolist())
-    rows = []
-    for rid, idx, val in selected:
-        li, c, z = contributions(idx, val, proto)
-        s_min = float(c.sum())
-        denom = float(np.sum(val, dtype=np.float64)) + p_l1 - s_min
-        rows.append({"id": str(rid), "score": s_min / denom if denom > 0 else 0.0, "sum_min": s_min,
-                     "shared_latents": int(len(li)),
-                     "top_shared": [{"latent": int(a), "contribution": float(b), "share": float(b) / s_min if s_min else 0.0,
-                                     "z": float(zz), "p": float(proto[a]), "prototype_top": int(a) in top_set}
-                                    for a, b, zz in zip(li[:shared_per_row], c[:shared_per_row], z[:shared_per_row])]})
-    return {"prototype": {"l1": p_l1, "nonzero": int((proto > 0).sum()), "num_latents": int(len(proto)),
-                          "target_rows": len(target_ids), "top_latents": latents},
-            "selected": rows}
+    doc = explain_prototype(lm, sae, tokenizer, target_ids, proto, target_masks=target_masks, k=k,
+                            top_latents=top_latents, tokens_per_latent=tokens_per_latent, context=context,
+                            token_budget=token_budget, sae_chunk_tokens=sae_chunk_tokens)
+    top_set = {x["latent"] for x in doc["top_latents"]}
+    return {"prototype": doc, "selected": [explain_row(rid, idx, val, proto, top_set, shared_per_row)
+                                           for rid, idx, val in selected]}
 
 
 def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tuple[Path, Path]:

@@ -39,6 +39,7 @@ from . import records, report, stages
 from .model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from .records import InputError
 from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
+from .store import EmbeddingStore, first_per_key
 
 FINGERPRINT_VERSION = 1
 # summed over the embedding actor's per-unit reports (unit_seconds: read + embed + write)
@@ -111,6 +112,9 @@ class Pipeline:
         self.out = Path(cfg.run.output_dir).expanduser().resolve()
         self.timings: dict[str, float] = {}
         self.counts: dict = {}
+        self.units = {"prepare": 0, "embed": 0}
+        self.rows_per_actor: dict[str, int] = {}
+        self.selected: list[dict] = []
 
     # -------------------------------------------------------------- plan
 
@@ -121,31 +125,49 @@ class Pipeline:
             raise RunError(f"embed.representation={cfg.embed.representation!r}: use sae, hidden or mlp_gate")
         cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)  # SAELens hook names accepted too
         parse_hookpoint(cfg.sae.hookpoint)
-        # Check every path before any work starts, and report all problems at once.
+        # Check every path before any work starts (and before anything is written), all problems at once.
         problems = []
-        for name, check in (("model", lambda: resolve_model_path(str(cfg.model.path))),
-                            ("sae", lambda: resolve_sae(cfg)),
-                            ("source", lambda: records.plan_units(list(cfg.source.paths), cfg.embed.rows_per_unit)),
-                            ("target", lambda: records.plan_units(list(cfg.target.paths), cfg.embed.rows_per_unit))):
+        model_dir = sae_info = None
+        try:
+            model_dir = resolve_model_path(str(cfg.model.path))
+        except ModelError as e:
+            problems.append(str(e))
+        try:
+            sae_info = resolve_sae(cfg)
+        except SAEError as e:
+            problems.append(str(e))
+        files = {}
+        for role in ("source", "target"):
             try:
-                setattr(self, f"_{name}", check())
-            except (ModelError, SAEError, InputError) as e:
-                msg = str(e)
-                if name in ("source", "target"):
-                    msg = f"{name}.paths: {msg}; set {name}.paths=[/path/to/files_or_folders]"
-                problems.append(msg)
+                files[role] = records.input_files(list(cfg[role].paths))
+            except InputError as e:
+                problems.append(f"{role}.paths: {e}; set {role}.paths=[/path/to/files_or_folders]")
         if problems:
             raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
-        self.model_dir, self.sae_info = self._model, self._sae
-        self.source_units, self.target_units = self._source, self._target
+        for role in ("source", "target"):
+            if not files[role]:
+                raise InputError(f"the {role} set {list(cfg[role].paths)} has no usable rows: no .parquet/.jsonl/.json "
+                                 f"(or .jsonl.gz/.json.gz) file matched; set {role}.paths=[...]")
+        self.model_dir, self.sae_info = model_dir, sae_info
+        self.tokenizer_check()
+        check_output_dir(self.out, cfg.run.overwrite)
+        self.out.mkdir(parents=True, exist_ok=True)
+        staging = self.out / "staged"
+        self.source_units = records.plan_units(files["source"], cfg.embed.rows_per_unit, staging_dir=staging)
+        self.target_units = records.plan_units(files["target"], cfg.embed.rows_per_unit, staging_dir=staging)
         for role, units in (("source", self.source_units), ("target", self.target_units)):
             if not units:
-                paths = list(cfg[role].paths)
-                files = records.input_files(paths)
-                raise InputError(f"the {role} set {paths} has no usable rows: " + (
-                    f"its files are empty ({', '.join(map(str, files))})" if files else
-                    f"no .parquet/.jsonl/.json file matched; set {role}.paths=[...]"))
-        check_output_dir(self.out, cfg.run.overwrite)
+                raise InputError(f"the {role} set {list(cfg[role].paths)} has no usable rows: its files are empty "
+                                 f"({', '.join(map(str, files[role]))})")
+        self.timings["plan"] = time.perf_counter() - t0
+
+    def fingerprint(self) -> None:
+        """Device, dtype and the fingerprints that key the prepared rows and the embedding store
+        (needs Ray: whether the actors get GPUs decides the device)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.device = "cuda" if self._use_gpu() else "cpu"
+        self.dtype, self.dtype_reason = self._resolve_dtype()
         self.model_fp = fingerprint_model(self.model_dir)
         render = {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt,
                   "max_length": cfg.render.max_length, "exclude": cfg.pool.exclude}
@@ -153,19 +175,53 @@ class Pipeline:
         self.embed_fp = _sha({
             "v": FINGERPRINT_VERSION, "prep": self.prep_fp, "sae": self.sae_info["fingerprint"],
             "hookpoint": cfg.sae.hookpoint, "k": self.sae_info["k"], "representation": cfg.embed.representation,
-            "pooling": cfg.pool.method, "dtype": cfg.model.dtype, "value_dtype": cfg.embed.value_dtype,
+            "pooling": cfg.pool.method, "dtype": self.dtype, "value_dtype": cfg.embed.value_dtype,
             "mlp_k": cfg.embed.get("mlp_k")})
         self.prepared_dir = self.out / "prepared" / self.prep_fp
         store = cfg.embed.store_dir or str(self.out / "embeddings")
-        self.store = Path(store).expanduser().resolve() / self.embed_fp
-        self.store.mkdir(parents=True, exist_ok=True)
-        (self.store / "fingerprint.json").write_text(json.dumps({
+        self.store = EmbeddingStore(Path(store).expanduser().resolve() / self.embed_fp)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        (self.store.root / "fingerprint.json").write_text(json.dumps({
             "model": str(cfg.model.path), "model_fingerprint": self.model_fp, "sae": self.sae_info,
             "hookpoint": cfg.sae.hookpoint, "representation": cfg.embed.representation, "pooling": cfg.pool.method,
-            "render": render, "dtype": cfg.model.dtype, "value_dtype": cfg.embed.value_dtype}, indent=2, default=str))
-        self.out.mkdir(parents=True, exist_ok=True)
+            "render": render, "dtype": self.dtype, "value_dtype": cfg.embed.value_dtype}, indent=2, default=str))
         (self.out / "manifest.json").write_text(json.dumps({"status": "running", "config": self.cfg_dict}, indent=2, default=str))
-        self.timings["plan"] = time.perf_counter() - t0
+        self.timings["plan"] += time.perf_counter() - t0
+
+    def tokenizer_check(self) -> None:
+        """Render and tokenize one conversation on the driver before any task starts, so a
+        rendering that cannot work with this model's tokenizer fails here, clearly."""
+        from .model import load_tokenizer
+
+        cfg = self.cfg
+        tok = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        probe = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+        try:
+            rendered = records.render(probe, tok, cfg.render.mode, cfg.render.system_prompt)
+            records.tokenize(rendered, tok, cfg.render.max_length, cfg.pool.exclude)
+        except (InputError, ValueError) as e:
+            hint = (" The tokenizer at model.path has no chat template (a base model, e.g. Meta-Llama-3-8B): "
+                    "set render.mode=plain." if cfg.render.mode == "chat_template" and not getattr(tok, "chat_template", None)
+                    else "")
+            raise InputError(f"render.mode={cfg.render.mode!r} cannot render with the tokenizer of "
+                             f"model.path={str(cfg.model.path)!r}: {e}.{hint}") from None
+        except Exception as e:  # noqa: BLE001 - a template that raises on an ordinary conversation
+            raise InputError(f"render.mode={cfg.render.mode!r}: the tokenizer of model.path={str(cfg.model.path)!r} "
+                             f"failed on a plain two-turn conversation ({type(e).__name__}: {e}); "
+                             "set render.mode=plain or fix the chat template") from None
+
+    def _resolve_dtype(self) -> tuple[str, str]:
+        """The compute dtype every actor uses (decided once, here) and why."""
+        import torch
+
+        from .model import dtype_name, resolve_dtype_reason
+
+        name = str(self.cfg.model.dtype)
+        if name == "auto" and self.device == "cuda" and not torch.cuda.is_available():
+            # the driver has no GPU to ask; the actors' GPUs are assumed to be Ampere or newer
+            return "bfloat16", "auto: CUDA actors (bf16 assumed: Ampere or newer; set model.dtype otherwise)"
+        dt, why = resolve_dtype_reason(name, self.device)
+        return dtype_name(dt), why
 
     # -------------------------------------------------------------- prepare
 
@@ -176,10 +232,10 @@ class Pipeline:
         rs = stages.RenderSettings(str(self.model_dir), self.cfg.render.mode, self.cfg.render.system_prompt,
                                    self.cfg.render.max_length, self.cfg.pool.exclude, self.cfg.model.trust_remote_code)
         todo = []
+        self.source_parts, self.target_parts = [], []
         for role, units in (("source", self.source_units), ("target", self.target_units)):
             for u in units:
-                f = Path(u.path)
-                st = f.stat()
+                st = Path(u.path).stat()
                 key = _sha([u.path, st.st_size, st.st_mtime_ns, u.start, u.stop])
                 part = self.prepared_dir / role / f"{key}.parquet"
                 rej = self.prepared_dir / role / f"{key}.rejected.parquet"
@@ -187,23 +243,20 @@ class Pipeline:
                 (self.source_parts if role == "source" else self.target_parts).append(u_info)
                 if not (part.exists() and rej.exists()):
                     todo.append(u_info)
+        self.units["prepare"] = len(todo)
         if todo:
-            items = [{"unit": json.dumps([t["unit"].path, t["unit"].start, t["unit"].stop]),
-                      "part": str(t["part"]), "rejected": str(t["rejected"])} for t in todo]
-
-            def prep(batch, rs=rs):
-                out = []
-                for u, part, rej in zip(batch["unit"], batch["part"], batch["rejected"]):
-                    path, start, stop = json.loads(u)
-                    out.append(stages.prepare_unit(records.ReadUnit(path, start, stop), rs, part, rej))
-                return {k: np.asarray([o[k] for o in out]) for k in out[0]}
-
+            items = [{"unit": json.dumps(asdict(t["unit"])), "part": str(t["part"]), "rejected": str(t["rejected"])}
+                     for t in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                prep, batch_size=1, num_cpus=self.cfg.ray.task_num_cpus)
-            bar = _tqdm(total=len(items), desc="prepare", unit="unit")
+                _prepare_batch, batch_size=1, fn_kwargs={"rs": rs}, num_cpus=self.cfg.ray.task_num_cpus)
+            known = [t["unit"].stop - t["unit"].start for t in todo if t["unit"].stop >= 0]
+            bar = _tqdm(total=sum(known) if len(known) == len(todo) else None, desc="prepare (rows read+tokenized)",
+                        unit="row")
+            rejected = 0
             for row in ds.iter_rows():
-                bar.update(1)
-                bar.set_postfix(rejected=int(row["rows_rejected"]))
+                bar.update(int(row["rows_ok"]) + int(row["rows_rejected"]))
+                rejected += int(row["rows_rejected"])
+                bar.set_postfix(rejected=rejected)
             bar.close()
         self.timings["prepare"] = time.perf_counter() - t0
 
@@ -219,30 +272,13 @@ class Pipeline:
         return idx, rej
 
     def dedupe(self) -> None:
-        """Reject repeated ids (keeping the first, in file order) and record the row counts."""
+        """Reject repeated ids (keeping the first, in file order) and record the row counts (Arrow only)."""
         self.index, self.rejected = {}, {}
         for role, parts in (("source", self.source_parts), ("target", self.target_parts)):
             idx, rej = self._load_index(parts)
-            ids = idx.column("id").to_pylist()
-            first: dict[str, int] = {}
-            dup = []
-            for i, rid in enumerate(ids):
-                if rid in first:
-                    dup.append(i)
-                else:
-                    first[rid] = i
-            if dup:
-                d = idx.take(pa.array(dup))
-                f0 = idx.take(pa.array([first[ids[i]] for i in dup]))
-                dup_rej = pa.table({
-                    "file": d.column("file"), "row": d.column("row"), "id": d.column("id"),
-                    "stage": pa.array(["dedupe"] * len(dup)),
-                    "reason": pa.array([f"duplicate id (first seen at {a}:{b})" for a, b in
-                                        zip(f0.column("file").to_pylist(), f0.column("row").to_pylist())])})
-                rej = pa.concat_tables([rej, dup_rej.cast(stages.REJECTED_SCHEMA)])
-                keep = np.ones(len(idx), bool)
-                keep[dup] = False
-                idx = idx.filter(pa.array(keep))
+            idx, dup_rej = split_duplicate_ids(idx)
+            if len(dup_rej):
+                rej = pa.concat_tables([rej, dup_rej])
             self.index[role] = idx
             self.rejected[role] = rej
             n_in = len(idx) + len(rej)
@@ -266,74 +302,86 @@ class Pipeline:
 
     # -------------------------------------------------------------- embed
 
-    def _store_index(self) -> dict[str, list[str]]:
-        """Content hashes held by each part file of the embedding store."""
-        return {str(f): pq.read_table(f, columns=["content_hash"]).column("content_hash").to_pylist()
-                for f in sorted(self.store.glob("part-*.parquet"))}
+    def _embed_units(self) -> list[dict]:
+        """Units of at most ``embed.rows_per_unit`` rows that are not in the store yet, each
+        content embedded once (targets first, then the source, in file order)."""
+        cap = int(self.cfg.embed.rows_per_unit)
+        both = []
+        for order, role in enumerate(("target", "source")):
+            t = self.index[role].select(["content_hash", "part", "pos"])
+            both.append(t.append_column("role", pa.array(np.full(len(t), order, np.int8))))
+        todo = pa.concat_tables(both)
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("content_hash"),
+                                              value_set=self.store.index().column("content_hash").combine_chunks())))
+        todo = todo.append_column("__o", pa.array(np.arange(len(todo), dtype=np.int64)))
+        todo = first_per_key(todo, "content_hash", "__o").sort_by([("role", "ascending"), ("part", "ascending"),
+                                                                   ("pos", "ascending")])
+        role, part = todo.column("role").to_numpy(), todo.column("part").to_numpy()
+        pos = todo.column("pos").to_numpy()
+        hashes = todo.column("content_hash")
+        starts = np.flatnonzero(np.r_[True, (role[1:] != role[:-1]) | (part[1:] != part[:-1])]) if len(todo) else []
+        ends = np.r_[starts[1:], len(todo)] if len(todo) else []
+        units = []
+        for a, b in zip(starts, ends):
+            parts = self.target_parts if role[a] == 0 else self.source_parts
+            for s in range(int(a), int(b), cap):
+                e = min(int(b), s + cap)
+                key = _sha(sorted(hashes.slice(s, e - s).to_pylist()))  # named after its content: resumable
+                units.append({"key": key, "prepared": str(parts[int(part[a])]["part"]),
+                              "rows": [int(x) for x in pos[s:e]], "out": str(self.store.part_path(key))})
+        return units
 
     def embed(self) -> None:
         import ray
 
         t0 = time.perf_counter()
-        cached = set().union(*self._store_index().values()) if self._store_index() else set()
-        units, planned = [], set()
-        for role, parts in (("target", self.target_parts), ("source", self.source_parts)):
-            for pi, (hashes, positions) in _rows_by_part(self.index[role]).items():
-                rows, unit_hashes = [], []
-                for h, pos in zip(hashes, positions):
-                    if h in cached or h in planned:
-                        continue  # embedded before, or earlier in this run (identical content)
-                    planned.add(h)
-                    rows.append(pos)
-                    unit_hashes.append(h)
-                if rows:  # the part file is named after its content: resumable, never clobbers
-                    key = _sha(sorted(unit_hashes))
-                    units.append({"key": key, "prepared": str(parts[pi]["part"]), "rows": rows,
-                                  "out": str(self.store / f"part-{key}.parquet")})
+        units = self._embed_units()
+        self.units["embed"] = len(units)
+        current = pa.concat_tables([self.index[r].select(["content_hash"]) for r in ("source", "target")])
+        n_unique = len(pc.unique(current.column("content_hash")))
         self.counts["embedded_now"] = sum(len(u["rows"]) for u in units)
-        self.counts["reused_from_store"] = len(cached & set(self._current_hashes()))
+        self.counts["reused_from_store"] = n_unique - self.counts["embedded_now"]
         self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         embed_rejected = []
         if units:
             job = self._embed_job()
             n_actors = self._num_actors()
-            remote = self._actor_resources()
+            progress = ray.remote(num_cpus=0)(stages.Progress).remote()
             items = [{"unit": json.dumps(u)} for u in units]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                stages.EmbedActor, fn_constructor_args=(job,), batch_size=1,
+                stages.EmbedActor, fn_constructor_args=(job, progress), batch_size=1,
                 # Ray Data restarts dead actors and retries their units by default
                 # (max_restarts=-1, max_task_retries=-1): a lost node costs only its units in flight.
-                compute=ray.data.ActorPoolStrategy(size=n_actors), **remote)
+                compute=ray.data.ActorPoolStrategy(size=n_actors), **self._actor_resources())
             total_rows = sum(len(u["rows"]) for u in units)
-            bar = _tqdm(total=total_rows, desc=f"embed ({n_actors} actor{'s' * (n_actors > 1)})", unit="row")
-            for row in ds.iter_rows():
-                bar.update(int(row["rows"]) + len(json.loads(row["rejected"])))
-                for k in EMBED_STATS:
-                    self.embed_stats[k] += row[k]
-                embed_rejected += json.loads(row["rejected"])
-                el = bar.format_dict["elapsed"] or 1e-9
-                bar.set_postfix(tok_s=f"{self.embed_stats['real_tokens'] / el:,.0f}")
-            bar.close()
+            bar = _tqdm(total=total_rows, desc=f"embed (rows, {n_actors} actor{'s' * (n_actors > 1)})", unit="row")
+            with _LiveProgress(bar, progress, total_rows) as live:
+                for row in ds.iter_rows():
+                    done = int(row["rows"]) + len(json.loads(row["rejected"]))
+                    live.unit_done(done)
+                    for k in EMBED_STATS:
+                        self.embed_stats[k] += row[k]
+                    self.rows_per_actor[str(row["actor"])] = self.rows_per_actor.get(str(row["actor"]), 0) + done
+                    embed_rejected += json.loads(row["rejected"])
+            ray.kill(progress)
+            self.store.add_parts([u["out"] for u in units if Path(u["out"]).exists()])
         self.timings["embed"] = time.perf_counter() - t0
         if embed_rejected:
             self._reject_embed_failures(embed_rejected)
 
     def _reject_embed_failures(self, rows: list[dict]) -> None:
         table = stages.rejected_table(rows)
-        failed = set(table.column("id").to_pylist())
+        failed = table.column("id").combine_chunks()
         for role in ("source", "target"):
             idx = self.index[role]
-            mask = pc.is_in(idx.column("id"), pa.array(list(failed), pa.string()))
-            hit = table.filter(pc.is_in(table.column("id"), idx.column("id")))
+            mask = pc.is_in(idx.column("id"), value_set=failed)
+            hit = table.filter(pc.is_in(table.column("id"), value_set=idx.column("id").combine_chunks()))
             if len(hit):
                 self.index[role] = idx.filter(pc.invert(mask))
                 self.rejected[role] = pa.concat_tables([self.rejected[role], hit])
                 self.counts[role]["rows_rejected"] += len(hit)
                 self.counts[role]["rows_usable"] -= len(hit)
             self._check_rejections(role)
-
-    def _current_hashes(self) -> list[str]:
-        return self.index["source"].column("content_hash").to_pylist() + self.index["target"].column("content_hash").to_pylist()
 
     def _num_actors(self) -> int:
         import ray
@@ -348,7 +396,11 @@ class Pipeline:
         import ray
 
         dev = self.cfg.model.device
-        return dev == "cuda" or (dev == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+        if dev == "cuda":
+            return True
+        if dev != "auto":
+            return False
+        return ray.cluster_resources().get("GPU", 0) >= 1
 
     def _actor_resources(self) -> dict:
         extra = dict(self.cfg.embed.get("actor_resources") or {})  # e.g. pin actors to a node type
@@ -364,17 +416,25 @@ class Pipeline:
             threads = 0 if self._use_gpu() else max(1, (os.cpu_count() or 1) // max(1, self._num_actors()))
         return stages.EmbedJob(
             model_dir=str(self.model_dir), sae_path=str(self.sae_info["path"]), sae_format=self.sae_info["format"],
-            hookpoint=cfg.sae.hookpoint, k=self.sae_info["k"], dtype=cfg.model.dtype,
-            device="cuda" if self._use_gpu() else "cpu", representation=cfg.embed.representation,
-            pooling=cfg.pool.method, value_dtype=cfg.embed.value_dtype, token_budget=cfg.embed.token_budget, pad_multiple=cfg.embed.pad_multiple,
-            max_batch_rows=cfg.embed.max_batch_rows, sae_chunk_tokens=cfg.embed.sae_chunk_tokens,
-            torch_threads=int(threads), trust_remote_code=cfg.model.trust_remote_code,
-            attn_implementation=cfg.model.attn_implementation)
+            hookpoint=cfg.sae.hookpoint, k=self.sae_info["k"], dtype=self.dtype,
+            device=self.device, representation=cfg.embed.representation,
+            pooling=cfg.pool.method, value_dtype=cfg.embed.value_dtype, token_budget=cfg.embed.token_budget,
+            pad_multiple=cfg.embed.pad_multiple, max_batch_rows=cfg.embed.max_batch_rows,
+            sae_chunk_tokens=cfg.embed.sae_chunk_tokens, torch_threads=int(threads),
+            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+            mlp_k=cfg.embed.get("mlp_k"))
 
     # -------------------------------------------------------------- prototype + score
 
-    def _store_files_for(self, hashes: set[str]) -> list[str]:
-        return [f for f, h in self._store_index().items() if not hashes.isdisjoint(h)]
+    def _width(self) -> int:
+        """Latents per row: the SAE's, or the model's for the non-SAE representations."""
+        if self.sae_info["num_latents"]:
+            return int(self.sae_info["num_latents"])
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
+        return int(c.intermediate_size if self.cfg.embed.representation == "mlp_gate" else c.hidden_size)
 
     def prototype(self) -> None:
         from safetensors.numpy import save_file
@@ -382,64 +442,67 @@ class Pipeline:
         from .scoring import SparseRows, prototype
 
         t0 = time.perf_counter()
-        idx = self.index["target"]
-        want = set(idx.column("content_hash").to_pylist())
-        emb = pa.concat_tables([pq.read_table(f) for f in self._store_files_for(want)])
-        emb = emb.filter(pc.is_in(emb.column("content_hash"), pa.array(sorted(want))))
-        emb = _first_per_hash(emb)
         # one prototype entry per target row (duplicated content counts twice), in id order
-        tgt = idx.select(["id", "content_hash"]).sort_by("id")
-        at = {h: i for i, h in enumerate(emb.column("content_hash").to_pylist())}
-        joined = emb.take(pa.array([at[h] for h in tgt.column("content_hash").to_pylist()], pa.int64()))
-        joined = joined.append_column("id", tgt.column("id"))
-        width = self.sae_info["num_latents"] or self._dense_width(joined)
+        tgt = self.index["target"].select(["id", "content_hash"]).sort_by("id")
+        emb = self.store.read(tgt.column("content_hash"), columns=["indices", "values"])
+        at = pc.index_in(tgt.column("content_hash"), value_set=emb.column("content_hash").combine_chunks())
+        if pc.any(pc.is_null(at)).as_py():
+            raise RunError(f"target rows have no embedding in {self.store.root}; this is a bug, please report it")
+        joined = emb.take(at)
         rows = SparseRows.from_arrow(joined.column("indices"), joined.column("values"))
-        self.proto = prototype(rows, width)
-        self.target_table = joined
+        self.proto = prototype(rows, self._width())
         save_file({"prototype": self.proto.astype(np.float32)}, str(self.out / "prototype.safetensors"),
                   metadata={"rows": str(len(joined)), "embedding_fingerprint": self.embed_fp})
         self.timings["prototype"] = time.perf_counter() - t0
 
-    @staticmethod
-    def _dense_width(t: pa.Table) -> int:
-        return int(pc.max(pc.list_value_length(t.column("indices"))).as_py())
-
     def score(self) -> None:
+        """Every source row scored by tasks, one group of store parts each; the driver streams the
+        results through a running top-k and keeps only (id, score) in Arrow."""
         import ray
 
-        t0 = time.perf_counter()
-        idx = self.index["source"]
-        want = set(idx.column("content_hash").to_pylist())
-        files = self._store_files_for(want)
-        current = ray.put(idx.select(["content_hash", "id"]))
-        proto = ray.put(self.proto)
-        # One store part per task (our own reader: every stage reads its files the same way).
-        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
-        scored = ds.map_batches(stages.score_parts, batch_format="pyarrow", batch_size=1,
-                                fn_kwargs={"proto": proto, "current": current, "similarity": self.cfg.select.similarity,
-                                           "batch_rows": self.cfg.select.score_batch_rows,
-                                           "dense": self.cfg.embed.representation == "hidden"},
-                                num_cpus=self.cfg.ray.task_num_cpus).materialize()
-        n = scored.count()
-        self.k = k = __import__("mona_ray.scoring", fromlist=["x"]).selection_size(
-            n, self.cfg.select.ratio, self.cfg.select.count)
-        heaps = scored.map_batches(stages.block_topk, batch_format="pyarrow", batch_size=None, fn_kwargs={"k": k},
-                                   num_cpus=self.cfg.ray.task_num_cpus)
-        parts = [(b["score"].to_numpy(), b["id"].to_numpy(zero_copy_only=False))
-                 for b in heaps.iter_batches(batch_format="pyarrow", batch_size=None)]
-        parts = [(s[np.lexsort((i.astype(str), -s))], i[np.lexsort((i.astype(str), -s))]) for s, i in parts]
-        from .scoring import merge_topk
+        from .kernels import RunningTopK
+        from .scoring import selection_size
 
-        self.top_scores, self.top_ids = merge_topk(parts, k)
-        all_scores = pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
+        t0 = time.perf_counter()
+        idx = self.index["source"].select(["id", "content_hash"])
+        loc = idx.join(self.store.index(), "content_hash", join_type="left outer")
+        missing = loc.filter(pc.is_null(loc.column("part")))
+        if len(missing):
+            raise RunError(f"{len(missing)} source rows have no embedding in {self.store.root} (first: "
+                           f"{missing.column('id')[0].as_py()}); this is a bug, please report it")
+        loc = loc.sort_by([("part", "ascending"), ("id", "ascending")])
+        groups = _groups_of_parts(loc, int(self.cfg.select.score_batch_rows))
+        self.k = k = selection_size(len(idx), self.cfg.select.ratio, self.cfg.select.count)
+        proto = ray.put(self.proto)
+        ds = ray.data.from_arrow(groups).map_batches(
+            stages.score_parts, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"proto": proto, "similarity": self.cfg.select.similarity,
+                       "batch_rows": self.cfg.select.score_batch_rows,
+                       "dense": self.cfg.embed.representation == "hidden"},
+            num_cpus=self.cfg.ray.task_num_cpus)
+        top = RunningTopK(k)
+        tabs = []
+        bar = _tqdm(total=len(idx), desc="score (rows)", unit="row")
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            top.add(b.column("score").to_numpy(), b.column("id").to_numpy(zero_copy_only=False))
+            tabs.append(b)
+            bar.update(len(b))
+        bar.close()
+        self.top_scores, self.top_ids = top.result()
+        self._set_scores(pa.concat_tables(tabs) if tabs else pa.table({"id": pa.array([], pa.string()),
+                                                                       "score": pa.array([], pa.float64())}))
+        self.timings["score"] = time.perf_counter() - t0
+
+    def _set_scores(self, by_id: pa.Table) -> None:
+        idx = self.index["source"]
         self.scores = idx.select(["id", "content_hash", "file", "row"]).join(
-            all_scores.select(["id", "score"]), "id", join_type="left outer").sort_by([("file", "ascending"), ("row", "ascending")])
+            by_id.select(["id", "score"]), "id", join_type="left outer").sort_by(
+            [("file", "ascending"), ("row", "ascending")])
         missing = self.scores.filter(pc.is_null(self.scores.column("score")))
         if len(missing):
-            raise RunError(f"{len(missing)} source rows have no embedding in {self.store} (first: "
-                           f"{missing.column('id')[0].as_py()}); this is a bug, please report it")
+            raise RunError(f"{len(missing)} source rows got no score (first: {missing.column('id')[0].as_py()}); "
+                           "this is a bug, please report it")
         self.counts["source"]["rows_scored"] = len(self.scores)
-        self.timings["score"] = time.perf_counter() - t0
 
     def score_with_selector(self) -> None:
         """A baseline selector (bm25, dsir, dense, random, nait) on the prepared rows, on the driver."""
@@ -451,13 +514,9 @@ class Pipeline:
         src, src_ids = self._messages("source")
         tgt, _ = self._messages("target")
         s = np.asarray(sel.score(src, tgt, src_ids), dtype=np.float64)
-        idx = self.index["source"]
-        by_id = pa.table({"id": pa.array(src_ids, pa.string()), "score": pa.array(s, pa.float64())})
-        self.scores = idx.select(["id", "content_hash", "file", "row"]).join(by_id, "id").sort_by(
-            [("file", "ascending"), ("row", "ascending")])
+        self._set_scores(pa.table({"id": pa.array(src_ids, pa.string()), "score": pa.array(s, pa.float64())}))
         self.k = selection_size(len(s), self.cfg.select.ratio, self.cfg.select.count)
         self.top_scores, self.top_ids = topk(s, src_ids, self.k)
-        self.counts["source"]["rows_scored"] = len(self.scores)
         self.counts["embedded_now"] = self.counts["reused_from_store"] = 0
         self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         self.timings["score"] = time.perf_counter() - t0
@@ -465,7 +524,7 @@ class Pipeline:
     def _messages(self, role: str) -> tuple[list[list[dict]], list[str]]:
         """The usable rows of a set as conversations, in file order, read back from the prepared parts."""
         msgs, ids = [], []
-        for pi, (_, positions) in sorted(_rows_by_part(self.index[role]).items()):
+        for pi, positions in _positions_by_part(self.index[role]):
             parts = self.source_parts if role == "source" else self.target_parts
             t = pq.read_table(parts[pi]["part"], columns=["id", "record"]).take(pa.array(positions, pa.int64()))
             ids += t.column("id").to_pylist()
@@ -475,31 +534,36 @@ class Pipeline:
     def explain(self) -> None:
         """explain.json / explain.md: the prototype's latents and why each selected row was chosen.
 
-        Runs as one Ray task with an embedding actor's resources (a GPU on a cluster)."""
+        The prototype's top tokens need the model: one Ray task with an embedding actor's
+        resources (a GPU on a cluster), over the target rows only. The selected rows'
+        contributions are computed here from the store, reading only the selected rows."""
         import ray
+
+        from .interpret import explain_row, write_explain
 
         t0 = time.perf_counter()
         tgt_ids, tgt_masks = [], []
-        for pi, (_, positions) in sorted(_rows_by_part(self.index["target"]).items()):
+        for pi, positions in _positions_by_part(self.index["target"]):
             t = pq.read_table(self.target_parts[pi]["part"], columns=["input_ids", "pool_mask"]).take(
                 pa.array(positions, pa.int64()))
             tgt_ids += t.column("input_ids").to_pylist()
             tgt_masks += t.column("pool_mask").to_pylist()
-        sel_hash = dict(zip(self.scores.column("id").to_pylist(), self.scores.column("content_hash").to_pylist()))
-        want = {sel_hash[i] for i in self.top_ids}
-        vecs = {}
-        for f in self._store_files_for(want):
-            t = pq.read_table(f)
-            for h, ind, val in zip(t.column("content_hash").to_pylist(), t.column("indices").to_pylist(),
-                                   t.column("values").to_pylist()):
-                if h in want:
-                    vecs[h] = (np.asarray(ind, np.int32), np.asarray(val, np.float32))
-        selected = [(rid, *vecs[sel_hash[rid]]) for rid in self.top_ids]
         remote = ray.remote(**self._actor_resources())(stages.explain_task)
-        doc = ray.get(remote.remote(self._embed_job(), tgt_ids, tgt_masks, self.proto, selected))
-        from .interpret import write_explain
-
-        write_explain(doc, self.out)
+        doc_ref = remote.remote(self._embed_job(), tgt_ids, tgt_masks, self.proto)
+        sel = self.scores.filter(pc.is_in(self.scores.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
+        emb = self.store.read(sel.column("content_hash"), columns=["indices", "values"])
+        self.explain_read = dict(self.store.last_read)
+        at = dict(zip(emb.column("content_hash").to_pylist(), range(len(emb))))
+        hash_of = dict(zip(sel.column("id").to_pylist(), sel.column("content_hash").to_pylist()))
+        proto_doc = ray.get(doc_ref)
+        top_set = {x["latent"] for x in proto_doc["top_latents"]}
+        rows = []
+        ind_col, val_col = emb.column("indices"), emb.column("values")
+        for rid in self.top_ids:
+            j = at[hash_of[rid]]
+            rows.append(explain_row(rid, ind_col[j].values.to_numpy(), val_col[j].values.to_numpy(zero_copy_only=False),
+                                    self.proto, top_set))
+        write_explain({"prototype": proto_doc, "selected": rows}, self.out)
         self.timings["explain"] = time.perf_counter() - t0
 
     # -------------------------------------------------------------- outputs
@@ -514,6 +578,9 @@ class Pipeline:
                             out / "rejected.parquet")
         self.selected = selected = self._selected_records()
         report.write_selection(selected, out)
+        from .export import write_trainer_files
+
+        self.trainer = write_trainer_files(selected, out, self.cfg.report.get("trainer_format", "auto"))
         self.timings["write"] = time.perf_counter() - t0
         return report.manifest(self, selected)
 
@@ -521,11 +588,10 @@ class Pipeline:
         idx = self.index["source"]
         rank = {rid: r for r, rid in enumerate(self.top_ids, start=1)}
         score = dict(zip(self.top_ids, self.top_scores))
-        sel = idx.filter(pc.is_in(idx.column("id"), pa.array(list(self.top_ids), pa.string())))
+        sel = idx.filter(pc.is_in(idx.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
         recs = {}
-        for pi in sorted(set(sel.column("part").to_pylist())):
-            part_rows = sel.filter(pc.equal(sel.column("part"), pi))
-            t = pq.read_table(self.source_parts[pi]["part"], columns=["id", "record"]).take(part_rows.column("pos"))
+        for pi, positions in _positions_by_part(sel):
+            t = pq.read_table(self.source_parts[pi]["part"], columns=["id", "record"]).take(pa.array(positions, pa.int64()))
             for rid, rec in zip(t.column("id").to_pylist(), t.column("record").to_pylist()):
                 recs[rid] = json.loads(rec)
         out = []
@@ -541,9 +607,10 @@ class Pipeline:
         import ray
 
         self.source_parts, self.target_parts = [], []
-        self.plan()
+        self.plan()  # before Ray starts: a bad path or setting fails in seconds, with nothing written
         started_here = _init_ray(self.cfg)
         try:
+            self.fingerprint()
             self.prepare()
             self.dedupe()
             if self.cfg.select.method == "mona":
@@ -557,6 +624,7 @@ class Pipeline:
                 self.explain()
                 manifest["timings_s"]["explain"] = round(self.timings["explain"], 3)
                 manifest["files"]["explain"] = "explain.md"
+                manifest["explain_read"] = self.explain_read
             # written last: "complete" means every output above is in place
             report.write_json_atomic(manifest, self.out / "manifest.json")
             return manifest
@@ -565,27 +633,106 @@ class Pipeline:
                 ray.shutdown()
 
 
-def _rows_by_part(idx: pa.Table) -> dict[int, tuple[list[str], list[int]]]:
-    """Group an index table by prepared part: part -> (content hashes, row positions), in file order."""
+def _prepare_batch(batch: dict, rs) -> dict:
+    out = []
+    for u, part, rej in zip(batch["unit"], batch["part"], batch["rejected"]):
+        out.append(stages.prepare_unit(records.ReadUnit(**json.loads(u)), rs, part, rej))
+    return {k: np.asarray([o[k] for o in out]) for k in out[0]}
+
+
+class _LiveProgress:
+    """Moves a tqdm bar from the embedding actors' per-micro-batch reports (polled in a thread),
+    and from finished units (exact); shows tokens/s."""
+
+    def __init__(self, bar, progress, total: int, interval: float = 1.0):
+        import threading
+
+        self.bar, self.progress, self.total, self.interval = bar, progress, total, interval
+        self.done_units_rows = 0
+        self.live_rows = self.live_tokens = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        self.bar.close()
+
+    def _poll(self) -> None:
+        import ray
+
+        try:
+            self.live_rows, self.live_tokens = ray.get(self.progress.get.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is best effort; the units' results are exact
+            return
+        self._show()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def unit_done(self, rows: int) -> None:
+        self.done_units_rows += rows
+        self._show()
+
+    def _show(self) -> None:
+        with self._lock:
+            n = min(self.total, max(self.done_units_rows, self.live_rows))
+            self.bar.n = n
+            el = time.perf_counter() - self._t0
+            self.bar.set_postfix(tok_s=f"{self.live_tokens / max(el, 1e-9):,.0f}", refresh=False)
+            self.bar.refresh()
+
+
+def split_duplicate_ids(idx: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(rows with a first-seen id, rejected rows for the repeats), in Arrow; the first row of
+    an id in the table's order (file order) is kept."""
+    n = len(idx)
+    order = pa.array(np.arange(n, dtype=np.int64))
+    t = idx.select(["id", "file", "row"]).append_column("__i", order)
+    first = t.group_by("id", use_threads=False).aggregate([("__i", "min")])
+    is_first = pc.is_in(order, value_set=first.column("__i_min").combine_chunks())
+    if pc.all(is_first).as_py() is not False:
+        return idx, stages.rejected_table([])
+    dups = t.filter(pc.invert(is_first)).join(first, "id").sort_by("__i")
+    f0 = t.take(dups.column("__i_min"))
+    where = pc.binary_join_element_wise(f0.column("file"), pc.cast(f0.column("row"), pa.string()), ":")
+    reason = pc.binary_join_element_wise("duplicate id (first seen at ", where, ")", "")
+    rej = pa.table({"file": dups.column("file"), "row": dups.column("row"), "id": dups.column("id"),
+                    "stage": pa.array(["dedupe"] * len(dups), pa.string()), "reason": reason}).cast(stages.REJECTED_SCHEMA)
+    return idx.filter(is_first), rej
+
+
+def _groups_of_parts(loc: pa.Table, min_rows: int) -> list[pa.Table]:
+    """Split a table sorted by ``part`` into slices of whole parts, each of >= ``min_rows`` rows
+    (the last may be smaller): the score tasks."""
+    part = loc.column("part").combine_chunks()
+    codes = pc.dictionary_encode(part).indices.to_numpy(zero_copy_only=False) if len(part) else np.zeros(0, int)
+    bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, int)
+    out, start = [], 0
+    for b in list(bounds[1:]) + [len(loc)]:
+        if b - start >= min_rows or b == len(loc):
+            out.append(loc.slice(start, b - start))
+            start = b
+    return [t for t in out if len(t)]
+
+
+def _positions_by_part(idx: pa.Table) -> list[tuple[int, list[int]]]:
+    """Group an index table by prepared part: [(part, row positions)], in file order."""
     part = idx.column("part").to_numpy()
     order = np.lexsort((idx.column("pos").to_numpy(), part))
     part = part[order]
-    hashes = np.asarray(idx.column("content_hash").to_pylist(), dtype=object)[order]
     pos = idx.column("pos").to_numpy()[order]
     starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]]) if len(part) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(part)]
-    return {int(part[a]): (list(hashes[a:b]), [int(x) for x in pos[a:b]]) for a, b in zip(starts, ends)}
-
-
-def _first_per_hash(t: pa.Table) -> pa.Table:
-    """Keep one row per content hash (the store may hold a hash twice after a retried write)."""
-    hashes = t.column("content_hash").to_pylist()
-    seen, keep = set(), []
-    for i, h in enumerate(hashes):
-        if h not in seen:
-            seen.add(h)
-            keep.append(i)
-    return t.take(pa.array(keep, pa.int64())) if len(keep) < len(t) else t
+    return [(int(part[a]), [int(x) for x in pos[a:b]]) for a, b in zip(starts, ends)]
 
 
 def _init_ray(cfg) -> bool:

@@ -17,12 +17,17 @@ markers, the default system prompt SmolLM2's template inserts into every sample)
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import os
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -168,52 +173,111 @@ def tokenize(rendered: Rendered, tokenizer, max_length: int, exclude: str = "non
     ``<|im_start|>``...), including the attention-sink first token; ``template`` keeps only
     tokens inside message content (drops role markers and template-inserted text too).
     """
-    enc = tokenizer(rendered.text, add_special_tokens=False, truncation=True, max_length=max_length,
-                    return_offsets_mapping=exclude == "template")
-    ids = enc["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    if exclude == "none":
-        mask = [1] * len(ids)
-    elif exclude == "special":
-        mask = [0 if t in special else 1 for t in ids]
-    elif exclude == "template":
-        spans = rendered.spans
-        mask = []
-        for (a, b), t in zip(enc["offset_mapping"], ids):
-            inside = t not in special and b > a and any(a < e and b > st for st, e in spans)
-            mask.append(1 if inside else 0)
-    else:
+    return tokenize_many([rendered], tokenizer, max_length, exclude)[0]
+
+
+def tokenize_many(rendered: list[Rendered], tokenizer, max_length: int, exclude: str = "none"
+                  ) -> list[tuple[list[int], list[int]]]:
+    """:func:`tokenize` for many rows in one tokenizer call (a fast tokenizer encodes the batch
+    in Rust, in parallel); each row's ids are the same as when it is tokenized alone."""
+    if exclude not in ("none", "special", "template"):
         raise ValueError(f"pool.exclude={exclude!r}: use none, special or template")
-    if ids and not any(mask):
-        mask = [1] * len(ids)  # nothing left to pool: fall back to every token rather than an empty mean
-    return ids, mask
+    if not rendered:
+        return []
+    enc = tokenizer([r.text for r in rendered], add_special_tokens=False, truncation=True, max_length=max_length,
+                    return_offsets_mapping=exclude == "template")
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for j, r in enumerate(rendered):
+        ids = enc["input_ids"][j]
+        if exclude == "none":
+            mask = [1] * len(ids)
+        elif exclude == "special":
+            mask = [0 if t in special else 1 for t in ids]
+        else:
+            spans = r.spans
+            mask = [1 if t not in special and b > a and any(a < e and b > st for st, e in spans) else 0
+                    for (a, b), t in zip(enc["offset_mapping"][j], ids)]
+        if ids and not any(mask):
+            mask = [1] * len(ids)  # nothing left to pool: fall back to every token rather than an empty mean
+        out.append((ids, mask))
+    return out
 
 
 # ----------------------------------------------------------------------------- reading
+#
+# Planning splits every input into units of ``rows_per_unit`` rows in one streaming pass
+# whose cost is O(file size) and whose memory is bounded (a few MiB); reading one unit
+# costs O(unit size). JSONL and JSON-array units carry the byte range of their rows;
+# gzip inputs and Parquet files with row groups too large to split are staged once, at
+# plan time, into ``staging_dir`` (a plain copy, or a copy re-chunked into row groups of
+# ``rows_per_unit`` rows) and the units read that copy (``read_path``).
+
+_CHUNK = 4 << 20  # bytes read per I/O call when scanning
+_AHEAD = 1 << 20  # a JSON element shorter than this is always whole in the scan buffer
+_BOM = b"\xef\xbb\xbf"
+_BOM_L1 = _BOM.decode("latin-1")
+_KINDS = ((".jsonl.gz", "jsonl.gz"), (".json.gz", "json.gz"), (".parquet", "parquet"), (".jsonl", "jsonl"),
+          (".json", "json"))
+_WS = re.compile(r"[ \t\n\r]*")
+_STRUCT = re.compile(r'["\[\]{}]')
+_STR_SPECIAL = re.compile(r'["\\]')
+_RAW_DECODE = json.JSONDecoder().raw_decode
+_NO_OBJ = object()  # "the element's value is not known yet" (None is a JSON value)
 
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """A slice ``[start, stop)`` of one input file: the unit of reading, embedding and resume."""
+    """Rows ``[start, stop)`` of one input file: the unit of reading, embedding and resume.
+
+    ``path`` is always the user's file (it is what rejected/scores files report); rows are
+    numbered in it from 0. ``offset``/``end`` are the byte range of the unit's rows in the
+    file actually read (JSONL and JSON arrays; -1 = unknown: the reader scans from the start),
+    ``read_path`` that file when it is a staged copy (decompressed gzip, re-chunked Parquet).
+    ``stop == -1``: the number of rows is unknown (an unreadable file, or the rest of a JSON
+    array after the point where it is malformed); reading it yields a single ``(-1, RecordError)``
+    after any rows it can read. ``key`` depends on path/start/stop only.
+    """
 
     path: str
     start: int
     stop: int
+    offset: int = -1
+    end: int = -1
+    read_path: str | None = None
 
     @property
     def key(self) -> str:
         return hashlib.sha256(f"{self.path}:{self.start}:{self.stop}".encode()).hexdigest()[:16]
 
 
+def _kind(path, strict: bool = False) -> str | None:
+    """``parquet | jsonl | json | jsonl.gz | json.gz`` from the file name; unknown names are
+    JSONL (gzip'd JSONL for ``*.gz``) unless ``strict``, then None."""
+    name = str(path)
+    for suffix, kind in _KINDS:
+        if name.endswith(suffix):
+            return kind
+    if strict:
+        return None
+    return "jsonl.gz" if name.endswith(".gz") else "jsonl"
+
+
 def input_files(paths) -> list[Path]:
-    """Expand files, folders and globs into a sorted list of .parquet / .jsonl / .json files."""
+    """Expand files, folders and globs into a sorted list of input files.
+
+    Folders contribute their ``.parquet``, ``.jsonl``, ``.json``, ``.jsonl.gz`` and ``.json.gz``
+    files (anything else in them is ignored); globs and named files are taken as they are.
+    """
+    import glob
+
     out: list[Path] = []
     for p in [paths] if isinstance(paths, (str, Path)) else list(paths):
         p = Path(str(p)).expanduser()
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix in (".parquet", ".jsonl", ".json") and f.is_file())
+            out += sorted(f for f in p.rglob("*") if _kind(f.name, strict=True) and f.is_file())
         elif any(ch in str(p) for ch in "*?["):
-            out += sorted(Path(q) for q in __import__("glob").glob(str(p), recursive=True))
+            out += sorted(Path(q) for q in glob.glob(str(p), recursive=True))
         elif p.exists():
             out.append(p)
         else:
@@ -221,89 +285,519 @@ def input_files(paths) -> list[Path]:
     return [f.resolve() for f in out]
 
 
-def _count_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
-        try:
-            return pq.ParquetFile(path).metadata.num_rows
-        except Exception as e:  # corrupt or not Parquet: one unit whose reading reports the error
-            return -1
-    if path.suffix == ".json":
-        return -1  # a JSON array is read whole
-    with open(path, "rb") as fh:
-        return sum(1 for _ in fh)
+def plan_units(paths, rows_per_unit: int, staging_dir: str | Path | None = None) -> list[ReadUnit]:
+    """Split inputs into units of ``rows_per_unit`` rows (the last unit of a file may be shorter).
 
-
-def plan_units(paths, rows_per_unit: int) -> list[ReadUnit]:
-    """Split inputs into fixed row ranges. Depends only on the files, never on the cluster."""
-    units = []
+    A pure function of the files: the same files give the same units, whatever the cluster.
+    One streaming pass per file, memory bounded. ``staging_dir`` receives the staged copies
+    (gzip inputs; Parquet files with a row group over ``4 * rows_per_unit`` rows), reused
+    when already there; without it such a file raises :class:`InputError`.
+    """
+    if int(rows_per_unit) < 1:
+        raise ValueError(f"rows_per_unit={rows_per_unit!r}: must be at least 1")
+    rows_per_unit = int(rows_per_unit)
+    staging = None if staging_dir is None else Path(str(staging_dir)).expanduser()
+    units: list[ReadUnit] = []
     for f in input_files(paths):
-        n = _count_rows(f)
-        if n < 0:
-            units.append(ReadUnit(str(f), 0, -1))
+        kind = _kind(f)
+        if kind == "parquet":
+            units += _plan_parquet(f, rows_per_unit, staging)
             continue
-        for s in range(0, n, rows_per_unit):
-            units.append(ReadUnit(str(f), s, min(n, s + rows_per_unit)))
+        read_path = None
+        if kind.endswith(".gz"):
+            kind = kind[:-3]
+            try:
+                read_path = str(_stage_gzip(f, kind, _need_staging(staging, f, "gzip cannot seek")))
+            except _CorruptInput:  # reading it again reports the rows it can and then the error
+                units.append(ReadUnit(str(f), 0, -1))
+                continue
+        units += (_plan_json if kind == "json" else _plan_jsonl)(f, read_path, rows_per_unit)
     return units
 
 
-def read_unit(unit: ReadUnit) -> Iterator[tuple[int, dict | RecordError]]:
-    """Yield ``(row, record)`` or ``(row, RecordError)`` for the unit's rows (0-based rows).
+class _CorruptInput(Exception):
+    """An input that cannot be staged because it cannot be read."""
 
-    A file that cannot be read at all yields a single ``(-1, RecordError)``.
-    """
-    path = Path(unit.path)
+
+def _need_staging(staging: Path | None, f: Path, why: str) -> Path:
+    if staging is None:
+        raise InputError(f"input {str(f)!r} must be staged before it can be split into units ({why}), but no "
+                         "staging_dir was given: pass plan_units(..., staging_dir=<a writable folder>)")
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _staged_name(f: Path, *extra) -> str:
+    st = f.stat()
+    return hashlib.sha256(":".join(map(str, (f, st.st_size, st.st_mtime_ns, *extra))).encode()).hexdigest()[:32]
+
+
+def _tmp_next_to(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _stage_gzip(f: Path, kind: str, staging: Path) -> Path:
+    """Decompress ``f`` once (streaming) into ``staging/<sha>.<kind>``; reuse an existing copy."""
+    dest = staging / f"{_staged_name(f)}.{kind}"
+    if dest.exists():
+        return dest
+    tmp = _tmp_next_to(dest)
     try:
-        if path.suffix == ".parquet":
-            yield from _read_parquet(path, unit)
-        elif path.suffix == ".json":
-            yield from _read_json_array(path)
-        else:
-            yield from _read_jsonl(path, unit)
-    except (OSError, pa.ArrowException, ValueError) as e:
-        yield -1, RecordError(f"cannot read file: {type(e).__name__}: {e}")
+        with gzip.open(f, "rb") as src, open(tmp, "wb") as out:
+            while True:
+                try:
+                    block = src.read(_CHUNK)
+                except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, corrupt
+                    raise _CorruptInput(f"{type(e).__name__}: {e}") from e
+                if not block:
+                    break
+                out.write(block)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
 
 
-def _read_parquet(path: Path, unit: ReadUnit):
-    pf = pq.ParquetFile(path)
-    row = 0
-    for rg in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(rg).num_rows
-        if row + n <= unit.start or (unit.stop >= 0 and row >= unit.stop):
-            row += n
-            continue
-        table = pf.read_row_group(rg)
-        for i, rec in enumerate(table.to_pylist()):
-            r = row + i
-            if unit.start <= r and (unit.stop < 0 or r < unit.stop):
-                yield r, rec
-        row += n
+# -- JSONL
 
 
-def _read_jsonl(path: Path, unit: ReadUnit):
-    with open(path, "rb") as fh:
+def _plan_jsonl(f: Path, read_path: str | None, rpu: int) -> list[ReadUnit]:
+    src = read_path or str(f)
+    starts, n_nl, pos, last = [0], 0, 0, 10
+    buf = bytearray(_CHUNK)
+    with open(src, "rb", buffering=0) as fh:
+        while True:
+            k = fh.readinto(buf)
+            if not k:
+                break
+            nl = np.flatnonzero(np.frombuffer(buf, np.uint8, k) == 10)
+            if len(nl):
+                # newline number g (0-based, whole file) ends row g; row g+1 starts a unit when (g+1) % rpu == 0
+                starts += (nl[(-(n_nl + 1)) % rpu::rpu] + (pos + 1)).tolist()
+                n_nl += len(nl)
+            last = buf[k - 1]
+            pos += k
+    n = n_nl + (last != 10)  # a last line without a trailing newline is a row
+    units = []
+    for j, s in enumerate(range(0, n, rpu)):
+        e = min(n, s + rpu)
+        units.append(ReadUnit(str(f), s, e, starts[j], starts[j + 1] if e < n else pos, read_path))
+    return units
+
+
+def _read_jsonl(src: str, kind: str, unit: ReadUnit):
+    if unit.offset >= 0 and unit.stop >= 0:
+        with open(src, "rb") as fh:
+            fh.seek(unit.offset)
+            data = fh.read(unit.end - unit.offset) if unit.end >= 0 else b"".join(
+                fh.readline() for _ in range(unit.stop - unit.start))
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        for r, raw in zip(range(unit.start, unit.stop), lines):
+            yield r, _parse_line(raw[3:] if r == 0 and raw.startswith(_BOM) else raw)
+        return  # rows missing (the file changed since planning) are reported by read_unit
+    with (gzip.open if kind == "jsonl.gz" else open)(src, "rb") as fh:  # no byte range: scan from the start
         for r, raw in enumerate(fh):
             if r < unit.start:
                 continue
             if unit.stop >= 0 and r >= unit.stop:
                 break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield r, RecordError(f"not valid UTF-8 at byte {e.start}")
-                continue
-            if not line.strip():
-                yield r, RecordError("empty line")
-                continue
-            try:
-                yield r, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield r, RecordError(f"malformed JSON: {e.msg} at column {e.colno}")
+            yield r, _parse_line(raw[3:] if r == 0 and raw.startswith(_BOM) else raw)
 
 
-def _read_json_array(path: Path):
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise ValueError("a .json input must hold a list of records")
-    yield from enumerate(data)
+def _parse_line(raw: bytes):
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RecordError(f"not valid UTF-8 at byte {e.start}")
+    if not line.strip():
+        return RecordError("empty line")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return RecordError(f"malformed JSON: {e.msg} at column {e.colno}")
+    except Exception as e:  # RecursionError (deep nesting) and anything else the decoder raises
+        return RecordError(f"malformed JSON: {type(e).__name__}: {e}")
+
+
+# -- JSON arrays
+
+
+class _Malformed(Exception):
+    """No element boundary can be found at byte ``offset``."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.offset = offset
+
+
+class _JsonScan:
+    """Finds the byte boundaries of a JSON array's elements in one streaming pass.
+
+    The bytes are decoded as latin-1 (1 byte = 1 char), so char offsets are byte offsets;
+    JSON's structural characters are ASCII, and ASCII bytes never occur inside UTF-8
+    multi-byte sequences, so boundaries found this way are those of the UTF-8 text. Each
+    element is delimited by the C ``raw_decode``; one it cannot handle (malformed, too deeply
+    nested, or longer than the buffer) by a string-aware bracket scanner, so that a bad
+    element is one bad row. ``keep``: keep each element's text until the next (for readers);
+    otherwise a long element is scanned without being held in memory (for the plan).
+    """
+
+    def __init__(self, fh=None, data: bytes | None = None, base: int = 0, keep: bool = False):
+        self.fh, self.keep = fh, keep
+        self.buf = data.decode("latin-1") if data is not None else ""
+        self.base = base  # absolute offset of buf[0]
+        self.eof = fh is None
+
+    def _more(self, keep_from: int) -> bool:
+        """Append one chunk, dropping the text before absolute offset ``keep_from``."""
+        if self.eof:
+            return False
+        block = self.fh.read(_CHUNK)
+        if not block:
+            self.eof = True
+            return False
+        cut = min(keep_from - self.base, len(self.buf))
+        if cut > 0:
+            self.buf = self.buf[cut:]
+            self.base += cut
+        self.buf += block.decode("latin-1")
+        return True
+
+    def char(self, p: int) -> str:
+        """The character at absolute offset ``p``, '' at the end of the input."""
+        while p - self.base >= len(self.buf):
+            if not self._more(p):
+                return ""
+        return self.buf[p - self.base]
+
+    def skip_ws(self, p: int) -> int:
+        while True:
+            i = _WS.match(self.buf, p - self.base).end()
+            p = self.base + i
+            if i < len(self.buf) or not self._more(p):
+                return p
+
+    def text(self, a: int, b: int) -> str:
+        return self.buf[a - self.base:b - self.base]
+
+    def snippet(self, p: int, n: int = 40) -> str:
+        while len(self.buf) - (p - self.base) < n and self._more(p):
+            pass
+        return self.text(p, p + n).encode("latin-1").decode("utf-8", "replace")
+
+    def element(self, p: int):
+        """``(end, value)`` of the element starting at absolute offset ``p`` (value ``_NO_OBJ``
+        when only its boundary is known); raises :class:`_Malformed` when it has none."""
+        while len(self.buf) - (p - self.base) < _AHEAD and self._more(p):
+            pass
+        while True:
+            i = p - self.base
+            try:
+                obj, j = _RAW_DECODE(self.buf, i)
+            except (ValueError, RecursionError):
+                if self.buf[i:i + 1] in ("{", "[", '"'):
+                    return self._bracket_end(p), _NO_OBJ
+                obj = j = None
+            # near the end of the buffer a number or word may go on in the next chunk: read on
+            if len(self.buf) - (i if j is None else j) > 64 or not self._more(p):
+                if j is None:
+                    raise _Malformed(p)  # a bare word, a broken scalar, or the end of the input
+                return self.base + j, obj
+
+    def _bracket_end(self, p: int) -> int:
+        depth, in_str, q = 0, False, p
+        while True:
+            i = q - self.base
+            if in_str:
+                m = _STR_SPECIAL.search(self.buf, i)
+                if m is not None:
+                    k = m.start()
+                    if self.buf[k] == '"':
+                        in_str, q = False, self.base + k + 1
+                        if depth <= 0:
+                            return q
+                        continue
+                    if k + 1 < len(self.buf):  # a backslash escapes the next character
+                        q = self.base + k + 2
+                        continue
+                    q = self.base + k
+                else:
+                    q = self.base + len(self.buf)
+            else:
+                m = _STRUCT.search(self.buf, i)
+                if m is not None:
+                    k = m.start()
+                    ch, q = self.buf[k], self.base + k + 1
+                    if ch == '"':
+                        in_str = True
+                    elif ch in "[{":
+                        depth += 1
+                    else:
+                        depth -= 1
+                        if depth <= 0:
+                            return q
+                    continue
+                q = self.base + len(self.buf)
+            if not self._more(p if self.keep else q):
+                raise _Malformed(p)
+
+    def events(self):
+        """Yield ``("row", start, end, value)`` for each top-level element (a top-level object
+        is one row), then ``("bad", offset)`` where the structure breaks, or ``("notlist", offset)``."""
+        p = self.base
+        if self.char(p) == _BOM_L1[0] and self.snippet(p, 3) == "\ufeff":
+            p += 3
+        p = self.skip_ws(p)
+        c = self.char(p)
+        if c == "":
+            return  # an empty file: no rows
+        if c == "{":
+            try:
+                end, obj = self.element(p)
+            except _Malformed:
+                yield "bad", p
+                return
+            yield "row", p, end, obj
+        elif c != "[":
+            yield "notlist", p
+            return
+        else:
+            p = self.skip_ws(p + 1)
+            if self.char(p) != "]":
+                while True:
+                    try:
+                        end, obj = self.element(p)
+                    except _Malformed:
+                        yield "bad", p
+                        return
+                    yield "row", p, end, obj
+                    p = self.skip_ws(end)
+                    c = self.char(p)
+                    if c == ",":
+                        p = self.skip_ws(p + 1)
+                    elif c == "]":
+                        break
+                    else:
+                        yield "bad", p
+                        return
+            end = p + 1  # after the closing bracket
+        p = self.skip_ws(end)
+        if self.char(p) != "":
+            yield "bad", p  # data after the array (or object)
+
+
+def _bad_array(offset: int, near: str) -> RecordError:
+    found = f"near {near!r}" if near else "unexpected end of file"
+    return RecordError(f"malformed JSON array at byte {offset} ({found}): the rows from there on cannot be "
+                       "delimited and are not read")
+
+
+def _plan_json(f: Path, read_path: str | None, rpu: int) -> list[ReadUnit]:
+    src = read_path or str(f)
+    units: list[ReadUnit] = []
+    n, first, last = 0, 0, 0
+    with open(src, "rb", buffering=0) as fh:
+        for ev in _JsonScan(fh).events():
+            if ev[0] == "row":
+                if n % rpu == 0:
+                    first = ev[1]
+                n += 1
+                last = ev[2]
+                if n % rpu == 0:
+                    units.append(ReadUnit(str(f), n - rpu, n, first, last, read_path))
+                continue
+            if n % rpu:
+                units.append(ReadUnit(str(f), n - n % rpu, n, first, last, read_path))
+            if ev[0] == "bad":  # the rest is one unit whose reading reports where the array breaks
+                units.append(ReadUnit(str(f), n, -1, ev[1], os.path.getsize(src), read_path))
+            else:  # not an array or object: reading reports it
+                units.append(ReadUnit(str(f), 0, -1, read_path=read_path))
+            return units
+    if n % rpu:
+        units.append(ReadUnit(str(f), n - n % rpu, n, first, last, read_path))
+    return units
+
+
+def _element_record(text: str, obj, at: int):
+    """The record in one element's latin-1 ``text`` (starting at byte ``at``), or why not."""
+    if obj is not _NO_OBJ and text.isascii():
+        return obj  # ASCII: the latin-1 parse is the UTF-8 parse
+    raw = text.encode("latin-1")
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RecordError(f"not valid UTF-8 at byte {at + e.start}")
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        return RecordError(f"malformed JSON: {e.msg} at byte {at + len(s[:e.pos].encode('utf-8', 'surrogatepass'))}")
+    except Exception as e:  # RecursionError (deep nesting) and anything else the decoder raises
+        return RecordError(f"malformed JSON: {type(e).__name__}: {e}")
+
+
+def _read_json(src: str, kind: str, unit: ReadUnit):
+    if unit.offset >= 0:
+        with open(src, "rb") as fh:
+            fh.seek(unit.offset)
+            if unit.stop < 0:  # the rest of a malformed array
+                yield -1, _bad_array(unit.offset, fh.read(40).decode("utf-8", "replace"))
+                return
+            data = fh.read(unit.end - unit.offset)
+        sc = _JsonScan(data=data, base=unit.offset, keep=True)
+        p = unit.offset
+        for r in range(unit.start, unit.stop):
+            if r > unit.start:
+                p = sc.skip_ws(p)
+                if sc.char(p) != ",":
+                    return  # the file changed since planning: read_unit reports the missing rows
+                p = sc.skip_ws(p + 1)
+            try:
+                end, obj = sc.element(p)
+            except _Malformed:
+                return
+            yield r, _element_record(sc.text(p, end), obj, p)
+            p = end
+        return
+    with (gzip.open if kind == "json.gz" else open)(src, "rb") as fh:  # no byte range: scan from the start
+        sc = _JsonScan(fh, keep=True)
+        r = 0
+        for ev in sc.events():
+            if ev[0] == "row":
+                if r >= unit.start:
+                    yield r, _element_record(sc.text(ev[1], ev[2]), ev[3], ev[1])
+                r += 1
+                if 0 <= unit.stop <= r:
+                    return
+            elif ev[0] == "bad":
+                err = _bad_array(ev[1], sc.snippet(ev[1]))
+                if unit.stop < 0:
+                    yield -1, err
+                for rr in range(max(r, unit.start), unit.stop):
+                    yield rr, err
+            else:
+                raise ValueError(f"a .json input must hold a list of records or one record object "
+                                 f"(found {sc.snippet(ev[1], 20)!r} at byte {ev[1]})")
+
+
+# -- Parquet
+
+
+def _parquet_file(src) -> pq.ParquetFile:
+    # buffered, not pre-buffered reads: a column chunk is streamed page by page instead of
+    # being read whole, so one huge row group does not mean the whole file in memory
+    return pq.ParquetFile(src, pre_buffer=False, buffer_size=1 << 20)
+
+
+def _plan_parquet(f: Path, rpu: int, staging: Path | None) -> list[ReadUnit]:
+    try:
+        md = pq.read_metadata(f)
+    except Exception:  # corrupt or not Parquet: one unit whose reading reports the error
+        return [ReadUnit(str(f), 0, -1)]
+    n = md.num_rows
+    read_path = None
+    if max((md.row_group(i).num_rows for i in range(md.num_row_groups)), default=0) > 4 * rpu:
+        try:
+            read_path = str(_stage_parquet(f, rpu, _need_staging(staging, f, f"a row group holds more than "
+                                                                 f"4 x rows_per_unit = {4 * rpu} rows")))
+        except _CorruptInput:
+            return [ReadUnit(str(f), 0, -1)]
+    return [ReadUnit(str(f), s, min(n, s + rpu), read_path=read_path) for s in range(0, n, rpu)]
+
+
+def _stage_parquet(f: Path, rpu: int, staging: Path) -> Path:
+    """Copy ``f`` once into ``staging/<sha>.parquet`` with row groups of ``rpu`` rows, streaming."""
+    dest = staging / f"{_staged_name(f, rpu)}.parquet"
+    if dest.exists():
+        return dest
+    tmp = _tmp_next_to(dest)
+    try:
+        with _parquet_file(f) as pf, pq.ParquetWriter(tmp, schema := pf.schema_arrow) as w:
+            pending, have = [], 0
+            batches = pf.iter_batches(batch_size=rpu, use_threads=False)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (OSError, pa.ArrowException) as e:  # a corrupt page: reading reports it
+                    raise _CorruptInput(f"{type(e).__name__}: {e}") from e
+                if batch is None:
+                    break
+                pending.append(batch)
+                have += len(batch)
+                while have >= rpu:
+                    t = pa.Table.from_batches(pending, schema)
+                    w.write_table(t.slice(0, rpu), row_group_size=rpu)
+                    rest = t.slice(rpu)
+                    pending, have = rest.to_batches(), len(rest)
+            if have:
+                w.write_table(pa.Table.from_batches(pending, schema), row_group_size=rpu)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def _read_parquet(src: str, unit: ReadUnit):
+    with _parquet_file(src) as pf:
+        md = pf.metadata
+        stop = md.num_rows if unit.stop < 0 else unit.stop
+        rgs, first, row = [], None, 0
+        for rg in range(md.num_row_groups):  # only the row groups that overlap the unit are decoded
+            n = md.row_group(rg).num_rows
+            if row < stop and row + n > unit.start:
+                rgs.append(rg)
+                first = row if first is None else first
+            row += n
+        if not rgs:
+            return
+        r = first
+        for batch in pf.iter_batches(batch_size=max(1, min(stop - unit.start, 4096)), row_groups=rgs,
+                                     use_threads=False):
+            lo, hi = max(unit.start - r, 0), min(stop - r, len(batch))
+            if hi > lo:  # slice before converting: only the unit's rows become Python objects
+                yield from enumerate(batch.slice(lo, hi - lo).to_pylist(), r + lo)
+            r += len(batch)
+            if r >= stop:
+                return
+
+
+# -- reading
+
+
+def read_unit(unit: ReadUnit) -> Iterator[tuple[int, dict | RecordError]]:
+    """Yield ``(row, record)`` or ``(row, RecordError)`` for each of the unit's rows, in order.
+
+    Rows are 0-based in the original file; every row in ``[start, stop)`` yields exactly one
+    item. A file that fails part-way yields a RecordError for each remaining row, or, when the
+    unit's size is unknown (``stop == -1``), a single ``(-1, RecordError)``.
+    """
+    if unit.read_path and not os.path.exists(unit.read_path):  # staged copy gone: scan the original
+        unit = ReadUnit(unit.path, unit.start, unit.stop)
+    src = unit.read_path or unit.path
+    kind = _kind(src)
+    if kind == "parquet":
+        rows = _read_parquet(src, unit)
+    elif kind in ("json", "json.gz"):
+        rows = _read_json(src, kind, unit)
+    else:
+        rows = _read_jsonl(src, kind, unit)
+    nxt = unit.start
+    try:
+        for r, rec in rows:
+            yield r, rec
+            nxt = max(nxt, r + 1)
+    except Exception as e:  # I/O error, truncated gzip, Arrow error, not a list...
+        err = RecordError(f"cannot read file: {type(e).__name__}: {e}")
+        if unit.stop < 0:
+            yield -1, err
+        for r in range(nxt, unit.stop):
+            yield r, err
+        return
+    if nxt < unit.stop:
+        err = RecordError(f"cannot read file: row missing, {src} has fewer rows than when it was planned "
+                          "(did it change?)")
+        for r in range(nxt, unit.stop):
+            yield r, err

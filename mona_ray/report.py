@@ -18,7 +18,7 @@ from . import stages
 
 def write_json_atomic(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -29,8 +29,9 @@ def write_selection(selected: list[dict], out: Path) -> None:
         for rec in selected:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, out / "selected.jsonl")
-    try:
-        table = pa.Table.from_pylist(selected)
+    try:  # every field any record has (from_pylist would take the first record's fields only)
+        keys = dict.fromkeys(k for r in selected for k in r)
+        table = pa.Table.from_pydict({k: [r.get(k) for r in selected] for k in keys}) if selected else pa.table({})
     except (pa.ArrowException, TypeError, ValueError):
         # records of mixed formats whose fields clash in type: keep each record as JSON text
         table = pa.table({"id": [r["id"] for r in selected], "rank": [r["rank"] for r in selected],
@@ -74,7 +75,11 @@ def manifest(p, selected: list[dict]) -> dict:
                          "embedding": p.embed_fp},
         "sae": {k: v for k, v in p.sae_info.items()},
         "sae_provisional": bool(p.sae_info.get("provisional")),
-        "embedding_store": str(p.store),
+        "embedding_store": str(p.store.root),
+        "compute": {"device": getattr(p, "device", None), "dtype": getattr(p, "dtype", None),
+                    "dtype_reason": getattr(p, "dtype_reason", None)},
+        "units": dict(p.units),
+        "embed_rows_per_actor": dict(sorted(p.rows_per_actor.items())),
         "timings_s": {k: round(v, 3) for k, v in p.timings.items()},
         "throughput": {
             "real_tokens": st["real_tokens"], "padded_tokens": st["padded_tokens"],
@@ -86,7 +91,9 @@ def manifest(p, selected: list[dict]) -> dict:
         },
         "files": {"selected_jsonl": "selected.jsonl", "selected_parquet": "selected.parquet", "scores": "scores.parquet",
                   "rejected": "rejected.parquet", "prototype": "prototype.safetensors",
-                  "embeddings": os.path.relpath(p.store, p.out)},
+                  "embeddings": os.path.relpath(p.store.root, p.out),
+                  "dataset_info": "dataset_info.json", "selected_messages": "selected.messages.jsonl"},
+        "trainer": getattr(p, "trainer", None),
         "versions": _versions(),
         "config": p.cfg_dict,
     }
@@ -139,4 +146,8 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
     for r in selected[:top]:
         lines.append(f"    #{r['rank']:<3} {r['score']:.4f}  {r['id'][:36]:<36}  {_preview(r)}")
     lines.append(f"  output: {m['output_dir']}/  (selected.jsonl, selected.parquet, scores.parquet, rejected.parquet, manifest.json)")
+    tr = m.get("trainer") or {}
+    if tr.get("file"):
+        lines.append(f"  train on it: dataset_info.json -> {tr['file']} ({tr.get('formatting')}); "
+                     "LLaMA-Factory: dataset_dir=<output>, dataset=" + str(tr.get("dataset")) + "; see docs/training.md")
     return "\n".join(lines)

@@ -96,3 +96,61 @@ def test_paper_experiment_resolves_and_fails_cleanly_without_weights(tmp_path):
 def test_missing_sae_names_the_override(tiny_lm, tmp_path):
     p = cli(f"model.path={tiny_lm}", f"sae.path={tmp_path / 'no_sae'}", f"run.output_dir={tmp_path / 'o'}", cwd=tmp_path)
     assert p.returncode == 2 and "sae.path=" in p.stderr and "no_sae" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_no_single_record_can_stop_the_run(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path):
+    """A lone surrogate escape (valid JSON, invalid Unicode), a deeply nested record and a
+    BOM-prefixed file: each bad row is rejected with its reason, the rest of the run completes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    good = [json.dumps({"id": f"g{i}", "instruction": "add two and three", "output": "five " * (i + 1)}) for i in range(12)]
+    lines = [good[0],
+             '{"id": "sur", "conversations": [{"from": "human", "value": "bad \\ud800 text"}, {"from": "gpt", "value": "x"}]}',
+             '{"id": "meta", "instruction": "the cat", "output": "sat", "note": "\\udfff"}',
+             '{"id": "deep", "instruction": "q", "output": "a", "x": ' + "[" * 50_000 + "]" * 50_000 + "}",
+             *good[1:6]]
+    (src / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    (src / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(good[6:]).encode() + b"\n")
+    out = tmp_path / "out"
+    m = run(load_config(tiny_overrides(tiny_lm, tiny_sae, {**tiny_data, "source": src}, out, "select.count=3")), quiet=True)
+    rej = {(r["file"].rsplit("/", 1)[-1], r["row"]): r for r in pq.read_table(out / "rejected.parquet").to_pylist()
+           if r["set"] == "source"}
+    assert set(rej) == {("a.jsonl", 1), ("a.jsonl", 2), ("a.jsonl", 3)}
+    assert "lone surrogate" in rej[("a.jsonl", 1)]["reason"] and rej[("a.jsonl", 1)]["id"] == "sur"
+    assert "UnicodeEncodeError" in rej[("a.jsonl", 2)]["reason"]  # in a field that is kept, not rendered
+    assert "RecursionError" in rej[("a.jsonl", 3)]["reason"]
+    scored = set(pq.read_table(out / "scores.parquet").column("id").to_pylist())
+    assert scored == {f"g{i}" for i in range(12)}  # both BOM-prefixed first rows read
+    c = m["counts"]["source"]
+    assert c["rows_in"] == 15 == c["rows_scored"] + c["rows_rejected"]
+
+
+def _tiny_lm_without_template(tiny_lm, dest):
+    import shutil
+
+    shutil.copytree(tiny_lm, dest)
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_base_model_without_chat_template_fails_before_any_work(tiny_lm, tiny_sae, tiny_data, tmp_path):
+    base = _tiny_lm_without_template(tiny_lm, tmp_path / "base_lm")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"render.mode='chat_template'.*no chat template.*set render.mode=plain"):
+        run(load_config(tiny_overrides(base, tiny_sae, tiny_data, out)), quiet=True)
+    assert not out.exists()  # failed in the plan, before any task or file
+
+
+def test_paper_experiment_renders_on_a_base_tokenizer(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path):
+    """+experiment=openhermes_llama3's own rendering settings on a tokenizer with no chat template."""
+    base = _tiny_lm_without_template(tiny_lm, tmp_path / "base_lm")
+    out = tmp_path / "out"
+    cfg = load_config(["+experiment=openhermes_llama3",
+                       *tiny_overrides(base, tiny_sae, tiny_data, out, "sae.k=null", "embed.token_budget=512",
+                                       "render.max_length=2048")])
+    assert cfg.render.mode == "plain"
+    m = run(cfg, quiet=True)
+    assert m["counts"]["source"]["rows_scored"] == 90 and m["counts"]["source"]["rows_selected"] == 10

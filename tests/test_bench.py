@@ -82,3 +82,77 @@ def test_synthetic_rows_are_valid_csr_and_blocks_stream():
     assert len(blk) == 30 and blk.indptr[0] == 0 and blk.indptr[-1] == len(blk.values)
     with pytest.raises(ValueError):
         pool.block(500, np.random.default_rng(0))
+
+
+def test_pipeline_bench_end_to_end(ray_local, tmp_path):
+    """``bench pipeline`` runs the real job on OpenHermes-shaped rows (tiny model, SmolLM2's tokenizer)."""
+    import math
+
+    out = tmp_path / "pipeline.json"
+    assert main(["pipeline", "--rows", "300", "--format", "json", "--actors", "1", "--work-dir", str(tmp_path / "work"),
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    r = rep["result"]
+    c = r["counts"]
+    assert r["rows"] == 300 and r["format"] == "json" and r["actors"] == 1
+    assert c["rows_in"] == 300 and c["rows_scored"] + c["rows_rejected"] == c["rows_in"] and r["invariant_ok"]
+    assert c["rows_selected"] == math.ceil(0.05 * c["rows_scored"])
+    assert c["target"]["rows_in"] == 100
+    for stage in ("plan", "prepare", "embed", "prototype", "score", "write"):
+        assert r["timings_s"][stage] > 0, stage
+    assert r["pipeline_wall_s"] >= r["stage_sum_s"] > 0 and r["rows_per_s"] > 0
+    assert r["driver_peak_rss_mb"] > 0 and r["generate_s"] > 0 and not r["generation_reused"]
+    assert r["throughput"]["real_tokens"] > 0
+    assert r["run_dir"] is None and not list((tmp_path / "work" / "runs").iterdir())  # removed without --keep
+    # the tiny model carries the embedded model's tokenizer and chat template
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = r["model"]["path"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert AutoConfig.from_pretrained(model_dir).vocab_size == len(tok) and tok.chat_template
+    assert "<|im_start|>user" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_pipeline_bench_source_formats_hold_the_same_records(tmp_path):
+    import pyarrow.parquet as pq
+
+    from mona_ray.bench.pipeline import generate_source
+    from mona_ray.records import normalize_record
+
+    recs = {}
+    for fmt in ("json", "jsonl", "parquet"):
+        path = tmp_path / f"openhermes2_5.{fmt}"
+        stats = generate_source(path, 1000, fmt, seed=3, math_fraction=0.05)
+        assert stats["rows"] == 1000 and stats["bytes"] == path.stat().st_size
+        if fmt == "json":
+            recs[fmt] = json.loads(path.read_text())
+        elif fmt == "jsonl":
+            recs[fmt] = [json.loads(x) for x in path.read_text().splitlines()]
+        else:
+            assert pq.ParquetFile(path).metadata.num_row_groups == 1
+            recs[fmt] = pq.read_table(path).to_pylist()
+    rows = recs["json"]
+    assert rows == recs["jsonl"] == recs["parquet"] and len(rows) == 1000
+    assert all(set(r) == {"conversations", "source", "category"} for r in rows)  # no id, as in OpenHermes-2.5
+    first = [r["conversations"][0]["from"] for r in rows]
+    assert 50 < first.count("system") < 150 and set(first) == {"system", "human"}
+    assert 10 < stats["math_rows"] < 90 and 0 < stats["multi_turn_rows"] < 30
+    for r in rows:
+        roles = [m["role"] for m in normalize_record(r)]
+        talk = roles[1:] if roles[0] == "system" else roles
+        assert talk == ["user", "assistant"] * (len(talk) // 2) and talk
+    text = sum(len(m["value"]) for r in rows for m in r["conversations"])
+    assert 1200 < text / 1000 < 2500  # OpenHermes-2.5: about 1.5-2 KB of text per record
+    assert any("\n" in m["value"] for r in rows for m in r["conversations"])
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["pipeline", "--rows", "0"], "--rows"),
+    (["pipeline", "--format", "csv"], "--format"),
+    (["pipeline", "--actors", "0"], "--actors"),
+])
+def test_pipeline_bench_bad_flags(argv, msg, tmp_path, capsys):
+    assert main(argv + ["--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "w").exists()

@@ -83,3 +83,31 @@ def test_right_padded_batch_runs_causal_only_and_matches_the_masked_forward(tiny
         left = att.flip(1)  # left padding: the mask is needed and is passed through
         lm(ids.flip(1), left)
         assert seen[-1][0] is left
+
+
+def test_auto_dtype_is_bf16_only_where_it_is_native():
+    """The decision, not the machine: emulated bf16 (AVX2-only CPUs) is slower than fp32."""
+    from mona_ray.model import choose_auto_dtype
+
+    assert choose_auto_dtype("cpu")[0] == torch.float32
+    dt, why = choose_auto_dtype("cpu", cpu_bf16=False, cpu_amx=False)
+    assert dt == torch.float32 and "without native bf16" in why
+    assert choose_auto_dtype("cpu", cpu_bf16=True)[0] == torch.bfloat16
+    assert choose_auto_dtype("cpu", cpu_amx=True) == (torch.bfloat16, "auto: CPU with native bf16 (AMX)")
+    assert choose_auto_dtype("cuda", cuda_bf16=True)[0] == torch.bfloat16
+    assert choose_auto_dtype("cuda", cuda_bf16=False)[0] == torch.float32
+
+
+def test_sae_stored_in_bf16_computes_in_the_models_dtype(tiny_lm, tiny_sae, tmp_path):
+    from mona_ray.sae import load_sae, save_sparsify
+    from mona_ray.stages import EmbedActor, EmbedJob
+
+    bf16 = load_sae(tiny_sae, hookpoint="layers.2").to(dtype=torch.bfloat16)
+    save_sparsify(bf16, tmp_path / "sae_bf16")
+    assert load_sae(tmp_path / "sae_bf16", hookpoint="layers.2").dtype == torch.bfloat16  # stored in bf16
+    job = EmbedJob(model_dir=str(tiny_lm), sae_path=str(tmp_path / "sae_bf16"), sae_format="sparsify",
+                   hookpoint="layers.2", k=None, dtype="float32", device="cpu", representation="sae", pooling="mean",
+                   value_dtype="float32", token_budget=256, pad_multiple=16, max_batch_rows=8, sae_chunk_tokens=64,
+                   torch_threads=1)
+    actor = EmbedActor(job)
+    assert actor.lm.dtype == torch.float32 and actor.embedder.sae.dtype == torch.float32

@@ -73,6 +73,9 @@ def test_manifest_counts_and_files(first_run):
     assert m["counts"]["embedded_now"] == 102  # 90 source + 12 target, all new
     assert m["throughput"]["real_tokens"] > 0 and 0 <= m["throughput"]["padding_fraction"] < 1
     assert m["throughput"]["tokens_per_s_units"] > 0  # steady-state actor throughput (start-up excluded)
+    assert m["compute"] == {"device": "cpu", "dtype": "float32", "dtype_reason": "set: model.dtype=float32"}
+    assert m["units"]["embed"] == len(list((out / m["files"]["embeddings"]).glob("part-*.parquet"))) >= 102 // 16
+    assert sum(m["embed_rows_per_actor"].values()) == 102
     for f in ("selected.jsonl", "selected.parquet", "scores.parquet", "rejected.parquet", "prototype.safetensors"):
         assert (out / f).exists(), f
     assert json.loads((out / "manifest.json").read_text())["fingerprints"]["embedding"] == m["fingerprints"]["embedding"]
@@ -128,6 +131,9 @@ def test_explanation_written(first_run):
     got = [json.loads(x)["score"] for x in (out / "selected.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["score"] for r in doc["selected"]], got, rtol=1e-9)  # contributions add up to the score
     assert doc["prototype"]["top_latents"] and "explain.md" in m["files"]["explain"]
+    # explain decodes only the selected rows, from only the store parts that hold them
+    parts = sorted((out / m["files"]["embeddings"]).glob("part-*.parquet"))
+    assert m["explain_read"]["rows"] == 10 and 1 <= m["explain_read"]["parts"] <= len(parts)
 
 
 @pytest.mark.parametrize("method", ["bm25", "random"])

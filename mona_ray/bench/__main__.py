@@ -1,4 +1,4 @@
-"""``python -m mona_ray.bench {score,embed,gpu} [flags]``: print a table, write JSON."""
+"""``python -m mona_ray.bench {score,embed,gpu,pipeline} [flags]``: print a table, write JSON."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "score": ("mona_ray.bench.score", "Jaccard scoring + top-k at 10k/100k/1M synthetic sparse rows"),
     "embed": ("mona_ray.bench.embed", "pipeline tokens/s vs the bare truncated forward, and vs the naive approach"),
     "gpu": ("mona_ray.bench.gpu", "the embedding actor's inner loop on a Llama-3-8B-shaped model: tokens/s and MFU"),
+    "pipeline": ("mona_ray.bench.pipeline", "the real job end to end on N OpenHermes-shaped rows (tiny model, real tokenizer)"),
 }
 
 
