@@ -1,12 +1,18 @@
 """The MoNA job on Ray Data: a thin orchestration layer over ``stages.py``.
 
-    plan      driver    split inputs into fixed row ranges (units); fingerprints
+    plan      driver    check paths and rendering, split inputs into row units (one indexing
+                        pass per file, see records.plan_units); device, dtype, fingerprints
     prepare   tasks     read + validate + render + tokenize each unit  -> prepared/<fp>/
-    dedupe    driver    duplicate ids rejected; identical content embedded once
-    embed     actors    model + SAE, one unit per call                  -> embeddings/<fp>/
+    dedupe    driver    duplicate ids rejected (Arrow); identical content embedded once
+    embed     actors    model + SAE, units of <= rows_per_unit rows     -> embeddings/<fp>/
     prototype driver    mean of the target rows                         -> prototype.safetensors
-    score     tasks     generalized Jaccard per block + per-block top-k -> merged on the driver
-    report    driver    scores, selection (Parquet + JSONL), rejected, manifest
+    score     tasks     similarity per store part -> streamed through a running top-k here
+    report    driver    scores, selection (Parquet + JSONL), trainer files, rejected, manifest
+    explain   task      the prototype's top tokens (model + SAE on the target rows only);
+                        the selected rows' contributions read from the store, only those rows
+
+The driver holds O(rows) Arrow columns (ids, hashes, scores), never the records or the
+embeddings themselves.
 
 Resume and refresh come from one mechanism: every part file is named after its input
 unit (prepare) or its content (embed) and written atomically, and the embedding store
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -115,6 +120,7 @@ class Pipeline:
         self.units = {"prepare": 0, "embed": 0}
         self.rows_per_actor: dict[str, int] = {}
         self.selected: list[dict] = []
+        self.driver_rss: dict[str, float] = {}  # the driver's peak resident memory (MB) in each stage
 
     # -------------------------------------------------------------- plan
 
@@ -261,9 +267,11 @@ class Pipeline:
         self.timings["prepare"] = time.perf_counter() - t0
 
     def _load_index(self, parts: list[dict]) -> tuple[pa.Table, pa.Table]:
+        """The usable rows of a set: ``id, content_hash, row, n_tokens, part, pos`` (``part``
+        indexes ``parts``, whose unit names the file: no file name is repeated per row)."""
         tabs, rejs = [], []
         for i, p in enumerate(parts):
-            t = pq.read_table(p["part"], columns=["id", "content_hash", "file", "row", "n_tokens"])
+            t = pq.read_table(p["part"], columns=["id", "content_hash", "row", "n_tokens"])
             tabs.append(t.append_column("part", pa.array(np.full(len(t), i, np.int32))).append_column(
                 "pos", pa.array(np.arange(len(t), dtype=np.int64))))
             rejs.append(pq.read_table(p["rejected"]))
@@ -276,7 +284,7 @@ class Pipeline:
         self.index, self.rejected = {}, {}
         for role, parts in (("source", self.source_parts), ("target", self.target_parts)):
             idx, rej = self._load_index(parts)
-            idx, dup_rej = split_duplicate_ids(idx)
+            idx, dup_rej = split_duplicate_ids(idx, _part_files(parts))
             if len(dup_rej):
                 rej = pa.concat_tables([rej, dup_rej])
             self.index[role] = idx
@@ -494,10 +502,11 @@ class Pipeline:
         self.timings["score"] = time.perf_counter() - t0
 
     def _set_scores(self, by_id: pa.Table) -> None:
+        """Every usable source row's score, in input order (file, then row)."""
         idx = self.index["source"]
-        self.scores = idx.select(["id", "content_hash", "file", "row"]).join(
+        self.scores = idx.select(["id", "content_hash", "part", "pos", "row"]).join(
             by_id.select(["id", "score"]), "id", join_type="left outer").sort_by(
-            [("file", "ascending"), ("row", "ascending")])
+            [("part", "ascending"), ("pos", "ascending")])
         missing = self.scores.filter(pc.is_null(self.scores.column("score")))
         if len(missing):
             raise RunError(f"{len(missing)} source rows got no score (first: {missing.column('id')[0].as_py()}); "
@@ -505,18 +514,32 @@ class Pipeline:
         self.counts["source"]["rows_scored"] = len(self.scores)
 
     def score_with_selector(self) -> None:
-        """A baseline selector (bm25, dsir, dense, random, nait) on the prepared rows, on the driver."""
+        """A baseline selector (bm25, dsir, dense, random, nait) on the prepared rows.
+
+        bm25, dsir, dense and random run as Ray tasks over the prepared parts
+        (``selectors.scale``: bounded driver memory at 1M rows); nait needs the selection
+        model's activations per row and still runs on the driver."""
         from .scoring import selection_size, topk
-        from .selectors import selector_from_config
+        from .selectors.scale import METHODS, score_distributed
 
         t0 = time.perf_counter()
-        sel = selector_from_config(self.cfg)
-        src, src_ids = self._messages("source")
+        method = self.cfg.select.method
         tgt, _ = self._messages("target")
-        s = np.asarray(sel.score(src, tgt, src_ids), dtype=np.float64)
-        self._set_scores(pa.table({"id": pa.array(src_ids, pa.string()), "score": pa.array(s, pa.float64())}))
-        self.k = selection_size(len(s), self.cfg.select.ratio, self.cfg.select.count)
-        self.top_scores, self.top_ids = topk(s, src_ids, self.k)
+        if method in METHODS:
+            parts = [(str(self.source_parts[pi]["part"]), positions)
+                     for pi, positions in _positions_by_part(self.index["source"])]
+            opts = dict(self.cfg.select.get(method, {}) or {})
+            by_id = score_distributed(method, opts, parts, tgt, task_num_cpus=self.cfg.ray.task_num_cpus)
+        else:
+            from .selectors import selector_from_config
+
+            src, src_ids = self._messages("source")
+            s = np.asarray(selector_from_config(self.cfg).score(src, tgt, src_ids), dtype=np.float64)
+            by_id = pa.table({"id": pa.array(src_ids, pa.string()), "score": pa.array(s, pa.float64())})
+        self._set_scores(by_id)
+        self.k = selection_size(len(by_id), self.cfg.select.ratio, self.cfg.select.count)
+        self.top_scores, self.top_ids = topk(by_id.column("score").to_numpy(),
+                                             by_id.column("id").to_numpy(zero_copy_only=False), self.k)
         self.counts["embedded_now"] = self.counts["reused_from_store"] = 0
         self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         self.timings["score"] = time.perf_counter() - t0
@@ -571,7 +594,10 @@ class Pipeline:
     def write_outputs(self) -> dict:
         t0 = time.perf_counter()
         out = self.out
-        stages.write_atomic(self.scores.select(["id", "score", "file", "row"]), out / "scores.parquet", 65536)
+        files = _part_files(self.source_parts).take(self.scores.column("part"))
+        stages.write_atomic(pa.table({"id": self.scores.column("id"), "score": self.scores.column("score"),
+                                      "file": files, "row": self.scores.column("row")}), out / "scores.parquet", 65536)
+        del files
         rej = pa.concat_tables([self.rejected[r].append_column("set", pa.array([r] * len(self.rejected[r]), pa.string()))
                                 for r in ("source", "target")])
         stages.write_atomic(rej.sort_by([("set", "ascending"), ("file", "ascending"), ("row", "ascending")]),
@@ -603,28 +629,40 @@ class Pipeline:
 
     # -------------------------------------------------------------- all
 
+    def _mem_mark(self, stage: str) -> None:
+        """Record the driver's peak RSS since the previous mark (Linux; a no-op elsewhere)."""
+        try:
+            with open("/proc/self/status") as fh:
+                hwm = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the high-water mark for the next stage
+        except (OSError, StopIteration, ValueError):
+            return
+        self.driver_rss[stage] = round(hwm / 1024, 1)
+        pa.default_memory_pool().release_unused()  # hand freed Arrow buffers back before the next stage
+
     def run(self) -> dict:
         import ray
 
         self.source_parts, self.target_parts = [], []
         self.plan()  # before Ray starts: a bad path or setting fails in seconds, with nothing written
+        self._mem_mark("plan")
         started_here = _init_ray(self.cfg)
         try:
             self.fingerprint()
-            self.prepare()
-            self.dedupe()
-            if self.cfg.select.method == "mona":
-                self.embed()
-                self.prototype()
-                self.score()
-            else:
-                self.score_with_selector()
+            for stage in (self.prepare, self.dedupe, *((self.embed, self.prototype, self.score)
+                                                       if self.cfg.select.method == "mona" else (self.score_with_selector,))):
+                stage()
+                self._mem_mark(stage.__name__)
             manifest = self.write_outputs()
+            self._mem_mark("write")
             if self.cfg.select.method == "mona" and self.cfg.report.explain and self.cfg.embed.representation == "sae":
                 self.explain()
+                self._mem_mark("explain")
                 manifest["timings_s"]["explain"] = round(self.timings["explain"], 3)
                 manifest["files"]["explain"] = "explain.md"
                 manifest["explain_read"] = self.explain_read
+            manifest["driver_peak_rss_mb"] = dict(self.driver_rss)
             # written last: "complete" means every output above is in place
             report.write_json_atomic(manifest, self.out / "manifest.json")
             return manifest
@@ -691,21 +729,26 @@ class _LiveProgress:
             self.bar.refresh()
 
 
-def split_duplicate_ids(idx: pa.Table) -> tuple[pa.Table, pa.Table]:
+def _part_files(parts: list[dict]) -> pa.Array:
+    """The file of each prepared part (index ``part`` -> file name), as an Arrow array."""
+    return pa.array([p["unit"].path for p in parts], pa.string())
+
+
+def split_duplicate_ids(idx: pa.Table, part_files: pa.Array) -> tuple[pa.Table, pa.Table]:
     """(rows with a first-seen id, rejected rows for the repeats), in Arrow; the first row of
     an id in the table's order (file order) is kept."""
     n = len(idx)
     order = pa.array(np.arange(n, dtype=np.int64))
-    t = idx.select(["id", "file", "row"]).append_column("__i", order)
+    t = idx.select(["id", "part", "row"]).append_column("__i", order)
     first = t.group_by("id", use_threads=False).aggregate([("__i", "min")])
     is_first = pc.is_in(order, value_set=first.column("__i_min").combine_chunks())
     if pc.all(is_first).as_py() is not False:
         return idx, stages.rejected_table([])
     dups = t.filter(pc.invert(is_first)).join(first, "id").sort_by("__i")
     f0 = t.take(dups.column("__i_min"))
-    where = pc.binary_join_element_wise(f0.column("file"), pc.cast(f0.column("row"), pa.string()), ":")
+    where = pc.binary_join_element_wise(part_files.take(f0.column("part")), pc.cast(f0.column("row"), pa.string()), ":")
     reason = pc.binary_join_element_wise("duplicate id (first seen at ", where, ")", "")
-    rej = pa.table({"file": dups.column("file"), "row": dups.column("row"), "id": dups.column("id"),
+    rej = pa.table({"file": part_files.take(dups.column("part")), "row": dups.column("row"), "id": dups.column("id"),
                     "stage": pa.array(["dedupe"] * len(dups), pa.string()), "reason": reason}).cast(stages.REJECTED_SCHEMA)
     return idx.filter(is_first), rej
 

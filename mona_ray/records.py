@@ -336,13 +336,24 @@ def _tmp_next_to(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
-def _stage_gzip(f: Path, kind: str, staging: Path) -> Path:
-    """Decompress ``f`` once (streaming) into ``staging/<sha>.<kind>``; reuse an existing copy."""
-    dest = staging / f"{_staged_name(f)}.{kind}"
+def _stage_once(dest: Path, write) -> Path:
+    """``write(tmp)`` once into ``dest`` via a temporary file and an atomic rename; an existing
+    ``dest`` is reused (it is named after its input, so it is never stale)."""
     if dest.exists():
         return dest
     tmp = _tmp_next_to(dest)
     try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def _stage_gzip(f: Path, kind: str, staging: Path) -> Path:
+    """Decompress ``f`` once (streaming) into ``staging/<sha>.<kind>``; reuse an existing copy."""
+    def write(tmp: Path) -> None:
         with gzip.open(f, "rb") as src, open(tmp, "wb") as out:
             while True:
                 try:
@@ -352,11 +363,8 @@ def _stage_gzip(f: Path, kind: str, staging: Path) -> Path:
                 if not block:
                     break
                 out.write(block)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest
+
+    return _stage_once(staging / f"{_staged_name(f)}.{kind}", write)
 
 
 # -- JSONL
@@ -414,10 +422,15 @@ def _parse_line(raw: bytes):
         return RecordError(f"not valid UTF-8 at byte {e.start}")
     if not line.strip():
         return RecordError("empty line")
+    return _loads(line, lambda e: f"at column {e.colno}")
+
+
+def _loads(text: str, where):
+    """``json.loads(text)``, or the row's RecordError (``where(e)`` places a syntax error)."""
     try:
-        return json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        return RecordError(f"malformed JSON: {e.msg} at column {e.colno}")
+        return RecordError(f"malformed JSON: {e.msg} {where(e)}")
     except Exception as e:  # RecursionError (deep nesting) and anything else the decoder raises
         return RecordError(f"malformed JSON: {type(e).__name__}: {e}")
 
@@ -630,12 +643,7 @@ def _element_record(text: str, obj, at: int):
         s = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return RecordError(f"not valid UTF-8 at byte {at + e.start}")
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError as e:
-        return RecordError(f"malformed JSON: {e.msg} at byte {at + len(s[:e.pos].encode('utf-8', 'surrogatepass'))}")
-    except Exception as e:  # RecursionError (deep nesting) and anything else the decoder raises
-        return RecordError(f"malformed JSON: {type(e).__name__}: {e}")
+    return _loads(s, lambda e: f"at byte {at + len(s[:e.pos].encode('utf-8', 'surrogatepass'))}")
 
 
 def _read_json(src: str, kind: str, unit: ReadUnit):
@@ -709,11 +717,7 @@ def _plan_parquet(f: Path, rpu: int, staging: Path | None) -> list[ReadUnit]:
 
 def _stage_parquet(f: Path, rpu: int, staging: Path) -> Path:
     """Copy ``f`` once into ``staging/<sha>.parquet`` with row groups of ``rpu`` rows, streaming."""
-    dest = staging / f"{_staged_name(f, rpu)}.parquet"
-    if dest.exists():
-        return dest
-    tmp = _tmp_next_to(dest)
-    try:
+    def write(tmp: Path) -> None:
         with _parquet_file(f) as pf, pq.ParquetWriter(tmp, schema := pf.schema_arrow) as w:
             pending, have = [], 0
             batches = pf.iter_batches(batch_size=rpu, use_threads=False)
@@ -733,11 +737,8 @@ def _stage_parquet(f: Path, rpu: int, staging: Path) -> Path:
                     pending, have = rest.to_batches(), len(rest)
             if have:
                 w.write_table(pa.Table.from_batches(pending, schema), row_group_size=rpu)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest
+
+    return _stage_once(staging / f"{_staged_name(f, rpu)}.parquet", write)
 
 
 def _read_parquet(src: str, unit: ReadUnit):

@@ -547,7 +547,9 @@ def run(args) -> tuple[dict, str]:
         if not args.keep and sys.exc_info()[0] is not None:
             shutil.rmtree(out, ignore_errors=True)
     wall = time.perf_counter() - t1
-    driver_rss = peak_rss_mb()
+    # the pipeline resets the high-water mark after each stage and reports each stage's peak
+    by_stage = manifest.get("driver_peak_rss_mb") or {}
+    driver_rss = max([peak_rss_mb(), *by_stage.values()])
     load_end = os.getloadavg()[0]
 
     c = manifest["counts"]["source"]
@@ -578,7 +580,7 @@ def run(args) -> tuple[dict, str]:
         "embed_rows_per_actor": per_actor, "embed_balance": balance,
         "throughput": thr,
         "math_rows": gen.get("math_rows"), "math_selected": _math_selected(out),
-        "driver_rss_before_mb": rss_before, "driver_peak_rss_mb": driver_rss,
+        "driver_rss_before_mb": rss_before, "driver_peak_rss_mb": driver_rss, "driver_peak_rss_mb_by_stage": by_stage,
         "load_average_1m_start": load_start, "load_average_1m_end": load_end,
         "run_dir": str(out) if args.keep else None,
     }
@@ -626,6 +628,8 @@ def _text(r: dict) -> str:
                      f"max/min {fmt_ratio(b['max_over_min'])})")
     else:
         lines.append("embed rows per actor: - (no manifest[embed_rows_per_actor])")
+    if r.get("driver_peak_rss_mb_by_stage"):
+        lines.append("driver peak RSS by stage (MB): " + ", ".join(f"{k} {fmt(v)}" for k, v in r["driver_peak_rss_mb_by_stage"].items()))
     lines.append(f"driver peak RSS {fmt(r['driver_peak_rss_mb'])} MB (before the run {fmt(r['driver_rss_before_mb'])} MB; "
                  f"Ray {'already running' if r['ray_initialised_before'] else 'started inside the run'})")
     if r["run_dir"]:

@@ -75,7 +75,12 @@ class NgramHasher:
 
 def bow_probs(flat_buckets: np.ndarray, num_buckets: int) -> np.ndarray:
     """Bag-of-n-grams model: bucket frequencies normalised to sum to 1."""
-    counts = np.bincount(flat_buckets, minlength=num_buckets).astype(np.float64)
+    return counts_probs(np.bincount(flat_buckets, minlength=num_buckets))
+
+
+def counts_probs(counts: np.ndarray) -> np.ndarray:
+    """``bow_probs`` from bucket counts (summed over shards by ``selectors.scale``)."""
+    counts = np.asarray(counts).astype(np.float64)
     total = counts.sum()
     return counts / total if total > 0 else counts
 
