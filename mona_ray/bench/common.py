@@ -31,15 +31,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last reset (VmHWM), else since the process started."""
+def status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``...) in MB; None if unavailable."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), else since the process started."""
+    hwm = status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_OUT_DIR, BenchError, CpuMeter, fmt, peak_rss_mb, reset_peak_rss, table
+from .common import DEFAULT_OUT_DIR, BenchError, CpuMeter, fmt, peak_rss_mb, reset_peak_rss, status_mb, table
 
 FORMATS = ("json", "jsonl", "parquet")
 EXT = {"json": "json", "jsonl": "jsonl", "parquet": "parquet"}
@@ -481,17 +481,6 @@ def _math_selected(out: Path) -> int | None:
     return sum(1 for line in f.read_text().splitlines() if json.loads(line).get("category") == "math")
 
 
-def _rss_now_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def run(args) -> tuple[dict, str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -535,7 +524,7 @@ def run(args) -> tuple[dict, str]:
 
     ray_was_up = ray.is_initialized()
     load_start = os.getloadavg()[0]
-    rss_before = _rss_now_mb()
+    rss_before = status_mb("VmRSS")
     reset_peak_rss()
     t1 = time.perf_counter()
     try:
