@@ -398,7 +398,7 @@ class Pipeline:
         if n not in (None, "auto"):
             return int(n)
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        return max(1, gpus) if self._use_gpu() else 1
+        return max(1, gpus) if self.device == "cuda" else 1
 
     def _use_gpu(self) -> bool:
         import ray
@@ -413,7 +413,7 @@ class Pipeline:
     def _actor_resources(self) -> dict:
         extra = dict(self.cfg.embed.get("actor_resources") or {})  # e.g. pin actors to a node type
         res = {"resources": extra} if extra else {}
-        if self._use_gpu():
+        if self.device == "cuda":
             return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu, **res}
         return {"num_cpus": self.cfg.embed.actor_num_cpus_cpu, **res}
 
@@ -421,7 +421,7 @@ class Pipeline:
         cfg = self.cfg
         threads = cfg.embed.torch_threads
         if threads in (None, "auto"):
-            threads = 0 if self._use_gpu() else max(1, (os.cpu_count() or 1) // max(1, self._num_actors()))
+            threads = 0 if self.device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, self._num_actors()))
         return stages.EmbedJob(
             model_dir=str(self.model_dir), sae_path=str(self.sae_info["path"]), sae_format=self.sae_info["format"],
             hookpoint=cfg.sae.hookpoint, k=self.sae_info["k"], dtype=self.dtype,
