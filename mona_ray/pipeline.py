@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import records, report, stages
+from . import procmem, records, report, stages
 from .model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from .records import InputError
 from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
@@ -120,7 +120,6 @@ class Pipeline:
         self.units = {"prepare": 0, "embed": 0}
         self.rows_per_actor: dict[str, int] = {}
         self.selected: list[dict] = []
-        self.driver_rss: dict[str, float] = {}  # the driver's peak resident memory (MB) in each stage
 
     # -------------------------------------------------------------- plan
 
@@ -629,44 +628,34 @@ class Pipeline:
 
     # -------------------------------------------------------------- all
 
-    def _mem_mark(self, stage: str) -> None:
-        """Record the driver's peak RSS since the previous mark (Linux; a no-op elsewhere)."""
-        try:
-            with open("/proc/self/status") as fh:
-                hwm = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # reset the high-water mark for the next stage
-        except (OSError, StopIteration, ValueError):
-            return
-        self.driver_rss[stage] = round(hwm / 1024, 1)
-        pa.default_memory_pool().release_unused()  # hand freed Arrow buffers back before the next stage
-
     def run(self) -> dict:
         import ray
 
         self.source_parts, self.target_parts = [], []
+        mem = procmem.StageMemory().start()  # the driver's peak memory per stage, in the manifest
         self.plan()  # before Ray starts: a bad path or setting fails in seconds, with nothing written
-        self._mem_mark("plan")
+        mem.mark("plan")
         started_here = _init_ray(self.cfg)
         try:
             self.fingerprint()
             for stage in (self.prepare, self.dedupe, *((self.embed, self.prototype, self.score)
                                                        if self.cfg.select.method == "mona" else (self.score_with_selector,))):
                 stage()
-                self._mem_mark(stage.__name__)
+                mem.mark(stage.__name__)
             manifest = self.write_outputs()
-            self._mem_mark("write")
+            mem.mark("write")
             if self.cfg.select.method == "mona" and self.cfg.report.explain and self.cfg.embed.representation == "sae":
                 self.explain()
-                self._mem_mark("explain")
+                mem.mark("explain")
                 manifest["timings_s"]["explain"] = round(self.timings["explain"], 3)
                 manifest["files"]["explain"] = "explain.md"
                 manifest["explain_read"] = self.explain_read
-            manifest["driver_peak_rss_mb"] = dict(self.driver_rss)
+            manifest["driver_memory_mb"] = mem.stages
             # written last: "complete" means every output above is in place
             report.write_json_atomic(manifest, self.out / "manifest.json")
             return manifest
         finally:
+            mem.stop()
             if started_here:
                 ray.shutdown()
 

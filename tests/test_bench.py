@@ -102,6 +102,9 @@ def test_pipeline_bench_end_to_end(ray_local, tmp_path):
         assert r["timings_s"][stage] > 0, stage
     assert r["pipeline_wall_s"] >= r["stage_sum_s"] > 0 and r["rows_per_s"] > 0
     assert r["driver_peak_rss_mb"] > 0 and r["generate_s"] > 0 and not r["generation_reused"]
+    mem = r["driver_memory_mb_by_stage"]
+    assert {"plan", "prepare", "embed", "score", "write"} <= set(mem)
+    assert all(0 < m["anon"] <= m["rss"] for m in mem.values()) and r["driver_peak_private_mb"] <= r["driver_peak_rss_mb"]
     assert r["throughput"]["real_tokens"] > 0
     assert r["run_dir"] is None and not list((tmp_path / "work" / "runs").iterdir())  # removed without --keep
     # the tiny model carries the embedded model's tokenizer and chat template

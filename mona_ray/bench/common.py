@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import procmem
+
 DEFAULT_OUT_DIR = Path("outputs") / "bench"
 
 
@@ -22,25 +24,13 @@ class BenchError(ValueError):
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux: ``5 > /proc/self/clear_refs``); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+    """Reset this process's peak RSS; False if unsupported (``procmem.reset_peak``)."""
+    return procmem.reset_peak()
 
 
 def status_mb(field: str) -> float | None:
     """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``...) in MB; None if unavailable."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return procmem.status_mb(field).get(field)
 
 
 def peak_rss_mb() -> float:

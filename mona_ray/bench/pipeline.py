@@ -536,9 +536,10 @@ def run(args) -> tuple[dict, str]:
         if not args.keep and sys.exc_info()[0] is not None:
             shutil.rmtree(out, ignore_errors=True)
     wall = time.perf_counter() - t1
-    # the pipeline resets the high-water mark after each stage and reports each stage's peak
-    by_stage = manifest.get("driver_peak_rss_mb") or {}
-    driver_rss = max([peak_rss_mb(), *by_stage.values()])
+    # the pipeline samples its memory per stage (RSS, and its private / shared-memory parts)
+    by_stage = manifest.get("driver_memory_mb") or {}
+    driver_rss = max([peak_rss_mb(), *(m["rss"] for m in by_stage.values())])
+    driver_private = max((m["anon"] for m in by_stage.values()), default=None)
     load_end = os.getloadavg()[0]
 
     c = manifest["counts"]["source"]
@@ -569,7 +570,8 @@ def run(args) -> tuple[dict, str]:
         "embed_rows_per_actor": per_actor, "embed_balance": balance,
         "throughput": thr,
         "math_rows": gen.get("math_rows"), "math_selected": _math_selected(out),
-        "driver_rss_before_mb": rss_before, "driver_peak_rss_mb": driver_rss, "driver_peak_rss_mb_by_stage": by_stage,
+        "driver_rss_before_mb": rss_before, "driver_peak_rss_mb": driver_rss,
+        "driver_peak_private_mb": driver_private, "driver_memory_mb_by_stage": by_stage,
         "load_average_1m_start": load_start, "load_average_1m_end": load_end,
         "run_dir": str(out) if args.keep else None,
     }
@@ -617,9 +619,12 @@ def _text(r: dict) -> str:
                      f"max/min {fmt_ratio(b['max_over_min'])})")
     else:
         lines.append("embed rows per actor: - (no manifest[embed_rows_per_actor])")
-    if r.get("driver_peak_rss_mb_by_stage"):
-        lines.append("driver peak RSS by stage (MB): " + ", ".join(f"{k} {fmt(v)}" for k, v in r["driver_peak_rss_mb_by_stage"].items()))
-    lines.append(f"driver peak RSS {fmt(r['driver_peak_rss_mb'])} MB (before the run {fmt(r['driver_rss_before_mb'])} MB; "
+    if r.get("driver_memory_mb_by_stage"):
+        lines.append("driver peak memory by stage (MB, RSS = private + shared memory + files): " + ", ".join(
+            f"{k} {fmt(v['rss'])} = {fmt(v['anon'])} + {fmt(v['shmem'])} + {fmt(v['file'])}"
+            for k, v in r["driver_memory_mb_by_stage"].items()))
+    lines.append(f"driver peak RSS {fmt(r['driver_peak_rss_mb'])} MB, private {fmt(r['driver_peak_private_mb'])} MB "
+                 f"(before the run {fmt(r['driver_rss_before_mb'])} MB; "
                  f"Ray {'already running' if r['ray_initialised_before'] else 'started inside the run'})")
     if r["run_dir"]:
         lines.append(f"run folder kept: {r['run_dir']}")
