@@ -24,7 +24,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 
 def make_random_sae(root: Path, d_in: int, latents: int, k: int, hookpoint: str, seed: int = 0) -> Path:
-    from mona_ray.sae import SAE, save_sparsify
+    from mona_ray.core.sae import SAE, save_sparsify
 
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(latents, d_in, generator=g)

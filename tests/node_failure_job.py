@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.cluster_utils import Cluster
 
-from mona_ray.run import load_config, run
+from mona_ray.config import load_config
+from mona_ray.pipeline.cli import run
 
 out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_overrides
-from mona_ray.records import InputError
-from mona_ray.run import load_config, run
+from mona_ray.core.records import InputError
+from mona_ray.config import load_config
+from mona_ray.pipeline.cli import run
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_pipeline_bench_source_formats_hold_the_same_records(tmp_path):
     import pyarrow.parquet as pq
 
     from mona_ray.bench.pipeline import generate_source
-    from mona_ray.records import normalize_record
+    from mona_ray.core.records import normalize_record
 
     recs = {}
     for fmt in ("json", "jsonl", "parquet"):

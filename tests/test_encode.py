@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mona_ray.encode import Embedder, EmbedSettings, micro_batches
-from mona_ray.model import load_truncated
-from mona_ray.sae import load_sae
+from mona_ray.features.engine import Embedder, EmbedSettings, micro_batches
+from mona_ray.core.model import load_truncated
+from mona_ray.core.sae import load_sae
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from _tiny_lm import WORDS  # noqa: E402
 from conftest import make_random_sae  # noqa: E402
 
 from mona_ray.evaluation.metrics import average_precision, precision_recall_at, resolve_k  # noqa: E402
-from mona_ray.records import InputError  # noqa: E402
+from mona_ray.core.records import InputError  # noqa: E402
 
 TOPICS = {"animals": WORDS[:9], "math": WORDS[9:20], "code": WORDS[20:27], "poems": WORDS[27:]}
 
@@ -68,9 +68,9 @@ def eval_inputs(tmp_path_factory, tiny_lm):
 def _cfg(inp, out: Path, *extra):
     from hydra import compose, initialize_config_dir
 
-    import mona_ray.evaluate  # noqa: F401  (registers the config resolver)
+    from mona_ray.config import CONF_DIR  # importing it registers the config resolver
 
-    conf = Path(mona_ray.evaluate.__file__).parent / "conf" / "eval"
+    conf = CONF_DIR / "eval"
     ov = [f"data.pool={inp['pool']}", f"data.targets={{math: {inp['math']}, code: {inp['code']}}}",
           f"data.relevance={inp['relevance']}", f"output_dir={out}", f"cache_dir={inp['dir'] / 'cache'}",
           f"model.path={inp['lm']}", "model.dtype=float32", f"sae.path={inp['sae']}", "sae.hookpoint=layers.2",
@@ -82,7 +82,7 @@ def _cfg(inp, out: Path, *extra):
 
 
 def test_evaluate_end_to_end_and_cached_rerun(eval_inputs, tmp_path):
-    from mona_ray.evaluate import evaluate
+    from mona_ray.evaluation.evaluate import evaluate
 
     doc = evaluate(_cfg(eval_inputs, tmp_path / "a"))
     out = tmp_path / "a"
@@ -122,7 +122,7 @@ def test_metrics_by_hand():
 
 
 def test_input_errors_name_the_problem(eval_inputs, tmp_path):
-    from mona_ray.evaluate import evaluate
+    from mona_ray.evaluation.evaluate import evaluate
 
     d = eval_inputs["dir"]
     nodomain = _write(d / "nodomain.parquet", [{k: v for k, v in r.items() if k != "domain"} for r in _rows(8, 4)])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mona_ray import records
-from mona_ray.export import write_trainer_files
+from mona_ray.core import records
+from mona_ray.pipeline.export import write_trainer_files
 
 # --------------------------------------------------------------------------- a faithful reader
 # Follows LLaMA-Factory's src/llamafactory/data/parser.py (DatasetAttr defaults and join: when an

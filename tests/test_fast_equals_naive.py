@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from mona_ray import kernels, scoring
+from mona_ray import scoring
+from mona_ray.scoring import kernels
 from mona_ray.bench.forward import naive_embed
-from mona_ray.encode import Embedder, EmbedSettings
-from mona_ray.model import load_truncated
-from mona_ray.sae import SAE
+from mona_ray.features.engine import Embedder, EmbedSettings
+from mona_ray.core.model import load_truncated
+from mona_ray.core.sae import SAE
 
 LAYER = 2
 

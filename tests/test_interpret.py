@@ -12,10 +12,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_lm import make_rows  # noqa: E402
 
-from mona_ray.interpret import explain, write_explain  # noqa: E402
-from mona_ray.model import load_tokenizer, load_truncated  # noqa: E402
-from mona_ray.records import normalize_record, render, tokenize  # noqa: E402
-from mona_ray.sae import load_sae  # noqa: E402
+from mona_ray.features.interpret import explain, write_explain  # noqa: E402
+from mona_ray.core.model import load_tokenizer, load_truncated  # noqa: E402
+from mona_ray.core.records import normalize_record, render, tokenize  # noqa: E402
+from mona_ray.core.sae import load_sae  # noqa: E402
 from mona_ray.scoring import SparseRows, jaccard  # noqa: E402
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mona_ray import kernels, scoring
+from mona_ray import scoring
+from mona_ray.scoring import kernels
 from mona_ray.bench.synth import Generator, SynthSpec, concat
 
 
@@ -48,7 +49,7 @@ def test_running_topk_equals_global_topk_with_ties():
     scores = np.round(rng.random(n), 2)  # many exact ties, decided by id
     ids = np.array([f"id{i:05d}" for i in rng.permutation(n)], dtype=object)
     ref_s, ref_i = scoring.topk(scores, ids, k)
-    run = kernels.RunningTopK(k)
+    run = scoring.RunningTopK(k)
     for a in range(0, n, 333):
         run.add(scores[a:a + 333], ids[a:a + 333])
     got_s, got_i = run.result()
@@ -58,10 +59,10 @@ def test_running_topk_equals_global_topk_with_ties():
 
 
 def test_running_topk_fewer_rows_than_k():
-    run = kernels.RunningTopK(10)
+    run = scoring.RunningTopK(10)
     assert len(run.result()[0]) == 0
     run.add([0.5, 0.7, 0.5], ["b", "a", "a2"])
     s, i = run.result()
     assert list(i) == ["a", "a2", "b"] and list(s) == [0.7, 0.5, 0.5]
     with pytest.raises(ValueError):
-        kernels.RunningTopK(0)
+        scoring.RunningTopK(0)

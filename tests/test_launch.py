@@ -49,7 +49,7 @@ def _entrypoint_overrides(entrypoint: str) -> list[str]:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    import mona_ray.run  # noqa: F401  (registers the asset resolver)
+    import mona_ray.config  # noqa: F401  (registers the asset resolver)
 
     with initialize_config_dir(version_base=None, config_dir=str(ROOT / "mona_ray" / "conf")):
         return compose("config", overrides=overrides)
@@ -269,7 +269,7 @@ def _tiny_inputs(work: Path) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from mona_ray.sae import SAE, save_sparsify
+    from mona_ray.core.sae import SAE, save_sparsify
 
     assets = ROOT / "mona_ray" / "assets" / "demo"
     pq.write_table(pq.read_table(assets / "source.parquet").slice(0, 8), work / "src.parquet")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mona_ray.model import ModelError, load_tokenizer, load_truncated, parse_hookpoint, resolve_model_path
+from mona_ray.core.model import ModelError, load_tokenizer, load_truncated, parse_hookpoint, resolve_model_path
 
 
 def test_hookpoint_names():
@@ -55,7 +55,7 @@ def test_right_padded_batch_runs_causal_only_and_matches_the_masked_forward(tiny
     """A right-padded batch runs without its padding mask (SDPA's causal path); at real
     positions it gives what the full model gives with the mask, and what each row gives
     alone, unpadded. A mask that is not right padding is passed through."""
-    from mona_ray.model import right_padded
+    from mona_ray.core.model import right_padded
 
     full = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
     lm = load_truncated(tiny_lm, 2, dtype="float32", device="cpu")
@@ -87,7 +87,7 @@ def test_right_padded_batch_runs_causal_only_and_matches_the_masked_forward(tiny
 
 def test_auto_dtype_is_bf16_only_where_it_is_native():
     """The decision, not the machine: emulated bf16 (AVX2-only CPUs) is slower than fp32."""
-    from mona_ray.model import choose_auto_dtype
+    from mona_ray.core.model import choose_auto_dtype
 
     assert choose_auto_dtype("cpu")[0] == torch.float32
     dt, why = choose_auto_dtype("cpu", cpu_bf16=False, cpu_amx=False)
@@ -99,8 +99,8 @@ def test_auto_dtype_is_bf16_only_where_it_is_native():
 
 
 def test_sae_stored_in_bf16_computes_in_the_models_dtype(tiny_lm, tiny_sae, tmp_path):
-    from mona_ray.sae import load_sae, save_sparsify
-    from mona_ray.stages import EmbedActor, EmbedJob
+    from mona_ray.core.sae import load_sae, save_sparsify
+    from mona_ray.pipeline.stages import EmbedActor, EmbedJob
 
     bf16 = load_sae(tiny_sae, hookpoint="layers.2").to(dtype=torch.bfloat16)
     save_sparsify(bf16, tmp_path / "sae_bf16")

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from mona_ray import records, report
-from mona_ray.model import load_tokenizer
-from mona_ray.pipeline import RunError
-from mona_ray.run import load_config, run
-from mona_ray.sae import load_sae
+from mona_ray.core import records
+from mona_ray.pipeline import report
+from mona_ray.core.model import load_tokenizer
+from mona_ray.pipeline.driver import RunError
+from mona_ray.config import load_config
+from mona_ray.pipeline.cli import run
+from mona_ray.core.sae import load_sae
 
 
 def run_tiny(tiny_lm, tiny_sae, data, out, *extra):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mona_ray import records
-from mona_ray.model import load_tokenizer
+from mona_ray.core import records
+from mona_ray.core.model import load_tokenizer
 
 
 def test_three_formats_normalise_to_the_same_messages():

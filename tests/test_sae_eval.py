@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from _tiny_lm import make_rows, make_tiny_lm, write_rows
-from mona_ray import activations as A
-from mona_ray.eval_sae import evaluate, format_table, load_full_model, token_ce
-from mona_ray.model import load_tokenizer
-from mona_ray.sae import SAE, save_sparsify
+from mona_ray.sae_training import activations as A
+from mona_ray.sae_training.evaluate import evaluate, format_table, load_full_model, token_ce
+from mona_ray.core.model import load_tokenizer
+from mona_ray.core.sae import SAE, save_sparsify
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 32

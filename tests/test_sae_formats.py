@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mona_ray.sae import SAEError, detect_format, load_sae, to_sparsify_hookpoint
+from mona_ray.core.sae import SAEError, detect_format, load_sae, to_sparsify_hookpoint
 
 D, L = 16, 64
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mona_ray.records import normalize_record
+from mona_ray.core.records import normalize_record
 from mona_ray.selectors import get_selector
 from mona_ray.selectors.scale import (bm25_count_part, bm25_model, bm25_part_pass, bm25_part_scores, query_terms,
                                       score_distributed)
@@ -133,7 +133,7 @@ def test_errors(ray_local, pool):
         score_distributed("bm25", {"k3": 1}, pool["parts"], pool["target"], progress=False)
     with pytest.raises(ValueError, match="unknown selector"):
         score_distributed("lesss", {}, pool["parts"], pool["target"], progress=False)
-    from mona_ray.records import InputError
+    from mona_ray.core.records import InputError
 
     with pytest.raises(InputError, match="no rows"):
         score_distributed("dsir", {}, pool["parts"], [], progress=False)

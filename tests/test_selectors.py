@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mona_ray.records import InputError, normalize_record
+from mona_ray.core.records import InputError, normalize_record
 from mona_ray.selectors import SELECTORS, get_selector
 from mona_ray.selectors.bm25 import aggregate_scores
 from mona_ray.selectors.dense import SentenceEncoder, centroid_cosine
@@ -196,8 +196,8 @@ def _rows(n, seed):
 def test_nait_deltas_match_hf_hidden_states(tiny_lm, tiny_sae):
     from transformers import LlamaForCausalLM
 
-    from mona_ray.model import load_tokenizer
-    from mona_ray.records import render, tokenize
+    from mona_ray.core.model import load_tokenizer
+    from mona_ray.core.records import render, tokenize
 
     spec = dict(model_path=str(tiny_lm), sae_path=str(tiny_sae), hookpoint="layers.2", dtype="float32", max_length=64)
     src, tgt = _rows(20, 1), _rows(6, 2)
@@ -227,10 +227,10 @@ def test_nait_deltas_match_hf_hidden_states(tiny_lm, tiny_sae):
 
 
 def test_mona_selector_equals_jaccard_by_hand(tiny_lm, tiny_sae):
-    from mona_ray.encode import EmbedSettings, Embedder
-    from mona_ray.model import load_tokenizer, load_truncated
-    from mona_ray.records import render, tokenize
-    from mona_ray.sae import load_sae
+    from mona_ray.features.engine import EmbedSettings, Embedder
+    from mona_ray.core.model import load_tokenizer, load_truncated
+    from mona_ray.core.records import render, tokenize
+    from mona_ray.core.sae import load_sae
 
     spec = dict(model_path=str(tiny_lm), sae_path=str(tiny_sae), hookpoint="layers.2", dtype="float32", max_length=64)
     src, tgt = _rows(24, 3), _rows(5, 4)

@@ -6,7 +6,8 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from mona_ray.run import asset_path, load_config, run
+from mona_ray.config import asset_path, load_config
+from mona_ray.pipeline.cli import run
 
 
 @pytest.fixture(scope="module")

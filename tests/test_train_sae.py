@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from _tiny_lm import make_rows, make_tiny_lm, write_rows
-from mona_ray import sae_trainer as T
-from mona_ray.sae import SAEError, load_sae
-from mona_ray.train_sae import TrainSettings, load_checkpoint, lr_at, settings_fingerprint, train
+from mona_ray.sae_training import trainer as T
+from mona_ray.core.sae import SAEError, load_sae
+from mona_ray.sae_training.train import TrainSettings, load_checkpoint, lr_at, settings_fingerprint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_trains_two_layers_from_a_cache_and_resumes(tiny, tmp_path):
 
 def test_exported_sae_takes_raw_activations(tiny, tmp_path):
     """The saved SAE reproduces the training-space reconstruction on raw activations."""
-    from mona_ray import activations as A
+    from mona_ray.sae_training import activations as A
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     cfg = train_cfg(tiny, out, cache, "sae_train.train.steps=30", "sae_train.save_dtype=float32")
@@ -96,7 +96,7 @@ def test_exported_sae_takes_raw_activations(tiny, tmp_path):
 def test_warm_start_continues_from_an_exported_sae(tiny, tmp_path):
     """init_from maps an exported SAE back into the training space exactly (a vanishing lr
     leaves it unchanged), continues training from it, and refuses another width."""
-    from mona_ray import activations as A
+    from mona_ray.sae_training import activations as A
 
     first, cache = tmp_path / "first", tmp_path / "cache"
     train(train_cfg(tiny, first, cache, "sae_train.train.steps=30", "sae_train.save_dtype=float32",
@@ -119,7 +119,7 @@ def test_warm_start_continues_from_an_exported_sae(tiny, tmp_path):
         train(train_cfg(tiny, tmp_path / "wide", cache, f"sae_train.init_from={first}",
                         "sae_train.hookpoints=[layers.2]", "sae_train.sae.expansion_factor=8"))
     # an SAE for another model (16-dimensional inputs; this model's are 32) is refused, not crashed on
-    from mona_ray.sae import SAE, save_sparsify
+    from mona_ray.core.sae import SAE, save_sparsify
 
     W = torch.randn(64, 16)
     save_sparsify(SAE(W_enc=W, b_enc=torch.zeros(64), W_dec=W.clone(), b_dec=torch.zeros(16), k=4,
@@ -223,7 +223,7 @@ def test_lr_schedule_and_geometric_median():
 def test_shuffled_batches_skip_and_cover(tmp_path):
     from itertools import islice
 
-    from mona_ray import activations as A
+    from mona_ray.sae_training import activations as A
 
     x = torch.arange(600, dtype=torch.float32)[:, None].repeat(1, 3)
     A.write_shard_set(tmp_path, 0, {"h": x[:250]}, torch.float32)
@@ -242,8 +242,8 @@ def test_shuffled_batches_skip_and_cover(tmp_path):
 def test_heldout_set_is_whole_rows(tiny, tmp_path):
     """The held-out metric uses every kept token of a prefix of the held-out rows, not the
     shortest rows that a token cut of a length-sorted stream would keep."""
-    from mona_ray import activations as A
-    from mona_ray.model import load_tokenizer
+    from mona_ray.sae_training import activations as A
+    from mona_ray.core.model import load_tokenizer
 
     tok = load_tokenizer(tiny["model"])
     rows = A.read_rows(tiny["data"], "heldout", 100, 0)

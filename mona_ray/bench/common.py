@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import procmem
+from ..core import procmem
 
 DEFAULT_OUT_DIR = Path("outputs") / "bench"
 

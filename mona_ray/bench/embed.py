@@ -79,7 +79,7 @@ def _compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    import mona_ray.run  # noqa: F401  registers the ${mona_ray.asset:...} resolver
+    import mona_ray.config  # noqa: F401  registers the ${mona_ray.asset:...} resolver
 
     try:
         with initialize_config_dir(version_base=None, config_dir=str(files("mona_ray") / "conf")):
@@ -91,8 +91,8 @@ def _compose(overrides: list[str]):
 def _stand_in_sae(model_dir: Path, hookpoint: str, latents: int, k: int, root: Path, seed: int) -> Path:
     import torch
 
-    from ..model import parse_hookpoint
-    from ..sae import save_sparsify
+    from ..core.model import parse_hookpoint
+    from ..core.sae import save_sparsify
     from .gpu import random_sae
 
     d = json.loads((model_dir / "config.json").read_text())["hidden_size"]
@@ -136,8 +136,8 @@ def _units(parts) -> tuple[list[list[list[int]]], list[dict]]:
 
 def run_pipeline(cfg) -> tuple[dict, float, float]:
     """Run the job with a Ray instance of its own; returns (manifest, wall s, CPU s of every process)."""
-    from ..run import USER_ERRORS
-    from ..run import run as run_job
+    from ..pipeline.cli import USER_ERRORS
+    from ..pipeline.cli import run as run_job
 
     t0 = time.perf_counter()
     try:
@@ -169,7 +169,7 @@ def _naive(model_dir, layer, dtype, device, cfg, rows, batch, pad):
     """The naive loop over the same rows: (seconds, padded tokens, CPU seconds, pooled, peak RSS)."""
     from transformers import AutoModelForCausalLM
 
-    from ..sae import load_sae
+    from ..core.sae import load_sae
     from .forward import naive_embed
 
     reset_peak_rss()
@@ -185,7 +185,7 @@ def _naive(model_dir, layer, dtype, device, cfg, rows, batch, pad):
 
 def _setup(args) -> tuple[Path, object, Path, str, str, int]:
     """Sample the rows, compose the run's config; (work dir, cfg, model dir, SAE note, source, its rows)."""
-    from ..model import resolve_model_path
+    from ..core.model import resolve_model_path
 
     if args.rows < 1:
         raise BenchError(f"--rows={args.rows} must be positive")
@@ -219,7 +219,7 @@ def _references(args, cfg, model_dir: Path, groups, rows) -> dict:
     """Bare forward (warm, ``--bare-repeats`` passes around the naive one) and the naive loop."""
     import torch
 
-    from ..model import load_tokenizer, load_truncated, parse_hookpoint, resolve_dtype
+    from ..core.model import load_tokenizer, load_truncated, parse_hookpoint, resolve_dtype
     from .forward import bare_forward
 
     threads = cfg.embed.torch_threads  # as many threads as the pipeline's single actor

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from .. import pooling
-from ..encode import micro_batches, padded_length
-from ..model import TruncatedLM
-from ..sae import SAE
+from ..features import pooling
+from ..features.engine import micro_batches, padded_length
+from ..core.model import TruncatedLM
+from ..core.sae import SAE
 
 
 def sync(device: str) -> None:

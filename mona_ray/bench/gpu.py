@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from ..encode import Embedder, EmbedSettings, micro_batches
-from ..model import TruncatedLM, resolve_dtype
-from ..sae import SAE
+from ..features.engine import Embedder, EmbedSettings, micro_batches
+from ..core.model import TruncatedLM, resolve_dtype
+from ..core.sae import SAE
 from . import flops
 from .forward import bare_forward, sync
 from .common import BenchError, table

@@ -366,7 +366,7 @@ def tiny_model(work: Path, hidden: int, layers: int, seed: int) -> Path:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from ..model import ensure_embedded_model
+        from ..core.model import ensure_embedded_model
 
         src = ensure_embedded_model()
         copied = [f for f in TOKENIZER_FILES if (src / f).exists()]
@@ -397,7 +397,7 @@ def random_sae(work: Path, d_in: int, latents: int, k: int, hookpoint: str, seed
     def build(d: Path) -> None:
         import torch
 
-        from ..sae import SAE, save_sparsify
+        from ..core.sae import SAE, save_sparsify
 
         g = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(latents, d_in, generator=g)
@@ -485,8 +485,9 @@ def run(args) -> tuple[dict, str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ..run import USER_ERRORS, load_config
-    from ..run import run as run_job
+    from ..config import load_config
+    from ..pipeline.cli import USER_ERRORS
+    from ..pipeline.cli import run as run_job
 
     _check(args)
     work = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
@@ -496,7 +497,7 @@ def run(args) -> tuple[dict, str]:
     t0 = time.perf_counter()
     model_dir = tiny_model(work, args.hidden, args.layers, args.seed)
     hookpoint = _override(args.override, "sae.hookpoint") or f"layers.{args.layers - 2}"
-    from ..model import parse_hookpoint
+    from ..core.model import parse_hookpoint
 
     try:
         layer = parse_hookpoint(hookpoint)

@@ -3,7 +3,7 @@
 For each N (default 10k, 100k, 1M) the rows arrive in blocks of ``--block-rows`` as a
 Parquet reader would hand them over (two Arrow ``list`` columns plus string ids); each
 block is turned into CSR (``SparseRows.from_arrow``), scored against the target
-prototype and fed to a running top-k (``kernels.RunningTopK``), so memory is one block
+prototype and fed to a running top-k (``scoring.RunningTopK``), so memory is one block
 plus O(k), whatever N. Reported per N: seconds per stage, rows/s and peak RSS.
 
 Two extra measurements on the same data:
@@ -22,7 +22,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import kernels, scoring
+from .. import scoring
+from ..scoring import kernels
 from .common import BenchError, Stages, peak_rss_mb, reset_peak_rss, table
 from .synth import Generator, RowPool, SynthSpec, prototype_from
 
@@ -85,7 +86,7 @@ def stream(n_rows: int, pool: RowPool, proto: np.ndarray, args, kernel) -> dict:
     st = Stages()
     reset_peak_rss()
     rss0 = peak_rss_mb()
-    run = kernels.RunningTopK(k)
+    run = scoring.RunningTopK(k)
     nnz = 0
     for a in range(0, n_rows, args.block_rows):
         b = min(args.block_rows, n_rows - a)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..records import InputError, RecordError, input_files, normalize_record, plan_units, read_unit
+from ..core.records import InputError, RecordError, input_files, normalize_record, plan_units, read_unit
 
 
 @dataclass

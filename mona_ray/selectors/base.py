@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..records import InputError
+from ..core.records import InputError
 
 Messages = list[dict]
 

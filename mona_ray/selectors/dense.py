@@ -32,8 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..model import ModelError, _file_lock, cache_root, resolve_device, resolve_dtype
-from ..records import content_hash
+from ..core.model import ModelError, _file_lock, cache_root, resolve_device, resolve_dtype
+from ..core.records import content_hash
 from .base import Messages, Selector, messages_text
 from .cache import ChunkCache, chunks, fingerprint
 

@@ -30,10 +30,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import pooling
-from ..model import EMBEDDED_MODEL, fingerprint_model, load_tokenizer, load_truncated, parse_hookpoint, resolve_model_path
-from ..records import content_hash, render, tokenize
-from ..sae import SAE, load_sae
+from ..features import pooling
+from ..core.model import EMBEDDED_MODEL, fingerprint_model, load_tokenizer, load_truncated, parse_hookpoint, resolve_model_path
+from ..core.records import content_hash, render, tokenize
+from ..core.sae import SAE, load_sae
 from ..scoring import SparseRows
 from .cache import ChunkCache, chunks, fingerprint
 from .tap import Tap, _from_store, _to_store, encode_pooled, mlpin_name, resid_name, sae_codes
@@ -321,7 +321,7 @@ class FeatureExtractor:
         return self.spec.mlp_k or self.spec.k or (main.k if main is not None else None) or 32
 
     def _embedder(self, reps: tuple[str, ...]):
-        from ..encode import EmbedSettings, Embedder
+        from ..features.engine import EmbedSettings, Embedder
 
         if reps not in self._embedders:
             _, tok, lm, saes, _ = self._load()

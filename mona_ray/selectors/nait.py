@@ -93,7 +93,7 @@ class NAITSelector(Selector):
         if layer_norm not in LAYER_NORMS:
             raise ValueError(f"nait layer_norm={layer_norm!r}: use one of {', '.join(LAYER_NORMS)}")
         self.spec = ModelSpec(**spec)
-        from ..model import parse_hookpoint
+        from ..core.model import parse_hookpoint
 
         last = parse_hookpoint(self.spec.hookpoint)
         self.layers = list(range(last + 1)) if layers == "all" else [int(x) for x in layers]

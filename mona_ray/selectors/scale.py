@@ -151,7 +151,7 @@ def read_part(path: str, positions: np.ndarray, columns: list[str]) -> pa.Table:
 
 def part_rows(path: str, positions: np.ndarray) -> tuple[pa.Array, list[Messages]]:
     """The ids (Arrow) and normalised conversations of a part's selected rows."""
-    from ..records import normalize_record
+    from ..core.records import normalize_record
 
     t = read_part(path, positions, ["id", "record"])
     msgs = [normalize_record(json.loads(r)) for r in t.column("record").to_pylist()]

@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import pooling
-from ..sae import SAE
+from ..features import pooling
+from ..core.sae import SAE
 
 
 def encode_pooled(h_tokens: torch.Tensor, seg: torch.Tensor, n_rows: int, width: int, codes_fn,

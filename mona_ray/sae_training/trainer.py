@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sae import SAE, SAEError
+from ..core.sae import SAE, SAEError
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .model import parse_hookpoint
-from .records import RecordError, normalize_record, render, tokenize
+from ..core.model import parse_hookpoint
+from ..core.records import RecordError, normalize_record, render, tokenize
 
 
 class ActivationError(RuntimeError):
@@ -50,7 +50,7 @@ def is_heldout(row_id: str, holdout_permille: int) -> bool:
 def read_rows(path: str | Path, split: str, holdout_permille: int, seed: int,
               max_rows: int | None = None, key: str = "data.path") -> list[dict]:
     """Rows of a Parquet / JSONL file for ``split`` (``train`` | ``heldout``), shuffled by ``seed``."""
-    from .records import input_files, plan_units, read_unit
+    from ..core.records import input_files, plan_units, read_unit
 
     p = Path(str(path)).expanduser()
     if not p.exists():

@@ -40,11 +40,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import procmem, records, report, stages
-from .model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
-from .records import InputError
-from .sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
-from .store import EmbeddingStore, first_per_key
+from ..core import procmem, records
+from . import report, stages
+from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
+from ..core.records import InputError
+from ..core.sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
+from ..features.store import EmbeddingStore, first_per_key
 
 FINGERPRINT_VERSION = 1
 # summed over the embedding actor's per-unit reports (unit_seconds: read + embed + write)
@@ -85,7 +86,7 @@ def resolve_sae(cfg) -> dict:
                     k=int(cfg.sae.k or sae_cfg["k"]), provisional=bool(sae_cfg.get("provisional", False)),
                     fingerprint=file_fingerprint(w))
     else:
-        from .sae import load_sae
+        from ..core.sae import load_sae
 
         sae = load_sae(path, fmt, cfg.sae.hookpoint, cfg.sae.k)
         info.update(num_latents=sae.num_latents, k=sae.k, fingerprint=sae.fingerprint,
@@ -196,7 +197,7 @@ class Pipeline:
     def tokenizer_check(self) -> None:
         """Render and tokenize one conversation on the driver before any task starts, so a
         rendering that cannot work with this model's tokenizer fails here, clearly."""
-        from .model import load_tokenizer
+        from ..core.model import load_tokenizer
 
         cfg = self.cfg
         tok = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
@@ -219,7 +220,7 @@ class Pipeline:
         """The compute dtype every actor uses (decided once, here) and why."""
         import torch
 
-        from .model import dtype_name, resolve_dtype_reason
+        from ..core.model import dtype_name, resolve_dtype_reason
 
         name = str(self.cfg.model.dtype)
         if name == "auto" and self.device == "cuda" and not torch.cuda.is_available():
@@ -446,7 +447,7 @@ class Pipeline:
     def prototype(self) -> None:
         from safetensors.numpy import save_file
 
-        from .scoring import SparseRows, prototype
+        from ..scoring import SparseRows, prototype
 
         t0 = time.perf_counter()
         # one prototype entry per target row (duplicated content counts twice), in id order
@@ -467,8 +468,8 @@ class Pipeline:
         results through a running top-k and keeps only (id, score) in Arrow."""
         import ray
 
-        from .kernels import RunningTopK
-        from .scoring import selection_size
+        from ..scoring import RunningTopK
+        from ..scoring import selection_size
 
         t0 = time.perf_counter()
         idx = self.index["source"].select(["id", "content_hash"])
@@ -518,8 +519,8 @@ class Pipeline:
         bm25, dsir, dense and random run as Ray tasks over the prepared parts
         (``selectors.scale``: bounded driver memory at 1M rows); nait needs the selection
         model's activations per row and still runs on the driver."""
-        from .scoring import selection_size, topk
-        from .selectors.scale import METHODS, score_distributed
+        from ..scoring import selection_size, topk
+        from ..selectors.scale import METHODS, score_distributed
 
         t0 = time.perf_counter()
         method = self.cfg.select.method
@@ -530,7 +531,7 @@ class Pipeline:
             opts = dict(self.cfg.select.get(method, {}) or {})
             by_id = score_distributed(method, opts, parts, tgt, task_num_cpus=self.cfg.ray.task_num_cpus)
         else:
-            from .selectors import selector_from_config
+            from ..selectors import selector_from_config
 
             src, src_ids = self._messages("source")
             s = np.asarray(selector_from_config(self.cfg).score(src, tgt, src_ids), dtype=np.float64)
@@ -561,7 +562,7 @@ class Pipeline:
         contributions are computed here from the store, reading only the selected rows."""
         import ray
 
-        from .interpret import explain_row, write_explain
+        from ..features.interpret import explain_row, write_explain
 
         t0 = time.perf_counter()
         tgt_ids, tgt_masks = [], []

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .encode import micro_batches, padded_length
+from .engine import micro_batches, padded_length
 
 
 def _token_text(tokenizer, tid: int) -> str:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import records
+from ..core import records
 
 PREPARED_SCHEMA = pa.schema([
     ("id", pa.string()), ("content_hash", pa.string()), ("file", pa.string()), ("row", pa.int64()),
@@ -66,7 +66,7 @@ class RenderSettings:
 
 @lru_cache(maxsize=4)
 def _tokenizer(model_dir: str, trust_remote_code: bool):
-    from .model import load_tokenizer
+    from ..core.model import load_tokenizer
 
     return load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
 
@@ -209,9 +209,9 @@ class EmbedActor:
     def __init__(self, job: EmbedJob, progress=None):
         import torch
 
-        from .encode import Embedder, EmbedSettings
-        from .model import load_tokenizer, load_truncated, parse_hookpoint, resolve_device
-        from .sae import load_sae
+        from ..features.engine import Embedder, EmbedSettings
+        from ..core.model import load_tokenizer, load_truncated, parse_hookpoint, resolve_device
+        from ..core.sae import load_sae
 
         if job.torch_threads > 0:
             torch.set_num_threads(job.torch_threads)
@@ -290,7 +290,7 @@ class Progress:
 
 def explain_task(job: EmbedJob, target_ids, target_masks, proto) -> dict:
     """Load the run's model and SAE and explain the prototype (``interpret.explain_prototype``)."""
-    from .interpret import explain_prototype
+    from ..features.interpret import explain_prototype
 
     actor = EmbedActor(job)
     tok = _tokenizer(job.model_dir, job.trust_remote_code)
@@ -305,7 +305,7 @@ def score_rows(emb: pa.Table, proto, similarity: str, batch_rows: int, dense: bo
     """(content_hash, score) for embedding rows, scored in slices of ``batch_rows`` rows.
 
     A row's score never depends on the slice it lands in (per-row reductions only)."""
-    from .scoring import SparseRows, dense_similarity, score
+    from ..scoring import SparseRows, dense_similarity, score
 
     out = []
     for start in range(0, len(emb), batch_rows):
@@ -325,7 +325,7 @@ def score_parts(batch: pa.Table, proto, similarity: str, batch_rows: int, dense:
     for the rows wanted; returns ``(id, score)``. Reads each part once, only the needed columns."""
     import ray
 
-    from .store import first_per_key
+    from ..features.store import first_per_key
 
     if isinstance(proto, ray.ObjectRef):
         proto = ray.get(proto)

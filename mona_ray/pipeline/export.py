@@ -41,7 +41,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from .records import ROLE_ALIASES, RecordError, detect_format, normalize_record
+from ..core.records import ROLE_ALIASES, RecordError, detect_format, normalize_record
 
 TRAINER_FORMATS = ("auto", "messages")
 SETTING = "report.trainer_format"

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from . import pooling
-from .model import TruncatedLM
-from .sae import SAE
+from ..core.model import TruncatedLM
+from ..core.sae import SAE
 
 REPRESENTATIONS = ("sae", "hidden", "mlp_gate")
 

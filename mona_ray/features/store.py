@@ -85,7 +85,7 @@ class EmbeddingStore:
             t = pq.read_table(part, columns=cols)
             out.append(t.filter(pc.is_in(t.column("content_hash"), value_set=want.combine_chunks())))
             n_parts += 1
-        from .stages import EMBEDDING_SCHEMA
+        from ..pipeline.stages import EMBEDDING_SCHEMA
 
         schema = EMBEDDING_SCHEMA if cols is None else pa.schema([EMBEDDING_SCHEMA.field(c) for c in cols])
         t = pa.concat_tables(out, promote_options="permissive") if out else schema.empty_table()

@@ -1,0 +1,55 @@
+"""The selection job's command line: ``python -m mona_ray.run [overrides]`` (also installed as ``mona-ray``).
+
+Examples::
+
+    python -m mona_ray.run                                  # the embedded demo
+    python -m mona_ray.run +experiment=openhermes_llama3 model.path=... sae.path=...
+    python -m mona_ray.run select.ratio=0.1 run.output_dir=outputs/ten_percent
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import CONF_DIR  # importing it registers the ${mona_ray.asset:...} resolver
+from ..core.model import ModelError
+from .driver import Pipeline, RunError
+from ..core.records import InputError
+from ..core.sae import SAEError
+
+USER_ERRORS = (RunError, InputError, ModelError, SAEError)
+
+
+def run(cfg: DictConfig, quiet: bool = False) -> dict:
+    """Run the whole job for a resolved config; returns the manifest."""
+    from . import report
+
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    p = Pipeline(cfg, cfg_dict)
+    manifest = p.run()
+    if not quiet:
+        print(report.summary(manifest, p.selected), flush=True)
+    return manifest
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        print(f"mona_ray: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("mona_ray: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
