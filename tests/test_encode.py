@@ -1,10 +1,12 @@
-"""The embedding engine: padding never enters the pool, batching never changes a row, failures are isolated."""
+"""The feature engine: padding never enters the pool, batching never changes a row, failures are isolated,
+every readout from one forward equals its reference."""
 
 import numpy as np
 import pytest
 import torch
 
-from mona_ray.features.engine import Embedder, EmbedSettings, micro_batches
+from mona_ray.features.engine import Batching, FeatureEngine, micro_batches
+from mona_ray.features.readouts import Readout
 from mona_ray.core.model import load_truncated
 from mona_ray.core.sae import load_sae
 
@@ -30,6 +32,17 @@ def reference_pool(tiny_lm, sae, ids, mask, method="mean"):
     return (z.mean(0) if method == "mean" else z.sum(0)).numpy()
 
 
+SAE = Readout("sae", 2, "special", k=8, sae="s")
+
+
+def engine(lm, sae, *readouts, **batching):
+    return FeatureEngine(lm, list(readouts or [SAE]), Batching(**batching), pad_token_id=0, saes={"s": sae})
+
+
+def run(eng, ids, masks):
+    return eng.run(ids, {e: masks for e in eng.excludes})
+
+
 def dense(pair, width):
     out = np.zeros(width)
     out[pair[0]] = pair[1]
@@ -53,13 +66,12 @@ def test_pooled_codes_equal_the_naive_reference(parts, tiny_lm, method):
     lm, sae = parts
     ids = [[5, 9, 12, 7, 30, 8, 11], [14, 15, 16], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 31, 32, 33, 34, 35, 36, 37, 38]]
     masks = [[0, 1, 1, 1, 1, 0, 1], [1, 1, 1], [1] * 18]
-    emb = Embedder(lm, sae, EmbedSettings(pooling=method, token_budget=64, pad_multiple=16), pad_token_id=0)
-    res = emb.embed(ids, masks)
+    res = run(engine(lm, sae, token_budget=64, pad_multiple=16), ids, masks)
     assert res.padded_tokens > res.real_tokens  # padding really happened...
-    for i in range(3):  # ...and never entered the pool
-        np.testing.assert_allclose(dense(res.outputs["sae"][i], 128), reference_pool(tiny_lm, sae, ids[i], masks[i], method),
-                                   rtol=1e-5, atol=1e-6)
-    assert res.n_pooled == [5, 3, 18]
+    assert res.n_pooled[SAE.name] == [5, 3, 18]
+    for i in range(3):  # ...and never entered the pool (stored rows are means; sum = mean x n_pooled)
+        got = dense(res.outputs[SAE.name][i], 128) * (res.n_pooled[SAE.name][i] if method == "sum" else 1)
+        np.testing.assert_allclose(got, reference_pool(tiny_lm, sae, ids[i], masks[i], method), rtol=1e-5, atol=1e-6)
 
 
 def test_a_row_gives_the_same_bits_alone_or_in_any_batch(parts):
@@ -67,26 +79,79 @@ def test_a_row_gives_the_same_bits_alone_or_in_any_batch(parts):
     rng = np.random.default_rng(0)
     ids = [list(rng.integers(4, 40, size=n)) for n in (3, 7, 9, 12, 12, 15, 20, 31)]
     masks = [[1] * len(x) for x in ids]
-    together = Embedder(lm, sae, EmbedSettings(token_budget=4096, pad_multiple=16), 0).embed(ids, masks)
+    together = run(engine(lm, sae, token_budget=4096, pad_multiple=16), ids, masks)
     for i in range(len(ids)):
-        alone = Embedder(lm, sae, EmbedSettings(token_budget=4096, pad_multiple=16), 0).embed([ids[i]], [masks[i]])
-        assert np.array_equal(alone.outputs["sae"][0][0], together.outputs["sae"][i][0])
-        assert np.array_equal(alone.outputs["sae"][0][1], together.outputs["sae"][i][1])
+        alone = run(engine(lm, sae, token_budget=4096, pad_multiple=16), [ids[i]], [masks[i]])
+        assert np.array_equal(alone.outputs[SAE.name][0][0], together.outputs[SAE.name][i][0])
+        assert np.array_equal(alone.outputs[SAE.name][0][1], together.outputs[SAE.name][i][1])
 
 
 def test_a_failing_row_is_rejected_alone_with_its_reason(parts):
     lm, sae = parts
     ids = [[5, 6, 7], [5, 10 ** 6, 7], [8, 9, 10]]  # the middle id is past the vocabulary: the embedding lookup fails
-    res = Embedder(lm, sae, EmbedSettings(token_budget=4096, pad_multiple=4), 0).embed(ids, [[1] * 3] * 3)
+    res = run(engine(lm, sae, token_budget=4096, pad_multiple=4), ids, [[1] * 3] * 3)
     assert list(res.rejected) == [1]
     assert "embedding failed: IndexError" in res.rejected[1]
-    assert res.outputs["sae"][0] is not None and res.outputs["sae"][2] is not None
+    assert res.outputs[SAE.name][0] is not None and res.outputs[SAE.name][2] is not None
 
 
-def test_all_representations_in_one_pass(parts):
+def test_every_readout_in_one_pass_equals_its_reference(parts, tiny_lm):
+    """SAE codes at two K and two exclusion rules, mlp_gate at two K, hidden (mean and
+    position-weighted) and NAIT deltas, all from one forward, each against a recomputation from
+    the full model's hidden states."""
+    from transformers import AutoModelForCausalLM
+
     lm, sae = parts
-    emb = Embedder(lm, sae, EmbedSettings(representations=("sae", "hidden", "mlp_gate"), mlp_k=5), 0)
-    res = emb.embed([[5, 6, 7, 8]], [[1, 1, 1, 1]])
-    assert res.outputs["hidden"][0].shape == (32,)
-    idx, val = res.outputs["mlp_gate"][0]
-    assert 5 <= len(idx) <= 20 and (val > 0).all()
+    ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22]]
+    special = [[0, 1, 1, 1, 1, 0], [0, 1, 1], [0] + [1] * 8]
+    none = [[1] * len(x) for x in ids]
+    ro = [Readout("sae", 2, "special", k=8, sae="s"), Readout("sae", 2, "special", k=3, sae="s"),
+          Readout("sae", 1, "none", k=8, sae="s"), Readout("mlp_gate", 2, "special", k=3),
+          Readout("mlp_gate", 2, "special", k=6), Readout("hidden", 2, "special"),
+          Readout("hidden", 2, "none", weighting="position"), Readout("nait", 2, "special", blocks=(0, 1, 2))]
+    eng = FeatureEngine(lm, ro, Batching(token_budget=64, pad_multiple=16), 0, saes={"s": sae})
+    res = eng.run(ids, {"special": special, "none": none})
+    full = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    for i, x in enumerate(ids):
+        with torch.inference_mode():
+            hs = full(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states
+            mlp_in = {}
+            hk = full.model.layers[2].mlp.register_forward_pre_hook(lambda m, a: mlp_in.__setitem__("x", a[0][0]))
+            full(input_ids=torch.tensor([x]))
+            hk.remove()
+            pre2 = torch.relu(sae.pre_acts(hs[3][0]))
+            pre1 = torch.relu(sae.pre_acts(hs[2][0]))
+            mlp = full.model.layers[2].mlp
+            gate = mlp.act_fn(mlp.gate_proj(mlp_in["x"])).abs()
+        sp, nn = torch.tensor(special[i], dtype=torch.bool), torch.tensor(none[i], dtype=torch.bool)
+
+        def codes(acts, k, keep):
+            top = acts.topk(k, dim=-1)
+            return torch.zeros_like(acts).scatter(1, top.indices, top.values)[keep].mean(0).numpy()
+
+        want = {ro[0].name: codes(pre2, 8, sp), ro[1].name: codes(pre2, 3, sp), ro[2].name: codes(pre1, 8, nn),
+                ro[3].name: codes(gate, 3, sp), ro[4].name: codes(gate, 6, sp)}
+        for name, ref in want.items():
+            np.testing.assert_allclose(dense(res.outputs[name][i], len(ref)), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res.outputs[ro[5].name][i], hs[3][0][sp].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+        w = torch.arange(1, len(x) + 1, dtype=torch.float32)
+        np.testing.assert_allclose(res.outputs[ro[6].name][i], (hs[3][0] * w[:, None]).sum(0).numpy() / w.sum().item(),
+                                   rtol=1e-5, atol=1e-5)
+        first = special[i].index(1)
+        nait = torch.cat([hs[b + 1][0][-1] - hs[b + 1][0][first] for b in (0, 1, 2)]).numpy()
+        np.testing.assert_allclose(res.outputs[ro[7].name][i], nait, rtol=1e-5, atol=1e-5)
+    # the K of each readout is its own: mlp_gate K=3 pools at most 3 units per token
+    assert all(len(res.outputs[ro[3].name][i][0]) <= 3 * len(x) for i, x in enumerate(ids))
+    assert eng.width(ro[3]) == 64 and eng.width(ro[7]) == 3 * 32 and eng.width(ro[0]) == 128
+
+
+def test_an_encode_call_never_exceeds_the_chunk(parts):
+    """Explain's token codes come from the same per-row chunks: at most sae_chunk_tokens per call."""
+    lm, sae = parts
+    seen = []
+    eng = FeatureEngine(lm, [SAE], Batching(token_budget=512, pad_multiple=16, sae_chunk_tokens=5), 0, saes={"s": sae},
+                        token_hook=lambda r, rows, pos, vals, idx: seen.append((len(set(rows)), vals.shape[0])))
+    ids = [list(range(4, 4 + n)) for n in (3, 12, 17)]
+    run(eng, ids, [[1] * len(x) for x in ids])
+    assert seen and all(rows == 1 and n <= 5 for rows, n in seen)
+    assert sum(n for _, n in seen) == 3 + 12 + 17

@@ -12,6 +12,15 @@ Two extra measurements on the same data:
   blocks: time per block and whether every score is bitwise equal;
 * ``float16``: a fresh realistic sample stored with float16 values (targets included)
   against float32: is the top-``ratio`` selection identical, and how much overlaps.
+
+``aggregations`` (issue 14): at each N, the same blocks scored against all ``--targets``
+target rows (``round_robin``) or ``--clusters`` cluster prototypes (``clusters``), or
+against the one prototype with IDF-weighted Jaccard (``prototype:jaccard-idf``, after a
+document-frequency pass over the blocks), via ``aggregate.pairwise``. Each of ``--agg-tasks``
+simulated scoring tasks keeps per target (cluster) its top-k (``aggregate.PerTargetTopK``);
+the driver merges them (``aggregate.merge_candidates``) and interleaves
+(``aggregate.round_robin``). Per-example Jaccard costs O(targets x nnz) per row, so it only
+runs up to ``--jaccard-max-rows``.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import scoring
+from .. import aggregate, scoring
 from ..scoring import kernels
 from .common import BenchError, Stages, peak_rss_mb, reset_peak_rss, table
 from .synth import Generator, RowPool, SynthSpec, prototype_from
 
 KERNELS = {"fast": kernels.jaccard, "reference": scoring.jaccard}
+AGGREGATIONS = ("prototype:jaccard-idf", "round_robin:cosine", "round_robin:cosine-f32", "round_robin:jaccard",
+                "clusters:cosine", "clusters:jaccard")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-blocks", type=int, default=8, help="blocks timed with both kernels (0: skip)")
     p.add_argument("--quality-rows", type=int, default=20000, help="rows for the float16-vs-float32 check (0: skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aggregations", default=",".join(AGGREGATIONS),
+                   help="aggregations timed next to the prototype ('' to skip; default: %(default)s)")
+    p.add_argument("--clusters", type=int, default=8, help="cluster prototypes for clusters:* (default: %(default)s)")
+    p.add_argument("--agg-tasks", type=int, default=2, help="simulated scoring tasks merged by the driver (default: %(default)s)")
+    p.add_argument("--jaccard-max-rows", type=int, default=10000,
+                   help="largest N for round_robin:jaccard, O(targets x nnz) per row (default: %(default)s)")
 
 
 def _sizes(text: str) -> list[int]:
@@ -65,7 +82,17 @@ def _check(args) -> list[int]:
         raise BenchError(f"--block-rows={args.block_rows} exceeds --pool-rows={args.pool_rows}")
     if not 0 < args.ratio <= 1:
         raise BenchError(f"--ratio={args.ratio} must be in (0, 1]")
+    for name in _aggregations(args):
+        if name not in AGGREGATIONS:
+            raise BenchError(f"--aggregations: unknown {name!r}; use any of {', '.join(AGGREGATIONS)}")
+    for name in ("clusters", "agg_tasks"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     return sizes
+
+
+def _aggregations(args) -> list[str]:
+    return [x.strip() for x in (args.aggregations or "").split(",") if x.strip()]
 
 
 def _as_arrow(rows: scoring.SparseRows) -> tuple[pa.Array, pa.Array]:
@@ -108,6 +135,83 @@ def stream(n_rows: int, pool: RowPool, proto: np.ndarray, args, kernel) -> dict:
             "generate_s": st["generate"], "to_csr_s": st["to_csr"], "score_s": st["score"],
             "topk_s": st["topk"], "score_topk_s": work, "rows_per_s": n_rows / work if work else None,
             "rss_at_start_mb": rss0, "peak_rss_mb": peak_rss_mb()}
+
+
+def _blocks(n_rows: int, pool: RowPool, args, st: Stages):
+    """The very blocks ``stream`` scores (same seed), as CSR rows + ids."""
+    rng = np.random.default_rng(args.seed + n_rows)
+    for a in range(0, n_rows, args.block_rows):
+        b = min(args.block_rows, n_rows - a)
+        with st("generate"):
+            idx_col, val_col = _as_arrow(pool.block(b, rng))
+            ids = _ids(a, b)
+        with st("to_csr"):
+            rows = scoring.SparseRows.from_arrow(idx_col, val_col)
+        yield a, rows, ids
+
+
+def stream_aggregation(name: str, n_rows: int, pool: RowPool, proto: np.ndarray, targets: np.ndarray,
+                       centers: tuple[np.ndarray, np.ndarray], args) -> dict:
+    """One aggregation over ``n_rows`` streamed rows: per-list top-k in each task, merge, interleave."""
+    kind, sim = name.split(":")
+    k = scoring.selection_size(n_rows, args.ratio)
+    st = Stages()
+    reset_peak_rss()
+    rss0 = peak_rss_mb()
+    out = {"aggregation": name, "rows": n_rows, "selected": 0}
+    if kind == "round_robin" and sim == "jaccard" and n_rows > args.jaccard_max_rows:
+        return {**out, "skipped": f"N > --jaccard-max-rows={args.jaccard_max_rows}"}
+    base = {"jaccard-idf": "jaccard", "cosine-f32": "cosine"}.get(sim, sim)
+    gemm = np.float32 if sim.endswith("-f32") else np.float64
+    if kind == "prototype":  # one list: the weighted-Jaccard ranking, after a document-frequency pass
+        df = np.zeros(len(proto), dtype=np.int64)
+        for _, rows, _ in _blocks(n_rows, pool, args, st):
+            with st("prepass"):
+                df += aggregate.doc_freq(rows, len(proto))
+        weights = aggregate.idf_weights(df, n_rows)
+        lists, quotas = proto[None, :], None
+    else:
+        weights = None
+        lists, sizes = (targets, None) if kind == "round_robin" else centers
+        quotas = None if sizes is None else aggregate.allocate(sizes, k)
+    tasks = [aggregate.PerTargetTopK(len(lists), k) for _ in range(args.agg_tasks)]
+    best = scoring.RunningTopK(k) if kind == "clusters" else None
+    for a, rows, ids in _blocks(n_rows, pool, args, st):
+        with st("score"):
+            S = aggregate.pairwise(rows, lists, base, weights=weights, gemm_dtype=gemm)
+        with st("topk"):
+            tasks[(a // args.block_rows) % len(tasks)].add(S, ids)
+            if best is not None:  # the full-ranking variant: best cluster score
+                best.add(aggregate.best_cluster_score(S), ids)
+        del rows, S, ids
+    with st("topk"):
+        parts = [t.result() for t in tasks]
+        if best is not None:
+            best.result()
+    with st("merge"):
+        cand = aggregate.merge_candidates(parts, k)
+    del parts, tasks
+    with st("interleave"):
+        sel, _, _ = aggregate.round_robin(cand, k, quotas=quotas)
+    work = st["prepass"] + st["to_csr"] + st["score"] + st["topk"] + st["merge"] + st["interleave"]
+    return {**out, "lists": len(lists), "selected": len(sel), "prepass_s": st["prepass"], "to_csr_s": st["to_csr"],
+            "score_s": st["score"], "topk_s": st["topk"], "merge_s": st["merge"], "interleave_s": st["interleave"],
+            "total_s": work, "rss_at_start_mb": rss0, "peak_rss_mb": peak_rss_mb()}
+
+
+def aggregation_setup(gen: Generator, args) -> dict:
+    """The target rows (dense) and ``--clusters`` spherical k-means prototypes of them;
+    also how long the automatic choice (``aggregate.choose_clusters``) takes on them."""
+    t = gen.draw(args.targets, np.random.default_rng(1), target=True)  # the rows prototype_from averages
+    T = t.to_dense(gen.spec.num_latents)
+    t0 = time.perf_counter()
+    auto = aggregate.choose_clusters(T, seed=args.seed)
+    choose_s = time.perf_counter() - t0
+    labels = aggregate.spherical_kmeans(T, args.clusters, seed=args.seed)
+    P, sizes = aggregate.cluster_prototypes(T, labels)
+    return {"targets": T, "centers": (P, sizes),
+            "info": {"target_rows": len(T), "clusters_timed": len(P), "cluster_sizes": sizes.tolist(),
+                     "auto_clusters": int(auto.max()) + 1, "choose_clusters_s": choose_s}}
 
 
 def compare_kernels(pool: RowPool, proto: np.ndarray, args) -> dict:
@@ -180,6 +284,34 @@ def run(args) -> tuple[dict, str]:
                             ("to_csr_s", "to_csr s"), ("score_s", "score s"), ("topk_s", "topk s"),
                             ("score_topk_s", "total s"), ("rows_per_s", "rows/s"), ("peak_rss_mb", "peak RSS MB")]),
             "(total = to_csr + score + topk; generate is the synthetic data source, not part of the pipeline)"]
+    aggs = _aggregations(args)
+    if aggs:
+        setup = aggregation_setup(gen, args)
+        rows_out = []
+        for r in results:
+            base = r["score_topk_s"]
+            rows_out.append({"aggregation": "prototype:jaccard", "rows": r["rows"], "lists": 1, "selected": r["selected"],
+                             "score_s": r["score_s"], "topk_s": r["topk_s"], "total_s": base, "vs_prototype": 1.0,
+                             "peak_rss_mb": r["peak_rss_mb"]})
+            for name in aggs:
+                a = stream_aggregation(name, r["rows"], pool, proto, setup["targets"], setup["centers"], args)
+                if "total_s" in a:
+                    a["vs_prototype"] = a["total_s"] / base if base else None
+                rows_out.append(a)
+        report["aggregations"] = {"setup": setup["info"], "results": rows_out}
+        info = setup["info"]
+        text += ["", f"aggregations: {info['target_rows']} target rows; clusters:* with {info['clusters_timed']} "
+                 f"prototypes (choose_clusters picks {info['auto_clusters']} on these targets, "
+                 f"{info['choose_clusters_s']:.2f} s); {args.agg_tasks} scoring tasks merged",
+                 table([x for x in rows_out if "total_s" in x],
+                       [("rows", "N"), ("aggregation", "aggregation"), ("lists", "lists"), ("score_s", "score s"),
+                        ("topk_s", "topk s"), ("merge_s", "merge s"), ("interleave_s", "interleave s"),
+                        ("total_s", "total s"), ("vs_prototype", "x prototype"), ("peak_rss_mb", "peak RSS MB")]),
+                 "(total = [df pass +] to_csr + score + per-list top-k + merge + interleave; "
+                 "prototype:jaccard is the run above)"]
+        skipped = [f"{x['aggregation']} at N={x['rows']}: {x['skipped']}" for x in rows_out if "skipped" in x]
+        if skipped:
+            text += ["skipped: " + "; ".join(skipped)]
     if args.compare_blocks > 0:
         report["kernels"] = compare_kernels(pool, proto, args)
         text += ["", "kernels: scoring.jaccard vs kernels.jaccard on the same blocks",

@@ -11,21 +11,21 @@ folder, ``explain.json`` and ``explain.md``:
   contributes ``min(z_k, p_k)``; its ``share`` is that over the row's numerator. The
   row's score ``sum min / (|z|_1 + |p|_1 - sum min)`` is recomputed and reported.
 
-The pipeline calls :func:`explain` once at the end of a run and :func:`write_explain`
-with the run folder; see the function docs for the arguments.
+The pipeline explains the prototype in one Ray task (:func:`explain_prototype`) and each
+selected row from the store (:func:`explain_row`), then calls :func:`write_explain`.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .engine import micro_batches, padded_length
+from ..core.io import write_json, write_text
+
 
 
 def _token_text(tokenizer, tid: int) -> str:
@@ -38,41 +38,30 @@ def _context(tokenizer, ids: Sequence[int], pos: int, width: int) -> str:
     return f"{left}[[{_token_text(tokenizer, ids[pos])}]]{right}".replace("\n", "\\n")
 
 
-@torch.inference_mode()
-def top_activating_tokens(lm, sae, target_ids: list[list[int]], target_masks: list[list[int]], latents: np.ndarray,
-                          k: int | None, per_latent: int, token_budget: int = 4096, pad_token_id: int = 0,
-                          sae_chunk_tokens: int = 4096) -> dict[int, list[tuple[float, int, int]]]:
+def top_activating_tokens(engine, readout, target_ids: list[list[int]], target_masks: list[list[int]],
+                          latents: np.ndarray, per_latent: int) -> dict[int, list[tuple[float, int, int]]]:
     """For each latent in ``latents``: the ``per_latent`` (activation, row, position) with the
-    highest activation over the target rows' pooled tokens (TopK codes, as the pipeline encodes).
+    highest activation over the target rows' pooled tokens.
 
-    The SAE encodes at most ``sae_chunk_tokens`` tokens per call, as the embedder does, so
-    the pre-activations stay bounded (``tokens x num_latents``) whatever the micro-batch."""
+    The token codes are the feature engine's own (``readout``: the run's SAE readout), seen
+    through its ``token_hook`` while it embeds the target rows: the same micro-batches, the
+    same per-row chunks of at most ``sae_chunk_tokens`` tokens, the same TopK."""
     want = torch.as_tensor(np.asarray(latents, dtype=np.int64))
     heaps: dict[int, list] = {int(j): [] for j in latents}
-    lengths = [len(x) for x in target_ids]
-    step = max(1, int(sae_chunk_tokens))
-    for mb in micro_batches(lengths, token_budget, 64, 16):
-        rows = [i for i in mb if lengths[i]]
-        if not rows:
-            continue
-        T = padded_length(max(lengths[i] for i in rows), 16)
-        inp = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(rows), T), dtype=torch.long)
-        pool = torch.zeros((len(rows), T), dtype=torch.bool)
-        for b, i in enumerate(rows):
-            inp[b, :lengths[i]] = torch.as_tensor(target_ids[i])
-            att[b, :lengths[i]] = 1
-            pool[b, :lengths[i]] = torch.as_tensor(target_masks[i], dtype=torch.bool)
-        h = lm(inp.to(lm.device), att.to(lm.device))
-        all_pos = pool.nonzero()
-        for a in range(0, len(all_pos), step):
-            pos = all_pos[a:a + step]
-            vals, idx = sae.encode(h[pos[:, 0].to(h.device), pos[:, 1].to(h.device)], k)
-            _push_top(heaps, want, vals.float().cpu(), idx.cpu(), pos, rows, per_latent)
+
+    def hook(r, rows, positions, vals, idx):
+        if r == readout:
+            _push_top(heaps, want, vals.float().cpu(), idx.cpu(), rows, positions, per_latent)
+
+    prev, engine.token_hook = engine.token_hook, hook
+    try:
+        engine.run(target_ids, {e: target_masks for e in engine.excludes})
+    finally:
+        engine.token_hook = prev
     return {j: sorted(hp, key=lambda x: (-x[0], x[1], x[2])) for j, hp in heaps.items()}
 
 
-def _push_top(heaps, want: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, rows: list[int],
+def _push_top(heaps, want: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, rows: list[int], positions: list[int],
               per_latent: int) -> None:
     """Offer one chunk's token codes to the per-latent heaps of (activation, row, position)."""
     hit = idx.unsqueeze(-1) == want  # [n_tok, K, n_latents]
@@ -84,7 +73,7 @@ def _push_top(heaps, want: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, 
             continue
         top = nz[col[nz].argsort(descending=True)[:per_latent]]
         for t in top.tolist():
-            item = (float(col[t]), rows[int(pos[t, 0])], int(pos[t, 1]))
+            item = (float(col[t]), rows[t], positions[t])
             if len(heaps[j]) < per_latent:
                 heapq.heappush(heaps[j], item)
             else:
@@ -103,21 +92,16 @@ def contributions(indices: np.ndarray, values: np.ndarray, proto: np.ndarray
     return idx[keep], c[keep], z[keep]
 
 
-def explain_prototype(lm, sae, tokenizer, target_ids: list[list[int]], prototype: np.ndarray, *,
-                      target_masks: list[list[int]] | None = None, k: int | None = None, top_latents: int = 20,
-                      tokens_per_latent: int = 8, context: int = 6, token_budget: int = 4096,
-                      sae_chunk_tokens: int = 4096) -> dict:
+def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
+                      prototype: np.ndarray, *, top_latents: int = 20, tokens_per_latent: int = 8,
+                      context: int = 6) -> dict:
     """The prototype's part of the explanation: its top latents with the target tokens that
-    fire them (needs the model and the SAE; reads the target rows only)."""
+    fire them (needs the model and the SAE, through the feature engine; reads the target rows only)."""
     proto = np.asarray(prototype, dtype=np.float64)
-    if target_masks is None:
-        special = set(tokenizer.all_special_ids)
-        target_masks = [[0 if t in special else 1 for t in ids] for ids in target_ids]
     p_l1 = float(proto.sum())
     top = np.argsort(-proto, kind="stable")[:top_latents]
     top = top[proto[top] > 0]
-    acts = top_activating_tokens(lm, sae, target_ids, target_masks, top, k, tokens_per_latent, token_budget,
-                                 tokenizer.pad_token_id or 0, sae_chunk_tokens)
+    acts = top_activating_tokens(engine, readout, target_ids, target_masks, top, tokens_per_latent)
     latents = []
     for j in top.tolist():
         latents.append({"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
@@ -141,23 +125,19 @@ def explain_row(rid: str, idx: np.ndarray, val: np.ndarray, proto: np.ndarray, t
                            for a, b, zz in zip(li[:shared_per_row], c[:shared_per_row], z[:shared_per_row])]}
 
 
-def explain(lm, sae, tokenizer, target_ids: list[list[int]], prototype: np.ndarray,
-            selected: list[tuple[str, np.ndarray, np.ndarray]], *, target_masks: list[list[int]] | None = None,
-            k: int | None = None, top_latents: int = 20, tokens_per_latent: int = 8, shared_per_row: int = 10,
-            context: int = 6, token_budget: int = 4096, sae_chunk_tokens: int = 4096) -> dict:
+def explain(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
+            prototype: np.ndarray, selected: list[tuple[str, np.ndarray, np.ndarray]], *, top_latents: int = 20,
+            tokens_per_latent: int = 8, shared_per_row: int = 10, context: int = 6) -> dict:
     """The explanation of a selection, as a JSON-ready dict.
 
-    ``lm``: the loaded ``TruncatedLM``; ``sae``: the ``SAE`` the run used; ``tokenizer``: the
-    model's; ``target_ids``: the target rows' token ids as the run tokenized them, with
-    ``target_masks`` their pool masks (default: every non-special token, i.e.
-    ``pool.exclude=special``); ``prototype``: the dense prototype the run scored with;
-    ``selected``: ``(id, latent indices, mean-pooled values)`` of each selected row, best
-    first; ``k``: the run's SAE K override (None = the SAE's own).
+    ``engine``: a ``FeatureEngine`` holding the run's model and SAE; ``readout``: the run's SAE
+    readout; ``target_ids``/``target_masks``: the target rows' token ids and pool masks as the
+    run tokenized them; ``prototype``: the dense prototype the run scored with; ``selected``:
+    ``(id, latent indices, mean-pooled values)`` of each selected row, best first.
     """
     proto = np.asarray(prototype, dtype=np.float64)
-    doc = explain_prototype(lm, sae, tokenizer, target_ids, proto, target_masks=target_masks, k=k,
-                            top_latents=top_latents, tokens_per_latent=tokens_per_latent, context=context,
-                            token_budget=token_budget, sae_chunk_tokens=sae_chunk_tokens)
+    doc = explain_prototype(engine, readout, tokenizer, target_ids, target_masks, proto, top_latents=top_latents,
+                            tokens_per_latent=tokens_per_latent, context=context)
     top_set = {x["latent"] for x in doc["top_latents"]}
     return {"prototype": doc, "selected": [explain_row(rid, idx, val, proto, top_set, shared_per_row)
                                            for rid, idx, val in selected]}
@@ -167,7 +147,7 @@ def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tupl
     """``explain.json`` (everything) and ``explain.md`` (readable; the first ``max_rows_md`` rows)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explain.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    write_json(doc, out / "explain.json")
     p = doc["prototype"]
     md = ["# Why these rows were selected", "",
           f"Prototype: mean of {p['target_rows']} target rows; {p['nonzero']} of {p['num_latents']} latents active, "
@@ -188,5 +168,5 @@ def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tupl
         md.append(f"| {i} | `{r['id']}` | {r['score']:.4f} | {r['shared_latents']} | {tops} |")
     if len(doc["selected"]) > max_rows_md:
         md.append(f"\n({len(doc['selected']) - max_rows_md} more rows in explain.json)")
-    (out / "explain.md").write_text("\n".join(md) + "\n")
+    write_text("\n".join(md) + "\n", out / "explain.md")
     return out / "explain.json", out / "explain.md"

@@ -1,15 +1,20 @@
-"""The embedding store: pooled sparse rows in Parquet parts, keyed by content hash.
+"""The feature store: pooled rows of one readout in Parquet parts, keyed by content hash.
 
-One folder per embedding fingerprint holds ``part-<key>.parquet`` files (schema
-``stages.EMBEDDING_SCHEMA``). A part is written once, atomically, and named after the
-content it holds, so parts are never rewritten with other rows; a content hash can still
-appear in two parts (two runs sharing a store embedded the same new row at once), and then
-the part whose path sorts first is the one used, everywhere.
+One folder per embedding fingerprint (:func:`embedding_fingerprint`: the model, the
+rendering, the compute dtype, the readout and its SAE) holds ``part-<key>.parquet`` files
+of schema :data:`EMBEDDING_SCHEMA` (sparse readouts: ascending latent ``indices`` and their
+mean-pooled ``values``; dense ones: ``values`` only, ``indices`` empty). The pipeline and
+the evaluation write and read the same folders, so either reuses what the other embedded.
 
-The driver never converts the store to Python: :meth:`EmbeddingStore.index` is one Arrow
-table ``(content_hash, part)`` read once per run (only the ``content_hash`` column of each
-part), and :meth:`EmbeddingStore.read` opens only the parts that hold the requested rows
-and keeps only those rows, counting what it read in ``last_read``.
+A part is written once, atomically, and named after the content it holds, so parts are
+never rewritten with other rows; a content hash can still appear in two parts (two runs
+sharing a store embedded the same new row at once), and then the part whose path sorts
+first is the one used, everywhere.
+
+The driver never converts the store to Python: :meth:`FeatureStore.index` is one Arrow table
+``(content_hash, part)`` read once per run (``part`` numbers :attr:`FeatureStore.paths`, so
+no path is repeated per row), and :meth:`FeatureStore.read` opens only the parts that hold
+the requested rows and keeps only those rows, counting what it read in ``last_read``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-INDEX_SCHEMA = pa.schema([("content_hash", pa.string()), ("part", pa.string())])
+from ..core.io import sha, write_parquet
+
+EMBEDDING_SCHEMA = pa.schema([
+    ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_pooled", pa.int32()),
+    ("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32())),
+])
+INDEX_SCHEMA = pa.schema([("content_hash", pa.string()), ("part", pa.int32())])
+STORE_VERSION = 3
+
+
+def embedding_fingerprint(model_fp: str, dtype: str, render: dict, readout_spec: dict, sae_fp: str | None,
+                          pad_multiple: int, sae_chunk_tokens: int, value_dtype: str) -> str:
+    """The store folder of a readout's rows: everything that can change one stored bit."""
+    return sha({"v": STORE_VERSION, "model": model_fp, "dtype": dtype, "render": render, "readout": readout_spec,
+                "sae": sae_fp, "pad_multiple": int(pad_multiple), "sae_chunk_tokens": int(sae_chunk_tokens),
+                "value_dtype": value_dtype})
 
 
 def first_per_key(t: pa.Table, key: str, order: str) -> pa.Table:
@@ -35,10 +55,30 @@ def first_per_key(t: pa.Table, key: str, order: str) -> pa.Table:
     return t if len(keep) == len(t) else t.take(pa.array(keep))
 
 
-class EmbeddingStore:
+def rows_table(hashes, n_tokens, n_pooled, outputs, value_dtype: str = "float32") -> pa.Table:
+    """A part's table from per-row outputs: ``(indices, values)`` pairs (sparse) or vectors (dense)."""
+    sparse = bool(outputs) and isinstance(outputs[0], tuple)
+    if sparse:
+        idx = [o[0] for o in outputs]
+        vals = [np.asarray(o[1], dtype=np.float32) for o in outputs]
+    else:
+        idx = [np.zeros(0, np.int32)] * len(outputs)
+        vals = [np.asarray(o, dtype=np.float32) for o in outputs]
+    vtype = pa.float16() if value_dtype == "float16" else pa.float32()
+    return pa.table({
+        "content_hash": pa.array(list(hashes), pa.string()),
+        "n_tokens": pa.array(list(n_tokens), pa.int32()),
+        "n_pooled": pa.array(list(n_pooled), pa.int32()),
+        "indices": pa.array(idx, pa.list_(pa.int32())),
+        "values": pa.array(vals, pa.list_(vtype)),
+    })
+
+
+class FeatureStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._index: pa.Table | None = None
+        self.paths: list[str] = []
         self.last_read = {"parts": 0, "rows": 0}
 
     def part_path(self, key: str) -> Path:
@@ -50,45 +90,69 @@ class EmbeddingStore:
     def index(self) -> pa.Table:
         """``(content_hash, part)`` for every stored row, one row per hash (read once, then kept)."""
         if self._index is None:
-            self._index = self._read_index(self.parts())
+            self._index = INDEX_SCHEMA.empty_table()
+            self.paths = []
+            self.add_parts(self.parts())
         return self._index
 
     def add_parts(self, paths) -> None:
-        """Record parts written this run without re-reading the others."""
-        new = self._read_index(sorted(Path(p) for p in paths))
-        self._index = first_per_key(pa.concat_tables([self.index(), new]), "content_hash", "part")
-
-    @staticmethod
-    def _read_index(paths: list[Path]) -> pa.Table:
-        tabs = []
-        for f in paths:
+        """Record parts (written this run) without re-reading the others."""
+        old = self.index()  # the parts already in the folder are read first
+        new_paths = sorted({str(p) for p in paths} - set(self.paths))
+        if not new_paths:
+            return
+        merged = sorted(self.paths + new_paths)
+        pos = {p: i for i, p in enumerate(merged)}
+        remap = np.asarray([pos[p] for p in self.paths], dtype=np.int32)
+        tabs = [old.set_column(1, "part", pa.array(remap[old.column("part").to_numpy()], pa.int32()))] if len(old) else []
+        for f in new_paths:
             h = pq.read_table(f, columns=["content_hash"]).column("content_hash")
-            tabs.append(pa.table({"content_hash": h, "part": pa.array([str(f)] * len(h), pa.string())}))
-        if not tabs:
-            return INDEX_SCHEMA.empty_table()
-        return first_per_key(pa.concat_tables(tabs), "content_hash", "part")
+            tabs.append(pa.table({"content_hash": h, "part": pa.array(np.full(len(h), pos[f], np.int32))}))
+        self.paths = merged
+        self._index = first_per_key(pa.concat_tables(tabs), "content_hash", "part") if tabs else INDEX_SCHEMA.empty_table()
+
+    def write(self, key: str, table: pa.Table) -> Path:
+        """Write one part (atomically) and record it."""
+        path = self.part_path(key)
+        write_parquet(table, path, row_group_size=512)
+        self.add_parts([path])
+        return path
 
     def locate(self, hashes: pa.Array | pa.ChunkedArray) -> pa.Table:
         """The index rows of ``hashes`` (those that are stored)."""
         idx = self.index()
         return idx.filter(pc.is_in(idx.column("content_hash"), value_set=pa.array(pc.unique(hashes))))
 
+    def missing(self, hashes) -> list[str]:
+        """Which of ``hashes`` are not stored yet (in the given order, each once)."""
+        arr = pa.array(list(dict.fromkeys(hashes)), pa.string())
+        have = pc.is_in(arr, value_set=self.index().column("content_hash").combine_chunks())
+        return arr.filter(pc.invert(have)).to_pylist()
+
     def read(self, hashes, columns: list[str] | None = None) -> pa.Table:
-        """The stored rows of ``hashes`` (one per hash), reading only the parts that hold them."""
+        """The stored rows of ``hashes`` (one per hash, in store order), reading only the parts
+        that hold them."""
         if not isinstance(hashes, (pa.Array, pa.ChunkedArray)):
             hashes = pa.array(list(hashes), pa.string())
         where = self.locate(hashes)
         cols = None if columns is None else list(dict.fromkeys(["content_hash", *columns]))
         out, n_parts = [], 0
-        for part in pc.unique(where.column("part")).to_pylist():
-            want = where.filter(pc.equal(where.column("part"), part)).column("content_hash")
-            t = pq.read_table(part, columns=cols)
+        parts = where.column("part").to_numpy()
+        for part in np.unique(parts):
+            want = where.filter(pa.array(parts == part)).column("content_hash")
+            t = pq.read_table(self.paths[int(part)], columns=cols)
             out.append(t.filter(pc.is_in(t.column("content_hash"), value_set=want.combine_chunks())))
             n_parts += 1
-        from ..pipeline.stages import EMBEDDING_SCHEMA
-
         schema = EMBEDDING_SCHEMA if cols is None else pa.schema([EMBEDDING_SCHEMA.field(c) for c in cols])
         t = pa.concat_tables(out, promote_options="permissive") if out else schema.empty_table()
         t = first_per_key(t, "content_hash", "content_hash")
         self.last_read = {"parts": n_parts, "rows": len(t)}
         return t
+
+    def read_ordered(self, hashes: list[str], columns: list[str]) -> pa.Table:
+        """The stored rows of ``hashes`` in that order (a hash may repeat); every hash must be stored."""
+        t = self.read(pa.array(list(dict.fromkeys(hashes)), pa.string()), columns)
+        at = pc.index_in(pa.array(list(hashes), pa.string()), value_set=t.column("content_hash").combine_chunks())
+        if pc.any(pc.is_null(at)).as_py():
+            raise KeyError(f"rows missing from the feature store {self.root}")
+        return t.take(at)

@@ -26,7 +26,6 @@ works the same on every Ray version >= 2.51.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,23 +40,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core import procmem, records
-from . import report, stages
+from ..core.io import sha as _sha
+from ..core.io import write_json, write_parquet
 from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from ..core.records import InputError
-from ..core.sae import SAEError, detect_format, file_fingerprint, find_sparsify_dir, to_sparsify_hookpoint
-from ..features.store import EmbeddingStore, first_per_key
+from ..core.sae import SAEError, to_sparsify_hookpoint
+from ..features.engine import Batching
+from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
+from ..features.store import FeatureStore, embedding_fingerprint, first_per_key
+from . import report, stages
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 # summed over the embedding actor's per-unit reports (unit_seconds: read + embed + write)
 EMBED_STATS = ("real_tokens", "padded_tokens", "forward_seconds", "unit_seconds")
 
 
 class RunError(RuntimeError):
     """The run cannot go on; the message says why and what to change."""
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tqdm(**kw):
@@ -69,29 +68,13 @@ def _tqdm(**kw):
 # ----------------------------------------------------------------------------- validation
 
 
-def resolve_sae(cfg) -> dict:
-    """Locate the SAE and read its metadata without loading its weights."""
-    if cfg.embed.representation != "sae":
-        return {"path": None, "format": None, "fingerprint": None, "num_latents": None, "k": None, "provisional": False}
-    path = str(cfg.sae.path)
-    if not Path(path).expanduser().exists():
-        raise SAEError(f"sae.path={path!r} does not exist. Set sae.path=/path/to/sae (a sparsify or SAELens folder).")
-    fmt = detect_format(path, cfg.sae.hookpoint) if cfg.sae.format == "auto" else cfg.sae.format
-    info = {"path": str(Path(path).expanduser().resolve()), "format": fmt, "provisional": False}
-    if fmt == "sparsify":
-        d = find_sparsify_dir(path, cfg.sae.hookpoint)
-        sae_cfg = json.loads((d / "cfg.json").read_text())
-        w = d / "sae.safetensors"
-        info.update(num_latents=sae_cfg.get("num_latents") or sae_cfg["d_in"] * sae_cfg["expansion_factor"],
-                    k=int(cfg.sae.k or sae_cfg["k"]), provisional=bool(sae_cfg.get("provisional", False)),
-                    fingerprint=file_fingerprint(w))
-    else:
-        from ..core.sae import load_sae
-
-        sae = load_sae(path, fmt, cfg.sae.hookpoint, cfg.sae.k)
-        info.update(num_latents=sae.num_latents, k=sae.k, fingerprint=sae.fingerprint,
-                    provisional=bool(sae.meta.get("provisional", False)))
-    return info
+def resolve_sae(cfg):
+    """The run's SAE (metadata only), or None when the representation needs none and none is set."""
+    if cfg.embed.representation == "sae":
+        return sae_ref(cfg.sae.path, cfg.sae.format, cfg.sae.hookpoint, cfg.sae.k)
+    if cfg.embed.representation == "mlp_gate" and not cfg.embed.get("mlp_k") and cfg.sae.path:
+        return sae_ref(cfg.sae.path, cfg.sae.format, cfg.sae.hookpoint, cfg.sae.k)  # its K is mlp_gate's default
+    return None
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -176,21 +159,28 @@ class Pipeline:
         self.dtype, self.dtype_reason = self._resolve_dtype()
         self.model_fp = fingerprint_model(self.model_dir)
         render = {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt,
-                  "max_length": cfg.render.max_length, "exclude": cfg.pool.exclude}
-        self.prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": self.model_fp, **render})
-        self.embed_fp = _sha({
-            "v": FINGERPRINT_VERSION, "prep": self.prep_fp, "sae": self.sae_info["fingerprint"],
-            "hookpoint": cfg.sae.hookpoint, "k": self.sae_info["k"], "representation": cfg.embed.representation,
-            "pooling": cfg.pool.method, "dtype": self.dtype, "value_dtype": cfg.embed.value_dtype,
-            "mlp_k": cfg.embed.get("mlp_k")})
+                  "max_length": cfg.render.max_length}
+        self.prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": self.model_fp, **render, "exclude": cfg.pool.exclude})
+        self.readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude,
+                                              self.sae_info, cfg.embed.get("mlp_k"))
+        self.batching = Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
+                                 max_batch_rows=int(cfg.embed.max_batch_rows),
+                                 sae_chunk_tokens=int(cfg.embed.sae_chunk_tokens), value_dtype=cfg.embed.value_dtype)
+        sae_fp = self.sae_info.fingerprint if self.readout.kind == "sae" else None
+        self.embed_fp = embedding_fingerprint(self.model_fp, self.dtype, render, self.readout.spec(), sae_fp,
+                                              self.batching.pad_multiple, self.batching.sae_chunk_tokens,
+                                              self.batching.value_dtype)
+        self.width = readout_width(self.readout, self.model_dir, self.sae_info, cfg.model.trust_remote_code)
         self.prepared_dir = self.out / "prepared" / self.prep_fp
         store = cfg.embed.store_dir or str(self.out / "embeddings")
-        self.store = EmbeddingStore(Path(store).expanduser().resolve() / self.embed_fp)
+        self.store = FeatureStore(Path(store).expanduser().resolve() / self.embed_fp)
         self.store.root.mkdir(parents=True, exist_ok=True)
         (self.store.root / "fingerprint.json").write_text(json.dumps({
-            "model": str(cfg.model.path), "model_fingerprint": self.model_fp, "sae": self.sae_info,
-            "hookpoint": cfg.sae.hookpoint, "representation": cfg.embed.representation, "pooling": cfg.pool.method,
-            "render": render, "dtype": self.dtype, "value_dtype": cfg.embed.value_dtype}, indent=2, default=str))
+            "model": str(cfg.model.path), "model_fingerprint": self.model_fp,
+            "sae": asdict(self.sae_info) if sae_fp else None, "readout": self.readout.spec(),
+            "readout_name": self.readout.name, "render": render, "dtype": self.dtype,
+            "value_dtype": cfg.embed.value_dtype, "pad_multiple": self.batching.pad_multiple,
+            "sae_chunk_tokens": self.batching.sae_chunk_tokens}, indent=2, default=str))
         (self.out / "manifest.json").write_text(json.dumps({"status": "running", "config": self.cfg_dict}, indent=2, default=str))
         self.timings["plan"] += time.perf_counter() - t0
 
@@ -336,7 +326,8 @@ class Pipeline:
                 e = min(int(b), s + cap)
                 key = _sha(sorted(hashes.slice(s, e - s).to_pylist()))  # named after its content: resumable
                 units.append({"key": key, "prepared": str(parts[int(part[a])]["part"]),
-                              "rows": [int(x) for x in pos[s:e]], "out": str(self.store.part_path(key))})
+                              "rows": [int(x) for x in pos[s:e]],
+                              "out": {self.readout.name: str(self.store.part_path(key))}})
         return units
 
     def embed(self) -> None:
@@ -372,7 +363,7 @@ class Pipeline:
                     self.rows_per_actor[str(row["actor"])] = self.rows_per_actor.get(str(row["actor"]), 0) + done
                     embed_rejected += json.loads(row["rejected"])
             ray.kill(progress)
-            self.store.add_parts([u["out"] for u in units if Path(u["out"]).exists()])
+            self.store.add_parts([p for u in units for p in u["out"].values() if Path(p).exists()])
         self.timings["embed"] = time.perf_counter() - t0
         if embed_rejected:
             self._reject_embed_failures(embed_rejected)
@@ -417,48 +408,31 @@ class Pipeline:
             return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu, **res}
         return {"num_cpus": self.cfg.embed.actor_num_cpus_cpu, **res}
 
-    def _embed_job(self) -> stages.EmbedJob:
+    def _embed_job(self) -> EngineJob:
         cfg = self.cfg
         threads = cfg.embed.torch_threads
         if threads in (None, "auto"):
             threads = 0 if self.device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, self._num_actors()))
-        return stages.EmbedJob(
-            model_dir=str(self.model_dir), sae_path=str(self.sae_info["path"]), sae_format=self.sae_info["format"],
-            hookpoint=cfg.sae.hookpoint, k=self.sae_info["k"], dtype=self.dtype,
-            device=self.device, representation=cfg.embed.representation,
-            pooling=cfg.pool.method, value_dtype=cfg.embed.value_dtype, token_budget=cfg.embed.token_budget,
-            pad_multiple=cfg.embed.pad_multiple, max_batch_rows=cfg.embed.max_batch_rows,
-            sae_chunk_tokens=cfg.embed.sae_chunk_tokens, torch_threads=int(threads),
-            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-            mlp_k=cfg.embed.get("mlp_k"))
+        return EngineJob(model_dir=str(self.model_dir), dtype=self.dtype, device=self.device,
+                         readouts=(self.readout,), saes=(self.sae_info,) if self.readout.kind == "sae" else (),
+                         batching=self.batching, torch_threads=int(threads),
+                         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
 
     # -------------------------------------------------------------- prototype + score
-
-    def _width(self) -> int:
-        """Latents per row: the SAE's, or the model's for the non-SAE representations."""
-        if self.sae_info["num_latents"]:
-            return int(self.sae_info["num_latents"])
-        from transformers import AutoConfig
-
-        c = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
-        c = c.get_text_config() if hasattr(c, "get_text_config") else c
-        return int(c.intermediate_size if self.cfg.embed.representation == "mlp_gate" else c.hidden_size)
 
     def prototype(self) -> None:
         from safetensors.numpy import save_file
 
-        from ..scoring import SparseRows, prototype
+        from ..scoring import prototype_of
 
         t0 = time.perf_counter()
         # one prototype entry per target row (duplicated content counts twice), in id order
         tgt = self.index["target"].select(["id", "content_hash"]).sort_by("id")
-        emb = self.store.read(tgt.column("content_hash"), columns=["indices", "values"])
-        at = pc.index_in(tgt.column("content_hash"), value_set=emb.column("content_hash").combine_chunks())
-        if pc.any(pc.is_null(at)).as_py():
-            raise RunError(f"target rows have no embedding in {self.store.root}; this is a bug, please report it")
-        joined = emb.take(at)
-        rows = SparseRows.from_arrow(joined.column("indices"), joined.column("values"))
-        self.proto = prototype(rows, self._width())
+        try:
+            joined = self.store.read_ordered(tgt.column("content_hash").to_pylist(), ["n_pooled", "indices", "values"])
+        except KeyError:
+            raise RunError(f"target rows have no embedding in {self.store.root}; this is a bug, please report it") from None
+        self.proto = prototype_of(joined, self.width, not self.readout.sparse, self.cfg.pool.method)
         save_file({"prototype": self.proto.astype(np.float32)}, str(self.out / "prototype.safetensors"),
                   metadata={"rows": str(len(joined)), "embedding_fingerprint": self.embed_fp})
         self.timings["prototype"] = time.perf_counter() - t0
@@ -481,12 +455,12 @@ class Pipeline:
         loc = loc.sort_by([("part", "ascending"), ("id", "ascending")])
         groups = _groups_of_parts(loc, int(self.cfg.select.score_batch_rows))
         self.k = k = selection_size(len(idx), self.cfg.select.ratio, self.cfg.select.count)
-        proto = ray.put(self.proto)
+        proto, paths = ray.put(self.proto), ray.put(list(self.store.paths))
         ds = ray.data.from_arrow(groups).map_batches(
             stages.score_parts, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"proto": proto, "similarity": self.cfg.select.similarity,
-                       "batch_rows": self.cfg.select.score_batch_rows,
-                       "dense": self.cfg.embed.representation == "hidden"},
+            fn_kwargs={"proto": proto, "paths": paths, "similarity": self.cfg.select.similarity,
+                       "pooling": self.cfg.pool.method, "batch_rows": self.cfg.select.score_batch_rows,
+                       "dense": not self.readout.sparse},
             num_cpus=self.cfg.ray.task_num_cpus)
         top = RunningTopK(k)
         tabs = []
@@ -595,12 +569,12 @@ class Pipeline:
         t0 = time.perf_counter()
         out = self.out
         files = _part_files(self.source_parts).take(self.scores.column("part"))
-        stages.write_atomic(pa.table({"id": self.scores.column("id"), "score": self.scores.column("score"),
+        write_parquet(pa.table({"id": self.scores.column("id"), "score": self.scores.column("score"),
                                       "file": files, "row": self.scores.column("row")}), out / "scores.parquet", 65536)
         del files
         rej = pa.concat_tables([self.rejected[r].append_column("set", pa.array([r] * len(self.rejected[r]), pa.string()))
                                 for r in ("source", "target")])
-        stages.write_atomic(rej.sort_by([("set", "ascending"), ("file", "ascending"), ("row", "ascending")]),
+        write_parquet(rej.sort_by([("set", "ascending"), ("file", "ascending"), ("row", "ascending")]),
                             out / "rejected.parquet")
         self.selected = selected = self._selected_records()
         report.write_selection(selected, out)
@@ -653,7 +627,7 @@ class Pipeline:
                 manifest["explain_read"] = self.explain_read
             manifest["driver_memory_mb"] = mem.stages
             # written last: "complete" means every output above is in place
-            report.write_json_atomic(manifest, self.out / "manifest.json")
+            write_json(manifest, self.out / "manifest.json")
             return manifest
         finally:
             mem.stop()

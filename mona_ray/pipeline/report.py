@@ -7,28 +7,18 @@ import os
 import platform
 import sys
 import time
-import uuid
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 
-from . import stages
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+from ..core.io import write_jsonl, write_parquet
 
 
 def write_selection(selected: list[dict], out: Path) -> None:
     """``selected.jsonl`` (one original record per line, plus id, score, rank) and the same as Parquet."""
-    tmp = out / f".selected.jsonl.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in selected:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "selected.jsonl")
+    write_jsonl(selected, out / "selected.jsonl")
     try:  # every field any record has (from_pylist would take the first record's fields only)
         keys = dict.fromkeys(k for r in selected for k in r)
         table = pa.Table.from_pydict({k: [r.get(k) for r in selected] for k in keys}) if selected else pa.table({})
@@ -38,7 +28,7 @@ def write_selection(selected: list[dict], out: Path) -> None:
                           "score": [r["score"] for r in selected],
                           "record": [json.dumps({k: v for k, v in r.items() if k not in ("id", "rank", "score")},
                                                 ensure_ascii=False) for r in selected]})
-    stages.write_atomic(table, out / "selected.parquet")
+    write_parquet(table, out / "selected.parquet")
 
 
 def _versions() -> dict:
@@ -71,10 +61,11 @@ def manifest(p, selected: list[dict]) -> dict:
                       "method": p.cfg.select.get("method", "mona"), "similarity": p.cfg.select.similarity,
                       "top_score": float(p.top_scores[0]) if len(selected) else None,
                       "cutoff_score": float(p.top_scores[-1]) if len(selected) else None},
-        "fingerprints": {"model": p.model_fp, "sae": p.sae_info.get("fingerprint"), "prepared": p.prep_fp,
-                         "embedding": p.embed_fp},
-        "sae": {k: v for k, v in p.sae_info.items()},
-        "sae_provisional": bool(p.sae_info.get("provisional")),
+        "fingerprints": {"model": p.model_fp, "sae": p.sae_info.fingerprint if p.sae_info else None,
+                         "prepared": p.prep_fp, "embedding": p.embed_fp},
+        "sae": asdict(p.sae_info) if p.sae_info else None,
+        "readout": {"name": p.readout.name, **p.readout.spec(), "width": p.width} if hasattr(p, "readout") else None,
+        "sae_provisional": bool(p.sae_info and p.sae_info.provisional),
         "embedding_store": str(p.store.root),
         "compute": {"device": getattr(p, "device", None), "dtype": getattr(p, "dtype", None),
                     "dtype_reason": getattr(p, "dtype_reason", None)},

@@ -1,6 +1,6 @@
 """The per-unit work of each pipeline stage, as plain functions and one actor class.
 
-``pipeline.py`` hands these to Ray Data; nothing here imports Ray, so each stage can be
+``driver.py`` hands these to Ray Data; nothing here imports Ray, so each stage can be
 called (and tested) on its own. Every file a stage writes is written to a temporary
 name and renamed into place, and its name is derived from its content or its input
 unit, never from a random id: a retried or resumed task rewrites the same file with
@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core import records
+from ..core.io import write_parquet
+from ..features.spec import EngineJob, load_engine
+from ..features.store import first_per_key, rows_table
+from ..scoring import score_rows
 
 PREPARED_SCHEMA = pa.schema([
     ("id", pa.string()), ("content_hash", pa.string()), ("file", pa.string()), ("row", pa.int64()),
@@ -32,19 +34,6 @@ PREPARED_SCHEMA = pa.schema([
 REJECTED_SCHEMA = pa.schema([
     ("file", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
 ])
-EMBEDDING_SCHEMA = pa.schema([
-    ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_pooled", pa.int32()),
-    ("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32())),
-])
-
-
-def write_atomic(table: pa.Table, path: str | Path, row_group_size: int = 1024) -> None:
-    """Write Parquet to ``path`` via a unique temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    os.replace(tmp, path)
 
 
 def rejected_table(rows: list[dict]) -> pa.Table:
@@ -167,67 +156,26 @@ def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, reje
         else:
             bad.append({"file": unit.path, "row": r["row"], "id": safe_text(r["id"]), "stage": "validate",
                         "reason": f"cannot tokenize: {_reason(err)}"})
-    write_atomic(pa.Table.from_pylist(ok, schema=PREPARED_SCHEMA), out_path, row_group_size=256)
-    write_atomic(rejected_table(bad), rejected_path)
+    write_parquet(pa.Table.from_pylist(ok, schema=PREPARED_SCHEMA), out_path, row_group_size=256)
+    write_parquet(rejected_table(bad), rejected_path)
     return {"unit": unit.key, "rows_ok": len(ok), "rows_rejected": len(bad)}
 
 
 # ----------------------------------------------------------------------------- embed
 
 
-@dataclass(frozen=True)
-class EmbedJob:
-    model_dir: str
-    sae_path: str
-    sae_format: str
-    hookpoint: str
-    k: int | None
-    dtype: str  # resolved on the driver (never "auto"): every actor computes in the same dtype
-    device: str
-    representation: str
-    pooling: str
-    value_dtype: str
-    token_budget: int
-    pad_multiple: int
-    max_batch_rows: int
-    sae_chunk_tokens: int
-    torch_threads: int
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-    mlp_k: int | None = None
-
-
 class EmbedActor:
-    """Holds the model and the SAE; embeds one unit per call and writes its part file.
+    """Holds the model, its SAEs and the feature engine; embeds one unit per call and writes one
+    part per readout into that readout's store folder.
 
-    Only the small summary row goes back through Ray; the sparse rows go straight to
-    Parquet, so nothing large crosses the object store. With a ``progress`` actor handle,
-    every micro-batch reports its rows and tokens to it as it finishes (fire and forget),
-    so the driver's bar moves within a unit.
+    Only the small summary row goes back through Ray; the features go straight to Parquet,
+    so nothing large crosses the object store. With a ``progress`` actor handle, every
+    micro-batch reports its rows and tokens to it as it finishes (fire and forget), so the
+    driver's bar moves within a unit.
     """
 
-    def __init__(self, job: EmbedJob, progress=None):
-        import torch
-
-        from ..features.engine import Embedder, EmbedSettings
-        from ..core.model import load_tokenizer, load_truncated, parse_hookpoint, resolve_device
-        from ..core.sae import load_sae
-
-        if job.torch_threads > 0:
-            torch.set_num_threads(job.torch_threads)
-        device = resolve_device(job.device)
-        layer = parse_hookpoint(job.hookpoint)
-        self.lm = load_truncated(job.model_dir, layer, job.dtype, device, job.trust_remote_code,
-                                 job.attn_implementation)
-        sae = None
-        if job.representation == "sae":
-            # the SAE computes in the model's dtype, whatever dtype its weights are stored in
-            sae = load_sae(job.sae_path, job.sae_format, job.hookpoint, job.k, device=device, dtype=self.lm.dtype)
-        tok = load_tokenizer(job.model_dir, job.trust_remote_code)
-        self.embedder = Embedder(self.lm, sae, EmbedSettings(
-            token_budget=job.token_budget, pad_multiple=job.pad_multiple, max_batch_rows=job.max_batch_rows,
-            sae_chunk_tokens=job.sae_chunk_tokens, pooling=job.pooling, k=job.k, mlp_k=job.mlp_k,
-            value_dtype=job.value_dtype, representations=(job.representation,)), tok.pad_token_id)
+    def __init__(self, job: EngineJob, progress=None):
+        self.engine, _ = load_engine(job)
         self.job = job
         self.progress = progress
         self.name = f"{os.uname().nodename}:{os.getpid()}"
@@ -241,30 +189,20 @@ class EmbedActor:
             self.progress.add.remote(rows, tokens)
 
     def embed_unit(self, unit: dict) -> dict:
+        """``unit``: ``prepared`` (a prepared part), ``rows`` (positions in it), ``out`` ({readout
+        name: part path}) and ``key``."""
         t0 = time.perf_counter()
         table = pq.read_table(unit["prepared"], columns=["content_hash", "input_ids", "pool_mask", "id", "file", "row"])
         table = table.take(pa.array(unit["rows"], type=pa.int64()))
         ids = table.column("input_ids").to_pylist()
-        masks = table.column("pool_mask").to_pylist()
-        res = self.embedder.embed(ids, masks, on_batch=self._report)
-        rep = self.job.representation
+        mask = table.column("pool_mask").to_pylist()
+        res = self.engine.run(ids, {e: mask for e in self.engine.excludes}, on_batch=self._report)
         good = [i for i in range(len(ids)) if i not in res.rejected]
         hashes = table.column("content_hash").to_pylist()
-        if rep == "hidden":  # dense vectors stored densely in the same columns
-            vecs = [res.outputs[rep][i] for i in good]
-            idx = [np.arange(len(v), dtype=np.int32) for v in vecs]
-            vals = [np.asarray(v, dtype=np.float32) for v in vecs]
-        else:
-            idx = [res.outputs[rep][i][0] for i in good]
-            vals = [res.outputs[rep][i][1].astype(np.float32) for i in good]
-        emb = pa.table({
-            "content_hash": pa.array([hashes[i] for i in good], pa.string()),
-            "n_tokens": pa.array([res.n_tokens[i] for i in good], pa.int32()),
-            "n_pooled": pa.array([res.n_pooled[i] for i in good], pa.int32()),
-            "indices": pa.array(idx, pa.list_(pa.int32())),
-            "values": pa.array(vals, pa.list_(pa.float16() if self.job.value_dtype == "float16" else pa.float32())),
-        })
-        write_atomic(emb, unit["out"], row_group_size=512)
+        for r in self.job.readouts:
+            write_parquet(rows_table([hashes[i] for i in good], [res.n_tokens[i] for i in good],
+                                     [res.n_pooled[r.name][i] for i in good], [res.outputs[r.name][i] for i in good],
+                                     self.job.batching.value_dtype), unit["out"][r.name], row_group_size=512)
         files, rows, rids = (table.column(c).to_pylist() for c in ("file", "row", "id"))
         rejected = [{"file": files[i], "row": rows[i], "id": rids[i], "stage": "embed", "reason": r}
                     for i, r in sorted(res.rejected.items())]
@@ -288,53 +226,36 @@ class Progress:
         return self.rows, self.tokens
 
 
-def explain_task(job: EmbedJob, target_ids, target_masks, proto) -> dict:
+def explain_task(job: EngineJob, target_ids, target_masks, proto) -> dict:
     """Load the run's model and SAE and explain the prototype (``interpret.explain_prototype``)."""
     from ..features.interpret import explain_prototype
 
-    actor = EmbedActor(job)
-    tok = _tokenizer(job.model_dir, job.trust_remote_code)
-    return explain_prototype(actor.lm, actor.embedder.sae, tok, target_ids, proto, target_masks=target_masks,
-                             k=job.k, token_budget=job.token_budget, sae_chunk_tokens=job.sae_chunk_tokens)
+    engine, tok = load_engine(job)
+    return explain_prototype(engine, job.readouts[0], tok, target_ids, target_masks, proto)
 
 
 # ----------------------------------------------------------------------------- score
 
 
-def score_rows(emb: pa.Table, proto, similarity: str, batch_rows: int, dense: bool = False) -> pa.Table:
-    """(content_hash, score) for embedding rows, scored in slices of ``batch_rows`` rows.
-
-    A row's score never depends on the slice it lands in (per-row reductions only)."""
-    from ..scoring import SparseRows, dense_similarity, score
-
-    out = []
-    for start in range(0, len(emb), batch_rows):
-        blk = emb.slice(start, batch_rows)
-        rows = SparseRows.from_arrow(blk.column("indices"), blk.column("values"))
-        if dense:  # raw hidden states: signed, stored densely; the sparse shortcuts assume z >= 0
-            s = dense_similarity(rows.values.reshape(len(rows), -1), proto, similarity)
-        else:
-            s = score(rows, proto, similarity)
-        out.append(pa.table({"content_hash": blk.column("content_hash"), "score": pa.array(s, pa.float64())}))
-    return pa.concat_tables(out) if out else pa.table({"content_hash": pa.array([], pa.string()),
-                                                       "score": pa.array([], pa.float64())})
-
-
-def score_parts(batch: pa.Table, proto, similarity: str, batch_rows: int, dense: bool = False) -> pa.Table:
+def score_parts(batch: pa.Table, proto, paths, similarity: str, pooling: str, batch_rows: int,
+                dense: bool = False) -> pa.Table:
     """Score this run's rows held by some store parts: ``batch`` is ``(id, content_hash, part)``
-    for the rows wanted; returns ``(id, score)``. Reads each part once, only the needed columns."""
+    for the rows wanted (``part`` numbers ``paths``); returns ``(id, score)``. Reads each part
+    once, only the needed columns."""
     import ray
-
-    from ..features.store import first_per_key
 
     if isinstance(proto, ray.ObjectRef):
         proto = ray.get(proto)
+    if isinstance(paths, ray.ObjectRef):
+        paths = ray.get(paths)
     scored = []
-    for part in pc.unique(batch.column("part")).to_pylist():
-        want = batch.filter(pc.equal(batch.column("part"), part)).column("content_hash")
-        emb = pq.read_table(part, columns=["content_hash", "indices", "values"])
-        emb = emb.filter(pc.is_in(emb.column("content_hash"), value_set=pc.unique(want)))
-        scored.append(score_rows(first_per_key(emb, "content_hash", "content_hash"), proto, similarity,
-                                 batch_rows, dense))
+    part_col = batch.column("part").to_numpy()
+    for part in np.unique(part_col):
+        want = batch.filter(pa.array(part_col == part)).column("content_hash")
+        emb = pq.read_table(paths[int(part)], columns=["content_hash", "n_pooled", "indices", "values"])
+        emb = first_per_key(emb.filter(pc.is_in(emb.column("content_hash"), value_set=pc.unique(want))),
+                            "content_hash", "content_hash")
+        s = score_rows(emb, proto, similarity, dense, pooling, batch_rows)
+        scored.append(pa.table({"content_hash": emb.column("content_hash"), "score": pa.array(s, pa.float64())}))
     scores = pa.concat_tables(scored)
     return batch.select(["id", "content_hash"]).join(scores, "content_hash").select(["id", "score"])

@@ -1,0 +1,59 @@
+"""Scoring rows as the feature store holds them (Arrow), the one path the pipeline's score
+tasks and the evaluation both take.
+
+A stored row is mean-pooled: ``indices``/``values`` (sparse readouts) or ``values`` alone
+(dense). ``pooling="sum"`` (the ablation) multiplies each row by its ``n_pooled`` first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .similarity import dense_similarity, prototype, score
+from .sparse import SparseRows
+
+
+def rows_of(table: pa.Table, dense: bool, pooling: str = "mean"):
+    """``SparseRows`` (sparse) or a float ``[n, d]`` array (dense) of a stored table's rows."""
+    if pooling not in ("mean", "sum"):
+        raise ValueError(f"pool.method={pooling!r}: use mean or sum")
+    vals = table.column("values").combine_chunks()
+    if dense:
+        off = vals.offsets.to_numpy()
+        d = int(off[1] - off[0]) if len(table) else 0
+        X = vals.values.to_numpy(zero_copy_only=False)[off[0]:off[-1]].reshape(len(table), d)
+        if pooling == "sum":
+            X = X.astype(np.float64) * table.column("n_pooled").to_numpy().astype(np.float64)[:, None]
+        return X
+    rows = SparseRows.from_arrow(table.column("indices"), vals)
+    if pooling == "sum":
+        n = np.repeat(table.column("n_pooled").to_numpy().astype(np.float64), np.diff(rows.indptr))
+        rows = SparseRows(rows.indptr, rows.indices, rows.values.astype(np.float64) * n)
+    return rows
+
+
+def prototype_of(table: pa.Table, width: int, dense: bool, pooling: str = "mean") -> np.ndarray:
+    """The mean of the table's rows, in the table's order (callers sort target rows by id)."""
+    if len(table) == 0:
+        raise ValueError("cannot build a prototype from zero target rows")
+    X = rows_of(table, dense, pooling)
+    if dense:
+        acc = np.zeros(X.shape[1], dtype=np.float64)
+        for i in range(len(X)):
+            acc += X[i].astype(np.float64)
+        return acc / len(X)
+    return prototype(X, width)
+
+
+def score_rows(table: pa.Table, proto: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
+               batch_rows: int = 4096) -> np.ndarray:
+    """Similarity of every stored row to ``proto``, in slices of ``batch_rows`` rows (a row's score
+    never depends on its slice: per-row reductions only)."""
+    out = []
+    for start in range(0, len(table), batch_rows):
+        blk = table.slice(start, batch_rows)
+        X = rows_of(blk, dense, pooling)
+        # dense rows (hidden states) are signed: the sparse shortcuts assume z >= 0
+        out.append(dense_similarity(X, proto, similarity) if dense else score(X, proto, similarity))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)

@@ -1,0 +1,260 @@
+"""mona_ray.aggregate: per-target scoring, round-robin, clusters, the support-bias fixes, RDS+ pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mona_ray import aggregate as ag
+from mona_ray.scoring import SparseRows, prototype, score, selection_size, topk
+
+L = 64
+
+
+def _rand_rows(rng, n, width=L, density=0.4):
+    idx, val = [], []
+    for i in range(n):
+        k = 0 if i % 17 == 5 else int(rng.integers(1, int(width * density) + 1))  # some empty rows
+        idx.append(np.sort(rng.choice(width, k, replace=False)))
+        val.append(rng.gamma(1.0, 1.0, k).astype(np.float32))
+    return SparseRows.from_lists(idx, val)
+
+
+# ----------------------------------------------------------------------------- pairwise
+
+
+@pytest.mark.parametrize("chunk_nnz,block_rows", [(7, 1), (200, 13), (1 << 15, 512)])
+def test_pairwise_equals_score_per_column(chunk_nnz, block_rows):
+    rng = np.random.default_rng(0)
+    rows = _rand_rows(rng, 120)
+    T = _rand_rows(rng, 6).to_dense(L)
+    T[2] = 0.0  # an all-zero target scores 0 everywhere, as scoring does
+    for sim in ("jaccard", "cosine", "euclidean"):
+        S = ag.pairwise(rows, T, sim, chunk_nnz=chunk_nnz, block_rows=block_rows)
+        assert S.shape == (len(rows), len(T))
+        ref = np.stack([score(rows, T[j], sim) for j in range(len(T))], axis=1)
+        if sim == "jaccard":  # the same operations on the same numbers: bitwise
+            assert np.array_equal(S.view(np.int64), ref.view(np.int64))
+        else:  # a dense GEMM: equal to float64 rounding
+            np.testing.assert_allclose(S, ref, rtol=1e-12, atol=1e-12)
+            fast = ag.pairwise(rows, T, sim, block_rows=block_rows, gemm_dtype=np.float32)
+            np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_jaccard_formula_and_unit_weights():
+    rng = np.random.default_rng(1)
+    rows = _rand_rows(rng, 50)
+    p = prototype(_rand_rows(rng, 10), L)
+    w = rng.random(L)
+    Z = rows.to_dense(L)
+    brute = (np.minimum(Z, p) * w).sum(1) / (np.maximum(Z, p) * w).sum(1)
+    np.testing.assert_allclose(ag.weighted_jaccard(rows, p, w), brute, rtol=1e-12)
+    np.testing.assert_allclose(ag.weighted_jaccard(rows, p, np.ones(L)), score(rows, p, "jaccard"), rtol=1e-12)
+    with pytest.raises(ValueError):
+        ag.pairwise(rows, p[None], "cosine", weights=w)
+
+
+def test_idf_weights_and_doc_freq():
+    rows = SparseRows.from_lists([[0, 1], [0, 2], [0]], [[1, 1], [1, 1], [1]])
+    df = ag.doc_freq(rows, 4)
+    assert df.tolist() == [3, 1, 1, 0]
+    w = ag.idf_weights(df, 3)
+    assert w[0] == 0.0 and w[3] > w[1] > 0  # a latent in every row weighs nothing
+    assert np.allclose(ag.idf_weights(df, 3, smooth=True), w + 1)
+
+
+def test_sparsify_prototype_keeps_the_heaviest_latents():
+    p = np.array([0.1, 0.4, 0.0, 0.3, 0.2])
+    assert ag.sparsify_prototype(p, 0.5).tolist() == [0, 0.4, 0, 0.3, 0]  # 0.7 >= 0.5; 0.4 alone is not
+    assert ag.sparsify_prototype(p, 0.4).tolist() == [0, 0.4, 0, 0, 0]
+    assert np.array_equal(ag.sparsify_prototype(p, 1.0), p)
+    q = np.array([0.25, 0.25, 0.25, 0.25])  # ties: by latent index
+    assert ag.sparsify_prototype(q, 0.5).tolist() == [0.25, 0.25, 0, 0]
+
+
+# ----------------------------------------------------------------------------- round robin
+
+
+def _lists(*lists):
+    return [(np.asarray(s, float), np.asarray(i, dtype=object)) for i, s in lists]
+
+
+def test_round_robin_interleaves_and_skips_taken_rows():
+    c = _lists((["a", "b", "c", "d"], [4, 3, 2, 1]), (["a", "e", "b", "f"], [9, 8, 7, 6]))
+    ids, src, sc = ag.round_robin(c, 4)
+    # list 0 takes a; list 1's best (a) is taken, so it takes e; then b; list 1 skips b, takes f
+    assert ids.tolist() == ["a", "e", "b", "f"]
+    assert src.tolist() == [0, 1, 0, 1] and sc.tolist() == [4, 8, 3, 6]
+    # RDS+'s code: a turn whose next row is taken adds nothing
+    ids, src, _ = ag.round_robin(c, 4, skip_taken=False)
+    assert ids.tolist() == ["a", "b", "e", "c"] and src.tolist() == [0, 0, 1, 0]
+    # stops at k, and when every list is exhausted
+    assert ag.round_robin(c, 1)[0].tolist() == ["a"]
+    assert sorted(ag.round_robin(c, 100)[0].tolist()) == ["a", "b", "c", "d", "e", "f"]
+    # quotas: list 0 takes at most one row
+    ids, src, _ = ag.round_robin(c, 3, quotas=[1, 2])
+    assert ids.tolist() == ["a", "e", "b"] and src.tolist() == [0, 1, 1]
+
+
+def test_round_robin_needs_only_k_candidates_per_list():
+    rng = np.random.default_rng(2)
+    n, m = 300, 9
+    S = np.round(rng.random((n, m)), 2)  # many ties: broken by id
+    ids = np.array([f"r{i:04d}" for i in rng.permutation(n)], dtype=object)
+    for k in (1, 7, 40, 150):
+        full = ag.candidates_from_scores(S, ids, n)
+        cut = ag.candidates_from_scores(S, ids, k)
+        for skip in (True, False):
+            assert ag.round_robin(cut, k, skip_taken=skip)[0].tolist() == ag.round_robin(full, k, skip_taken=skip)[0].tolist()
+        q = ag.allocate([5, 3, 1, 1, 1, 1, 1, 1, 1], k)
+        assert ag.round_robin(cut, k, quotas=q)[0].tolist() == ag.round_robin(full, k, quotas=q)[0].tolist()
+        assert len(ag.round_robin(cut, k, quotas=q)[0]) == k
+
+
+def test_per_target_topk_streamed_and_merged_equals_in_memory():
+    rng = np.random.default_rng(3)
+    n, m, k = 500, 5, 37
+    S = np.round(rng.random((n, m)), 3)
+    ids = np.array([f"id{i:05d}" for i in range(n)], dtype=object)
+    parts = []
+    for a, b in ((0, 120), (120, 121), (121, 400), (400, 500)):  # one task per part, blocks inside
+        acc = ag.PerTargetTopK(m, k)
+        for x in range(a, b, 50):
+            y = min(b, x + 50)
+            acc.add(S[x:y], ids[x:y])
+        parts.append(acc.result())
+    merged = ag.merge_candidates(parts, k)
+    ref = ag.candidates_from_scores(S, ids, k)
+    for (s1, i1), (s2, i2) in zip(merged, ref):
+        assert np.array_equal(s1, s2) and i1.tolist() == i2.tolist()
+
+
+# ----------------------------------------------------------------------------- clusters
+
+
+def test_allocate_largest_remainder():
+    assert ag.allocate([1, 1, 1], 10).tolist() == [4, 3, 3]
+    assert ag.allocate([5, 3, 2], 7).tolist() == [4, 2, 1]  # exact 3.5, 2.1, 1.4
+    for k in (0, 1, 13, 100):
+        q = ag.allocate([7, 1, 30, 2], k)
+        assert q.sum() == k and (q >= 0).all()
+    assert ag.allocate([2, 6], 3).tolist() == [1, 2]  # tie in remainder (0.75 vs 2.25): exact rounding
+
+
+def test_choose_clusters_is_deterministic_and_finds_structure():
+    rng = np.random.default_rng(4)
+    A = np.zeros((12, 40))
+    A[:6, :10] = rng.random((6, 10)) + 1
+    A[6:, 20:30] = rng.random((6, 10)) + 1
+    labels = ag.choose_clusters(A, seed=0)
+    assert len(np.unique(labels)) == 2 and len(set(labels[:6])) == 1 and labels[0] != labels[6]
+    assert np.array_equal(labels, ag.choose_clusters(A, seed=0))
+    # one coherent blob: no substantial structure, a single cluster (= the prototype)
+    blob = 1 + 0.05 * rng.random((20, 40))
+    assert (ag.choose_clusters(blob, seed=0) == 0).all()
+    P, sizes = ag.cluster_prototypes(A, labels)
+    assert sizes.tolist() == [6, 6] and np.allclose(P[0], A[:6].mean(0))
+
+
+def test_silhouette_range():
+    X = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], float)
+    assert ag.silhouette(X, np.array([0, 0, 1, 1])) > 0.8
+    assert ag.silhouette(X, np.array([0, 1, 0, 1])) < 0
+    assert ag.silhouette(X, np.zeros(4, int)) == 0.0
+
+
+# ----------------------------------------------------------------------------- the two-task case
+
+
+def _two_task(seed=0):
+    """Targets: half on latents 0-9, half on 10-19. Pool: rows of each kind, 'spread' rows with
+    the same L1 mass thinly over 0-19, and unrelated rows on 20-39."""
+    rng = np.random.default_rng(seed)
+    idx, val, kind = [], [], []
+
+    def add(lat, scale, what):
+        idx.append(np.asarray(lat))
+        val.append((scale * (1 + 0.1 * rng.standard_normal(len(lat)))).astype(np.float32))
+        kind.append(what)
+
+    for _ in range(20):
+        add(np.arange(10), 1.0, "A")
+        add(np.arange(10, 20), 1.0, "B")
+        add(np.arange(20), 0.5, "spread")
+        add(np.arange(20, 40), 0.5, "other")
+        add(np.arange(20, 40), 0.5, "other")
+    pool = SparseRows.from_lists(idx, val)
+    tgt = [np.zeros(L) for _ in range(10)]
+    for t in range(10):
+        lat = np.arange(10) if t < 5 else np.arange(10, 20)
+        tgt[t][lat] = 1 + 0.1 * rng.standard_normal(10)
+    ids = np.array([f"p{i:03d}" for i in range(len(kind))], dtype=object)
+    return pool, np.stack(tgt), ids, np.array(kind)
+
+
+def test_two_tasks_prototype_jaccard_fails_round_robin_and_clusters_serve_both():
+    pool, T, ids, kind = _two_task()
+    k = 20
+    # the paper: one prototype, generalized Jaccard -> the spread rows
+    p = T.mean(0)
+    _, sel = topk(score(pool, p, "jaccard"), ids, k)
+    got = kind[np.searchsorted(ids, sel)]
+    assert (got == "spread").sum() >= 15
+    # round robin over the target rows
+    S = ag.pairwise(pool, T, "jaccard")
+    rr, _, _ = ag.round_robin(ag.candidates_from_scores(S, ids, k), k)
+    got = kind[np.searchsorted(ids, rr)]
+    assert (got == "A").sum() == 10 and (got == "B").sum() == 10
+    # clusters: two found, each gets half of the selection
+    labels = ag.choose_clusters(T, seed=0)
+    P, sizes = ag.cluster_prototypes(T, labels)
+    assert len(P) == 2
+    Sc = ag.pairwise(pool, P, "jaccard")
+    cl, _, _ = ag.round_robin(ag.candidates_from_scores(Sc, ids, k), k, quotas=ag.allocate(sizes, k))
+    got = kind[np.searchsorted(ids, cl)]
+    assert (got == "A").sum() == 10 and (got == "B").sum() == 10
+    # the best-cluster score ranks both kinds above the spread rows
+    best = ag.best_cluster_score(Sc)
+    _, top = topk(best, ids, 40)
+    assert set(kind[np.searchsorted(ids, top)]) == {"A", "B"}
+    # cosine against the one two-task prototype prefers the spread rows too: here only the
+    # aggregation over target examples helps
+    _, sel = topk(score(pool, p, "cosine"), ids, k)
+    assert (kind[np.searchsorted(ids, sel)] == "spread").sum() >= 15
+
+
+def test_selection_size_matches_candidates_budget():
+    pool, T, ids, _ = _two_task()
+    k = selection_size(len(ids), 0.05)
+    S = ag.pairwise(pool, T, "cosine")
+    out, _, _ = ag.round_robin(ag.candidates_from_scores(S, ids, k), k)
+    assert len(out) == k == len(set(out.tolist()))
+
+
+# ----------------------------------------------------------------------------- RDS+ pooling
+
+
+def test_position_weighted_mean():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 5, 3, generator=g, dtype=torch.float64)
+    out = ag.position_weighted_mean(h, torch.ones(1, 5))
+    # RDS+'s code at batch size 1: weights arange(T) + 1, normalised
+    w = torch.arange(1, 6, dtype=torch.float64)
+    assert torch.allclose(out[0], (h[0] * (w / w.sum())[:, None]).sum(0))
+    # padding (right or left) does not change a row's vector
+    pad = torch.zeros(1, 2, 3, dtype=torch.float64)
+    right = ag.position_weighted_mean(torch.cat([h, pad], 1), torch.tensor([[1, 1, 1, 1, 1, 0, 0]]))
+    left = ag.position_weighted_mean(torch.cat([pad, h], 1), torch.tensor([[0, 0, 1, 1, 1, 1, 1]]))
+    assert torch.allclose(right, out) and torch.allclose(left, out)
+    assert ag.position_weighted_mean(h, torch.zeros(1, 5)).abs().sum() == 0  # no real token: zeros
+
+
+def test_dense_pairwise_matches_scoring_dense_similarity():
+    from mona_ray.scoring import dense_similarity
+
+    rng = np.random.default_rng(5)
+    X, T = rng.standard_normal((30, 8)), rng.standard_normal((4, 8))
+    for sim in ("cosine", "euclidean"):
+        ref = np.stack([dense_similarity(X, T[j], sim) for j in range(4)], 1)
+        np.testing.assert_allclose(ag.dense_pairwise(X, T, sim), ref, rtol=1e-12, atol=1e-12)
