@@ -75,7 +75,8 @@ def _cfg(inp, out: Path, *extra):
           f"data.relevance={inp['relevance']}", f"output_dir={out}", f"cache_dir={inp['dir'] / 'cache'}",
           f"model.path={inp['lm']}", "model.dtype=float32", f"sae.path={inp['sae']}", "sae.hookpoint=layers.2",
           "render.max_length=64", "mona.hookpoints=[layers.1,layers.2]", "mona.ks=[4]", "k=[5,10,'10%']",
-          "share_at='10%'", "curve_max='50%'", "figure4.latents=16", "progress=false", "embed.chunk_rows=32",
+          "share_at='10%'", "curve_max='50%'", "figure4.latents=16", "progress=false", "embed.rows_per_unit=32",
+          f"embed.store_dir={inp['dir'] / 'store'}",
           f"+text_selectors.dense.model_path={inp['bert']}", *extra]
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         return compose(config_name="default", overrides=ov)
@@ -112,6 +113,29 @@ def test_evaluate_end_to_end_and_cached_rerun(eval_inputs, tmp_path):
     assert doc2["model"]["pool_pass"]["rows_embedded"] == 0
     for t in ("math", "code"):
         assert doc2["results"][t]["selectors"]["mona:sae/mean/jaccard"] == res[t]["selectors"]["mona:sae/mean/jaccard"]
+
+
+def test_evaluation_scores_equal_a_pipeline_run(eval_inputs, tmp_path):
+    """The evaluation measures the product: its mona ranking is the pipeline's scores.parquet,
+    score for score, bit for bit; and over the pipeline's store it runs no model pass at all."""
+    from mona_ray.config import load_config
+    from mona_ray.evaluation.evaluate import evaluate
+    from mona_ray.pipeline.cli import run
+
+    inp = eval_inputs
+    run(load_config([f"source.paths=[{inp['pool']}]", f"target.paths=[{inp['math']}]", f"model.path={inp['lm']}",
+                     "model.dtype=float32", f"sae.path={inp['sae']}", "sae.hookpoint=layers.2", "render.max_length=64",
+                     f"run.output_dir={tmp_path / 'run'}", "report.explain=false", "embed.num_actors=1"]), quiet=True)
+    pipe = pq.read_table(tmp_path / "run" / "scores.parquet").to_pydict()
+    only_default = ["selectors=[mona]", "mona.representations=[sae]", "mona.poolings=[mean]",
+                    "mona.similarities=[jaccard]", "mona.excludes=[special]", "mona.hookpoints=[layers.2]", "mona.ks=[]"]
+    evaluate(_cfg(inp, tmp_path / "e", *only_default, f"embed.store_dir={tmp_path / 'own_store'}"))
+    ev = pq.read_table(tmp_path / "e" / "scores.parquet").to_pydict()
+    got = dict(zip(ev["id"], ev["math/mona:sae/mean/jaccard"]))
+    assert len(pipe["id"]) == len(got) == 80
+    assert all(got[i] == s for i, s in zip(pipe["id"], pipe["score"]))  # equal, not close
+    shared = evaluate(_cfg(inp, tmp_path / "f", *only_default, f"embed.store_dir={tmp_path / 'run' / 'embeddings'}"))
+    assert shared["model"]["pool_pass"]["rows_embedded"] == 0
 
 
 def test_metrics_by_hand():

@@ -12,7 +12,8 @@ import torch
 from mona_ray import scoring
 from mona_ray.scoring import kernels
 from mona_ray.bench.forward import naive_embed
-from mona_ray.features.engine import Embedder, EmbedSettings
+from mona_ray.features.engine import Batching, FeatureEngine
+from mona_ray.features.readouts import Readout
 from mona_ray.core.model import load_truncated
 from mona_ray.core.sae import SAE
 
@@ -61,15 +62,16 @@ def test_optimised_and_naive_paths_select_the_same_rows(tiny_checkpoint):
     path, full = tiny_checkpoint
     sae = _sae()
     lm = load_truncated(path, LAYER, "float32", "cpu")
-    emb = Embedder(lm, sae, EmbedSettings(token_budget=200, max_batch_rows=8, sae_chunk_tokens=50), pad_token_id=0)
+    ro = Readout("sae", LAYER, "special", k=sae.k, sae="s")
+    emb = FeatureEngine(lm, [ro], Batching(token_budget=200, max_batch_rows=8, sae_chunk_tokens=50), 0, saes={"s": sae})
     src_ids, src_masks = _rows(60, 0)
     tgt_ids, tgt_masks = _rows(8, 1)
 
     def fast(ids, masks):
-        res = emb.embed(ids, masks)
+        res = emb.run(ids, {"special": masks})
         assert not res.rejected
         out = np.zeros((len(ids), sae.num_latents), dtype=np.float32)
-        for i, (idx, val) in enumerate(res.outputs["sae"]):
+        for i, (idx, val) in enumerate(res.outputs[ro.name]):
             out[i, idx] = val
         return out, res
 

@@ -12,7 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_lm import make_rows  # noqa: E402
 
+from mona_ray.features.engine import Batching, FeatureEngine  # noqa: E402
 from mona_ray.features.interpret import explain, write_explain  # noqa: E402
+from mona_ray.features.readouts import Readout  # noqa: E402
 from mona_ray.core.model import load_tokenizer, load_truncated  # noqa: E402
 from mona_ray.core.records import normalize_record, render, tokenize  # noqa: E402
 from mona_ray.core.sae import load_sae  # noqa: E402
@@ -31,7 +33,9 @@ def test_explain_matches_recomputation(tiny_lm, tiny_sae, tmp_path):
     for i in range(4):
         li = np.sort(rng.choice(128, size=20, replace=False)).astype(np.int32)
         selected.append((f"s{i}", li, rng.random(20).astype(np.float32)))
-    doc = explain(lm, sae, tok, ids, proto, selected, target_masks=masks, top_latents=5, tokens_per_latent=3)
+    ro = Readout("sae", 2, "special", k=sae.k, sae="s")
+    engine = FeatureEngine(lm, [ro], Batching(token_budget=256, sae_chunk_tokens=7), tok.pad_token_id, saes={"s": sae})
+    doc = explain(engine, ro, tok, ids, masks, proto, selected, top_latents=5, tokens_per_latent=3)
 
     lat = doc["prototype"]["top_latents"]
     assert [x["latent"] for x in lat] == np.argsort(-proto, kind="stable")[:5].tolist()

@@ -14,7 +14,6 @@ from mona_ray.selectors import SELECTORS, get_selector
 from mona_ray.selectors.bm25 import aggregate_scores
 from mona_ray.selectors.dense import SentenceEncoder, centroid_cosine
 from mona_ray.selectors.dsir import bucket_of, wordpunct
-from mona_ray.selectors.features import FeatureExtractor, MlpGateVariant, ModelSpec, SaeVariant
 from mona_ray.selectors.nait import combine, nait_directions, project
 
 
@@ -26,7 +25,7 @@ def conv(text: str, answer: str = "") -> list[dict]:
 
 
 def test_registry_names_and_errors():
-    assert set(SELECTORS) == {"mona", "nait", "bm25", "dsir", "dense", "random"}
+    assert set(SELECTORS) == {"nait", "bm25", "dsir", "dense", "random"}  # MoNA is the pipeline itself
     with pytest.raises(ValueError, match="unknown selector 'lesss'"):
         get_selector("lesss")
     with pytest.raises(ValueError, match="no setting.*k3.*k1, b"):
@@ -199,7 +198,7 @@ def test_nait_deltas_match_hf_hidden_states(tiny_lm, tiny_sae):
     from mona_ray.core.model import load_tokenizer
     from mona_ray.core.records import render, tokenize
 
-    spec = dict(model_path=str(tiny_lm), sae_path=str(tiny_sae), hookpoint="layers.2", dtype="float32", max_length=64)
+    spec = dict(model_path=str(tiny_lm), hookpoint="layers.2", dtype="float32", max_length=64)
     src, tgt = _rows(20, 1), _rows(6, 2)
     sel = get_selector("nait", progress=False, **spec)
     deltas = sel.prepare(src, [str(i) for i in range(len(src))])
@@ -223,74 +222,41 @@ def test_nait_deltas_match_hf_hidden_states(tiny_lm, tiny_sae):
     np.testing.assert_allclose(sel.score_prepared(deltas, tgt), by_hand, rtol=1e-6)
 
 
-# ----------------------------------------------------------------------------- MoNA and its ablations
+# ----------------------------------------------------------------------------- the local executor of the engine
 
 
-def test_mona_selector_equals_jaccard_by_hand(tiny_lm, tiny_sae):
-    from mona_ray.features.engine import EmbedSettings, Embedder
-    from mona_ray.core.model import load_tokenizer, load_truncated
-    from mona_ray.core.records import render, tokenize
+def test_local_embedder_fills_the_store_once_and_equals_the_engine(tiny_lm, tiny_sae, tmp_path):
+    """The evaluation's path: rows rendered and tokenized as prepare does, every readout from one
+    pass into its store; a second embedder over the same stores runs no model at all."""
+    from mona_ray.core.model import fingerprint_model, load_tokenizer, load_truncated
+    from mona_ray.core.records import content_hash, render, tokenize
     from mona_ray.core.sae import load_sae
+    from mona_ray.features.engine import Batching, FeatureEngine
+    from mona_ray.features.local import LocalEmbedder, Rendering, stores_for
+    from mona_ray.features.readouts import Readout
+    from mona_ray.features.spec import EngineJob, sae_ref
 
-    spec = dict(model_path=str(tiny_lm), sae_path=str(tiny_sae), hookpoint="layers.2", dtype="float32", max_length=64)
-    src, tgt = _rows(24, 3), _rows(5, 4)
-    got = get_selector("mona", progress=False, **spec).score(src, tgt, [str(i) for i in range(len(src))])
-
+    ref = sae_ref(tiny_sae, "auto", "layers.2")
+    ro = (Readout("sae", 2, "special", k=ref.k, sae=ref.key), Readout("sae", 2, "none", k=3, sae=ref.key),
+          Readout("mlp_gate", 2, "special", k=5), Readout("hidden", 2, "special"))
+    job = EngineJob(str(tiny_lm), "float32", "cpu", ro, saes=(ref,), batching=Batching(token_budget=256))
+    rendering = Rendering("chat_template", None, 64)
+    stores = stores_for(job, rendering, fingerprint_model(tiny_lm), tmp_path / "store")
+    assert len({s.root for s in stores.values()}) == 4
+    rows = _rows(30, 5)
+    first = LocalEmbedder(job, rendering, stores, rows_per_unit=8, progress=False)
+    assert first.embed(rows) == {} and first.stats["rows_embedded"] == len({content_hash(m) for m in rows})
+    again = LocalEmbedder(job, rendering, stores_for(job, rendering, fingerprint_model(tiny_lm), tmp_path / "store"),
+                          rows_per_unit=8, progress=False)
+    assert again.embed(rows) == {} and again.stats["rows_embedded"] == 0
     tok = load_tokenizer(tiny_lm)
-    emb = Embedder(load_truncated(tiny_lm, 2, dtype="float32"), load_sae(tiny_sae, hookpoint="layers.2"),
-                   EmbedSettings(pooling="mean", representations=("sae",)), pad_token_id=tok.pad_token_id)
-
-    def dense(rows):
-        enc = [tokenize(render(m, tok), tok, 64, "special") for m in rows]
-        out = emb.embed([e[0] for e in enc], [e[1] for e in enc]).outputs["sae"]
-        X = np.zeros((len(rows), 128))
-        for i, (idx, val) in enumerate(out):
-            X[i, idx] = val
-        return X
-
-    S, T = dense(src), dense(tgt)
-    p = T.mean(0)
-    by_hand = np.minimum(S, p).sum(1) / np.maximum(S, p).sum(1)
-    np.testing.assert_allclose(got, by_hand, rtol=1e-5)
-
-
-def test_one_pass_serves_every_variant_and_caches(tiny_lm, tiny_sae, tmp_path):
-    spec = ModelSpec(model_path=str(tiny_lm), sae_path=str(tiny_sae), hookpoint="layers.2", dtype="float32",
-                     max_length=64)
-    rows = _rows(40, 5)
-    V = [SaeVariant("layers.2"), SaeVariant("layers.2", exclude="none"), SaeVariant("layers.2", k=3),
-         MlpGateVariant("layers.2", k=8), MlpGateVariant("layers.2", k=20)]
-    fx = FeatureExtractor(spec, products=("sae", "mlp_gate", "hidden"), variants=V, nait_layers=[0, 2],
-                          keep_residuals=[2], keep_mlp_inputs=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
-    f = fx.extract(rows)
-    assert fx.stats["rows_embedded"] == 40
-    # the default variants, encoded from cached activations, equal the Embedder's products
-    # (the Embedder's mlp_gate K defaults to the SAE's K, 8)
-    for prod, var in (("sae", V[0]), ("mlp_gate", V[3])):
-        a, b = f.sparse[prod], f.sparse[var.name]
-        np.testing.assert_array_equal(a.indices, b.indices)
-        np.testing.assert_allclose(a.values, b.values, rtol=1e-6)
-    assert (np.diff(f.sparse[V[4].name].indptr) >= np.diff(f.sparse[V[3].name].indptr)).all()
-    a = f.sparse["sae"]
-    # sum pooling is the stored sum; mean divides by the pooled-token count
-    s, m = f.pooled("sae", "sum"), f.pooled("sae", "mean")
-    counts = np.repeat(f.n_pooled["sae"], np.diff(s.indptr))
-    np.testing.assert_allclose(m.values, s.values / counts, rtol=1e-6)
-    assert (f.n_pooled[V[1].name] > f.n_pooled["sae"]).all()  # exclude=none pools the special tokens too
-    assert (np.diff(f.sparse[V[2].name].indptr) <= np.diff(a.indptr)).all()  # K=3 activates fewer latents
-    # a second extractor over the same rows: nothing is recomputed, everything is equal
-    fx2 = FeatureExtractor(spec, products=("sae", "mlp_gate", "hidden"), variants=V, nait_layers=[0, 2],
-                           keep_residuals=[2], keep_mlp_inputs=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
-    f2 = fx2.extract(rows)
-    assert fx2.stats["rows_embedded"] == 0
-    np.testing.assert_array_equal(f2.nait, f.nait)
-    np.testing.assert_array_equal(f2.dense["hidden"], f.dense["hidden"])
-    # a new variant at a cached block is encoded from the residual cache, with no model pass
-    fx3 = FeatureExtractor(spec, products=(), variants=[SaeVariant("layers.2", exclude="template")],
-                           keep_residuals=[2], cache_dir=tmp_path, chunk_rows=16, progress=False)
-    f3 = fx3.extract(rows)
-    assert fx3.stats["rows_embedded"] == 0
-    assert (f3.n_pooled[SaeVariant("layers.2", exclude="template").name] < f.n_pooled["sae"]).all()
+    eng = FeatureEngine(load_truncated(tiny_lm, 2, dtype="float32"), [ro[0]], Batching(), tok.pad_token_id,
+                        saes={ref.key: load_sae(tiny_sae, hookpoint="layers.2")})
+    enc = [tokenize(render(m, tok), tok, 64, "special") for m in rows[:5]]
+    direct = eng.run([e[0] for e in enc], {"special": [e[1] for e in enc]}).outputs[ro[0].name]
+    got = stores[ro[0].name].read_ordered([content_hash(m) for m in rows[:5]], ["indices", "values"])
+    for (idx, val), i, v in zip(direct, got.column("indices").to_pylist(), got.column("values").to_pylist()):
+        assert list(idx) == i and np.array_equal(val, np.asarray(v, np.float32))  # the same bits
 
 
 def test_selector_from_pipeline_config():
@@ -305,7 +271,7 @@ def test_selector_from_pipeline_config():
     cfg.select.method = "nait"
     cfg.select.nait = {"layer_norm": "zscore"}
     nait = selector_from_config(cfg, progress=False)
-    assert nait.layers == [0, 1, 2, 3] and nait.layer_norm == "zscore" and nait.spec.model_path == "/m"
+    assert nait.layers == [0, 1, 2, 3] and nait.layer_norm == "zscore" and nait.model_path == "/m"
     cfg.select.method = "dsirr"
     with pytest.raises(ValueError, match="unknown selector 'dsirr'"):
         selector_from_config(cfg)

@@ -1,6 +1,6 @@
 """Reference loops the benchmarks compare the pipeline against (plain PyTorch, no Ray).
 
-* :func:`bare_forward`: the truncated model alone over the Embedder's own micro-batches
+* :func:`bare_forward`: the truncated model alone over the feature engine's own micro-batches
   (length-sorted, token budget): the ceiling for the embedding stage on this device.
 * :func:`naive_embed`: how embedding is commonly done (DEITA-style embedders, HF
   examples): the full causal LM with its head and every block, ``output_hidden_states=True``,
@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..features import pooling
-from ..features.engine import micro_batches, padded_length
+from ..features.engine import micro_batches, pad_batch
 from ..core.model import TruncatedLM
 from ..core.sae import SAE
 
@@ -26,21 +26,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _padded(rows: list[list[int]], pad_id: int, pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    T = padded_length(max(len(r) for r in rows), pad_multiple)
-    inp = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        inp[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        att[b, :len(r)] = 1
-    return inp, att
-
-
 def bare_forward(lm: TruncatedLM, groups: list[list[list[int]]], token_budget: int, max_rows: int,
                  pad_multiple: int = 1, pad_id: int = 0) -> tuple[float, int]:
     """Seconds and padded tokens for the truncated forward over each group's micro-batches.
 
-    ``groups``: the rows of each unit the pipeline embeds in one Embedder call (micro-batches
+    ``groups``: the rows of each unit the pipeline embeds in one engine call (micro-batches
     never span units there, so they do not here either).
     """
     sync(lm.device)
@@ -50,7 +40,7 @@ def bare_forward(lm: TruncatedLM, groups: list[list[list[int]]], token_budget: i
         for ids in groups:
             lengths = [len(x) for x in ids]
             for mb in micro_batches(lengths, token_budget, max_rows, pad_multiple):
-                inp, att = _padded([ids[i] for i in mb], pad_id, pad_multiple)
+                inp, att, _ = pad_batch(ids, mb, pad_multiple, pad_id)
                 padded += inp.numel()
                 lm(inp.to(lm.device, non_blocking=True), att.to(lm.device, non_blocking=True))
     sync(lm.device)
@@ -72,10 +62,8 @@ def naive_embed(model, layer: int, sae: SAE, ids: list[list[int]], masks: list[l
     with torch.inference_mode():
         for a in range(0, len(ids), batch_size):
             rows = ids[a:a + batch_size]
-            inp, att = _padded(rows, pad_id)
-            pool = torch.zeros_like(att, dtype=torch.bool)
-            for b, m in enumerate(masks[a:a + batch_size]):
-                pool[b, :len(m)] = torch.as_tensor(m, dtype=torch.bool)
+            inp, att, pools = pad_batch(ids, list(range(a, a + len(rows))), 1, pad_id, {"m": masks})
+            pool = pools["m"]
             padded += inp.numel()
             res = model(input_ids=inp.to(device), attention_mask=att.to(device), output_hidden_states=True)
             h = res.hidden_states[layer + 1]

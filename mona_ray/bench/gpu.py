@@ -4,7 +4,7 @@ The model is built from a config (no weights are downloaded; random weights run 
 same speed), cut at the hookpoint exactly as ``model.load_truncated`` cuts a real
 checkpoint (blocks 0..N, no final norm, no LM head), and paired with a random TopK SAE
 of the paper's shape (131,072 latents, K = 192). Rows of token ids with an
-OpenHermes-like length distribution go through ``encode.Embedder`` (length-sorted
+OpenHermes-like length distribution go through ``features.engine.FeatureEngine`` (length-sorted
 token-budget micro-batches, SDPA, bf16, chunked SAE encode, scatter-add pooling,
 sparse output) — the same object the Ray actor calls.
 
@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from ..features.engine import Embedder, EmbedSettings, micro_batches
+from ..features.engine import Batching, FeatureEngine, micro_batches
+from ..features.readouts import Readout
 from ..core.model import TruncatedLM, resolve_dtype
 from ..core.sae import SAE
 from . import flops
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-rows", type=int, default=256)
     p.add_argument("--pad-multiple", type=int, default=None,
                    help="rows are padded to a multiple of this and batched only with equal lengths (default: "
-                        "the pipeline's EmbedSettings default)")
+                        "the pipeline's embed.pad_multiple default)")
     p.add_argument("--sae-chunk-tokens", type=int, default=None, help="tokens per SAE chunk (default: 8192; tiny: 256)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto; tiny: cpu)")
@@ -150,11 +151,11 @@ def _run(args) -> tuple[dict, str]:
     lm = build_model(arch, s["layer"], dt, dev, args.seed)
     sae = random_sae(arch["hidden_size"], s["latents"], s["sae_k"], s["layer"], dt, dev, args.seed + 1)
     build_s = time.perf_counter() - t0
-    settings = EmbedSettings(token_budget=s["token_budget"], max_batch_rows=args.max_batch_rows,
-                             sae_chunk_tokens=s["sae_chunk_tokens"])
-    if args.pad_multiple is not None:
-        settings.pad_multiple = args.pad_multiple
-    emb = Embedder(lm, sae, settings, pad_token_id=0)
+    settings = Batching(token_budget=s["token_budget"], max_batch_rows=args.max_batch_rows,
+                        sae_chunk_tokens=s["sae_chunk_tokens"],
+                        **({"pad_multiple": args.pad_multiple} if args.pad_multiple is not None else {}))
+    readout = Readout("sae", s["layer"], "none", k=s["sae_k"], sae="sae")
+    engine = FeatureEngine(lm, [readout], settings, pad_token_id=0, saes={"sae": sae})
     ids = synthetic_rows(s["rows"], s["mean_len"], s["max_len"], arch["vocab_size"], args.seed + 2)
     masks = [[1] * len(x) for x in ids]
     lengths = [len(x) for x in ids]
@@ -162,7 +163,7 @@ def _run(args) -> tuple[dict, str]:
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    emb.embed(ids, masks)  # warm-up: kernels, allocator, SDPA backend selection
+    engine.run(ids, {"none": masks})  # warm-up: kernels, allocator, SDPA backend selection
     bare = (lm, [ids], s["token_budget"], args.max_batch_rows, settings.pad_multiple)
     n_mb = len(micro_batches(lengths, s["token_budget"], args.max_batch_rows, settings.pad_multiple))
     bare_forward(*bare)
@@ -170,7 +171,7 @@ def _run(args) -> tuple[dict, str]:
     for _ in range(args.repeats):
         sync(dev)
         a = time.perf_counter()
-        res = emb.embed(ids, masks)
+        res = engine.run(ids, {"none": masks})
         sync(dev)
         t_loop.append(time.perf_counter() - a)
         padded = res.padded_tokens

@@ -4,14 +4,17 @@ Takes a labelled pool (a ``domain`` per row), any number of target sets and a re
 map (target -> relevant domains), runs the selectors, and writes, for each target,
 precision@k and recall@k at several k, average precision and the share of the selection
 per domain, as ``results.md`` / ``results.csv`` / ``results.json``, plus
-``precision_at_k.png`` and ``figure4.png`` (the MoNA paper's Figure 4), under
+``precision_at_k.png``, ``figure4.png`` (the MoNA paper's Figure 4) and ``scores.parquet``
+(every selector's score of every pool row, one column per ``<target>/<selector>``), under
 ``output_dir``.
 
-Model-based selectors (MoNA and all its ablations, NAIT) share ONE model pass over the
-pool: ``selectors/features.py`` computes every representation from the same forward pass
-and caches it on disk by content, so evaluating another target, ratio, pooling or
-similarity, or re-running the evaluation, does not run the model again; a new SAE (at a
-block whose residual stream is cached) costs one SAE encode, not a model pass.
+Model-based selectors (MoNA and all its ablations, NAIT) run the product's code: the
+feature engine (``features/engine.py``, the one the pipeline's actors run) reads every
+representation out of ONE forward pass per row into the feature store, where a pipeline run
+with the same model, SAE, rendering and dtype finds them (and vice versa); each variant is
+then scored with the pipeline's own functions (``scoring.prototype_of``, ``scoring.score_rows``).
+Evaluating another target, ratio, pooling or similarity, or re-running the evaluation, does
+not run the model again.
 
 Example::
 
@@ -23,23 +26,23 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import hydra
 import numpy as np
+import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from . import plots, report
 from .data import read_relevance, read_rows, target_paths
 from .metrics import evaluate_ranking
+from ..core.io import write_parquet
 from ..config import CONF_DIR  # importing it registers the ${mona_ray.asset:...} resolver
 from ..core.model import ModelError, parse_hookpoint
-from ..core.records import InputError
-from ..core.sae import SAEError, detect_format, load_sae
+from ..core.records import InputError, content_hash
+from ..scoring import rows_of
+from ..core.sae import SAEError, detect_format
 from ..selectors import get_selector
-from ..selectors.features import FeatureExtractor, MlpGateVariant, SaeVariant, spec_from_config
-from ..selectors.mona import mona_scores
 from ..selectors.nait import combine, nait_directions, project
 
 TEXT_SELECTORS = ("random", "bm25", "dsir", "dense")
@@ -91,16 +94,6 @@ def variant_name(v: dict, cfg, sae_k: int) -> str:
     return name
 
 
-def product_of(v: dict, mlp_k: int) -> str:
-    """The feature product a variant is scored on (``hidden`` comes from the Embedder; SAE and
-    mlp_gate codes are encoded from the cached activations of the one pass)."""
-    if v["representation"] == "hidden":
-        return "hidden"
-    if v["representation"] == "mlp_gate":
-        return MlpGateVariant(v["hookpoint"], mlp_k, v["exclude"]).name
-    return SaeVariant(v["hookpoint"], v["k"], v["exclude"]).name
-
-
 def sae_available(path, hookpoint: str) -> bool:
     try:
         detect_format(path, hookpoint)
@@ -114,10 +107,10 @@ def sae_available(path, hookpoint: str) -> bool:
 
 def evaluate(cfg: DictConfig) -> dict:
     timer = Timer()
-    if cfg.get("threads"):
+    if cfg.embed.get("torch_threads") not in (None, "auto"):
         import torch
 
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(int(cfg.embed.torch_threads))
     out_dir = Path(cfg.output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -189,6 +182,9 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             cos = plots.figure4(profiles, pair, int(cfg.figure4.latents), out_dir / "figure4.png")
             doc["figure4"] = {"pair": list(pair), "cosine": cos, "latents": int(cfg.figure4.latents)}
+    write_parquet(pa.table({"id": pa.array(pool.ids, pa.string()),
+                            **{f"{t}/{name}": pa.array(np.asarray(sc, np.float64)) for t in scores
+                               for name, sc in scores[t].items()}}), out_dir / "scores.parquet")
     report.write_json(doc, out_dir / "results.json")
     report.write_csv(results, out_dir / "results.csv")
     report.write_markdown(doc, out_dir / "results.md")
@@ -196,74 +192,128 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[dict, dict | None]:
-    spec = replace(spec_from_config(cfg), mlp_k=cfg.embed.mlp_k)
+    """Every model-based selector's scores, computed as ``python -m mona_ray.run`` computes them:
+    the feature engine fills the feature store (one forward per row for every readout, rows the
+    store already holds are reused), then each variant is the pipeline's own scoring
+    (``scoring.prototype_of`` over the target rows in id order, ``scoring.score_rows`` over the pool)."""
+    from ..core.model import dtype_name, fingerprint_model, resolve_device, resolve_dtype_reason, resolve_model_path
+    from ..features.engine import Batching
+    from ..features.local import LocalEmbedder, Rendering, stores_for
+    from ..features.readouts import Readout
+    from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
+    from ..scoring import prototype_of, score_rows
+
+    model_dir = resolve_model_path(str(cfg.model.path))
+    device = resolve_device(cfg.model.device)
+    dt, dtype_reason = resolve_dtype_reason(str(cfg.model.dtype), device)
+    refs: dict[str, object] = {}
+
+    def ref(hookpoint):
+        if hookpoint not in refs:
+            refs[hookpoint] = sae_ref(cfg.sae.path, cfg.sae.format, hookpoint, cfg.sae.k)
+        return refs[hookpoint]
+
     sae_k = None
     if "mona" in wanted:
         if not sae_available(cfg.sae.path, cfg.sae.hookpoint):
             raise SAEError(f"sae.path={cfg.sae.path!r}: no SAE for hookpoint {cfg.sae.hookpoint} "
                            "(MoNA needs one); set sae.path, or drop mona from selectors")
-        sae_k = int(cfg.sae.k or load_sae(cfg.sae.path, cfg.sae.format, hookpoint=cfg.sae.hookpoint).k)
-    mlp_k = int(cfg.embed.mlp_k or sae_k or 32)  # as the pipeline: embed.mlp_k, else the SAE's K
-    variants = mona_variants(cfg, sae_k) if "mona" in wanted else []
-    kept = []
-    for v in variants:
+        sae_k = ref(cfg.sae.hookpoint).k
+    main = ref(cfg.sae.hookpoint) if sae_available(cfg.sae.path, cfg.sae.hookpoint) else None
+    mlp_k = int(cfg.embed.mlp_k or sae_k or (main.k if main else 0) or 32)
+    kept, readout_of = [], {}
+    for v in (mona_variants(cfg, sae_k) if "mona" in wanted else []):
         if v["representation"] == "sae" and not sae_available(cfg.sae.path, v["hookpoint"]):
             notes.append(f"{variant_name(v, cfg, sae_k)} skipped: no SAE for {v['hookpoint']} under {cfg.sae.path}")
             continue
+        r = representation_readout(v["representation"], v["hookpoint"], v["exclude"],
+                                   ref(v["hookpoint"]) if v["representation"] == "sae" else None, mlp_k)
+        if v["representation"] == "sae" and v["k"] != r.k:
+            r = Readout("sae", r.block, r.exclude, k=int(v["k"]), sae=r.sae)
         kept.append(v)
-    sae_vars = sorted({SaeVariant(v["hookpoint"], v["k"], v["exclude"]) for v in kept if v["representation"] == "sae"},
-                      key=lambda x: x.name)
-    mlp_vars = sorted({MlpGateVariant(v["hookpoint"], mlp_k, v["exclude"]) for v in kept
-                       if v["representation"] == "mlp_gate"}, key=lambda x: x.name)
-    products = ("hidden",) if any(v["representation"] == "hidden" for v in kept) else ()
-    nait_layers = None
+        readout_of[variant_name(v, cfg, sae_k)] = r
+    nait = None
     if "nait" in wanted:
         last = parse_hookpoint(cfg.sae.hookpoint)
-        nait_layers = list(range(last + 1)) if cfg.nait.layers == "all" else [int(x) for x in cfg.nait.layers]
-    resid = sorted({parse_hookpoint(v.hookpoint) for v in sae_vars}) if cfg.embed.keep_residuals else []
-    fx = FeatureExtractor(spec, products=products, variants=sae_vars + mlp_vars, nait_layers=nait_layers,
-                          cache_dir=Path(cfg.cache_dir).expanduser() / "features", chunk_rows=int(cfg.embed.chunk_rows),
-                          progress=bool(cfg.progress), keep_residuals=resid,
-                          keep_mlp_inputs=sorted({parse_hookpoint(v.hookpoint) for v in mlp_vars}))
-    _log("model features: pool (one pass for every representation; cached)")
-    src = timer.run("model features: pool", fx.extract, pool.messages, "features: pool")
-    pool_stats = dict(fx.stats)
-    tgt = {t: timer.run("model features: targets", fx.extract, ts.messages, f"features: {t}") for t, ts in targets.items()}
-    if src.rejected:
-        notes.append(f"{len(src.rejected)} pool rows got no model features (they score lowest)")
+        layers = list(range(last + 1)) if cfg.nait.layers == "all" else sorted(int(x) for x in cfg.nait.layers)
+        nait = Readout("nait", max(layers), "special", blocks=tuple(layers))
+    readouts = list(dict.fromkeys(list(readout_of.values()) + ([nait] if nait else [])))
+    threads = cfg.embed.get("torch_threads")
+    job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
+                    saes=tuple({refs[h].key: refs[h] for h in refs if any(r.sae == refs[h].key for r in readouts)}.values()),
+                    batching=Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
+                                      max_batch_rows=int(cfg.embed.max_batch_rows),
+                                      sae_chunk_tokens=int(cfg.embed.sae_chunk_tokens),
+                                      value_dtype=str(cfg.embed.get("value_dtype") or "float32")),
+                    torch_threads=int(threads) if threads not in (None, "auto") else 0)
+    rendering = Rendering(cfg.render.mode, cfg.render.system_prompt, int(cfg.render.max_length))
+    model_fp = fingerprint_model(model_dir)
+    stores = stores_for(job, rendering, model_fp, cfg.embed.store_dir)
+    emb = LocalEmbedder(job, rendering, stores, int(cfg.embed.rows_per_unit), bool(cfg.progress))
+    _log("model features: pool (one pass for every representation; reused from the feature store when there)")
+    rej = timer.run("model features: pool", emb.embed, pool.messages, "features: pool")
+    pool_stats = dict(emb.stats)
+    for t, ts in targets.items():
+        rej.update(timer.run("model features: targets", emb.embed, ts.messages, f"features: {t}"))
+    pool_hash = [content_hash(m) for m in pool.messages]
+    live = np.asarray([h not in rej for h in pool_hash])
+    if not live.all():
+        notes.append(f"{int((~live).sum())} pool rows got no model features (they score lowest)")
+    live_hash = [h for h, ok in zip(pool_hash, live) if ok]
+    tgt_hash = {}
+    for t, ts in targets.items():
+        order = sorted(range(len(ts)), key=lambda i: ts.ids[i])  # the pipeline's prototype order: by id
+        tgt_hash[t] = [content_hash(ts.messages[i]) for i in order if content_hash(ts.messages[i]) not in rej]
+        if not tgt_hash[t]:
+            raise InputError(f"target {t}: no row has model features")
+    cols = ["n_pooled", "indices", "values"]
     t0 = time.perf_counter()
-    for t in targets:
-        for v in kept:
-            sc = mona_scores(src, tgt[t], product_of(v, mlp_k), v["pooling"], v["similarity"])
-            scores[t][variant_name(v, cfg, sae_k)] = _demote(sc, src.rejected)
-        if nait_layers is not None:
-            dirs = nait_directions(tgt[t].nait)
-            proj_t = project(tgt[t].nait, dirs)
-            proj = project(src.nait, dirs)
+    widths = {r.name: readout_width(r, model_dir, next((s for s in job.saes if s.key == r.sae), None))
+              for r in readouts}
+    pool_tab = {}
+    for v in kept:
+        name = variant_name(v, cfg, sae_k)
+        r = readout_of[name]
+        if r.name not in pool_tab:
+            pool_tab[r.name] = stores[r.name].read_ordered(live_hash, cols)
+        for t in targets:
+            tgt = stores[r.name].read_ordered(tgt_hash[t], cols)
+            proto = prototype_of(tgt, widths[r.name], not r.sparse, v["pooling"])
+            sc = np.full(len(pool_hash), -np.inf)
+            sc[live] = score_rows(pool_tab[r.name], proto, v["similarity"], not r.sparse, v["pooling"])
+            scores[t][name] = sc
+    if nait is not None:
+        X = stores[nait.name].read_ordered(live_hash, ["values"])
+        src = _nait_deltas(X, len(nait.blocks))
+        for t in targets:
+            tgt = _nait_deltas(stores[nait.name].read_ordered(tgt_hash[t], ["values"]), len(nait.blocks))
+            dirs = nait_directions(tgt)
+            proj, proj_t = project(src, dirs), project(tgt, dirs)
             for ln in cfg.nait.layer_norms:
-                scores[t]["nait" if ln == "none" else f"nait:{ln}"] = _demote(combine(proj, proj_t, ln), src.rejected)
+                sc = np.full(len(pool_hash), -np.inf)
+                sc[live] = combine(proj, proj_t, ln)
+                scores[t]["nait" if ln == "none" else f"nait:{ln}"] = sc
+        del src, X
     timer["model selectors: scoring"] = time.perf_counter() - t0
-    doc = {**fx.model_info(), "pool_pass": pool_stats, "sae_k": sae_k, "mlp_k": mlp_k,
-           "variants": [variant_name(v, cfg, sae_k) for v in kept]}
+    doc = {"model_path": str(model_dir), "model_fingerprint": model_fp, "dtype": job.dtype, "dtype_reason": dtype_reason,
+           "device": device, "hookpoint": cfg.sae.hookpoint,
+           "saes": {s.key: {"fingerprint": s.fingerprint, "k": s.k, "num_latents": s.num_latents,
+                            "provisional": s.provisional} for s in job.saes},
+           "readouts": {r.name: {"store": str(stores[r.name].root), "width": widths[r.name]} for r in readouts},
+           "pool_pass": pool_stats, "sae_k": sae_k, "mlp_k": mlp_k, "variants": list(readout_of)}
     profiles = None
-    reps = {"sae": SaeVariant(cfg.sae.hookpoint, sae_k, cfg.pool.exclude).name,
-            "mlp_gate": MlpGateVariant(cfg.sae.hookpoint, mlp_k, cfg.pool.exclude).name, "hidden": "hidden"}
-    have = {r: p for r, p in reps.items() if p in tgt[next(iter(tgt))].sparse or p in tgt[next(iter(tgt))].dense}
+    base = {"sae": "mona:sae/mean/jaccard", "mlp_gate": "mona:mlp_gate/mean/jaccard", "hidden": "mona:hidden/mean/jaccard"}
+    have = {rep: readout_of[n] for rep, n in base.items() if n in readout_of}
     if have:
-        profiles = {}
-        for r, p in have.items():
-            profiles[r] = {}
-            for t, f in tgt.items():
-                X = f.pooled(p, "mean")
-                profiles[r][t] = (X.mean(0) if isinstance(X, np.ndarray) else X.to_dense(f.width[p]).mean(0))
+        profiles = {rep: {t: prototype_of(stores[r.name].read_ordered(tgt_hash[t], cols), widths[r.name], not r.sparse)
+                          for t in targets} for rep, r in have.items()}
     return doc, profiles
 
 
-def _demote(scores: np.ndarray, rejected: dict) -> np.ndarray:
-    if rejected:
-        scores = scores.copy()
-        scores[list(rejected)] = -np.inf
-    return scores
+def _nait_deltas(table, n_blocks: int) -> np.ndarray:
+    """Stored NAIT rows ``[n, blocks * d]`` as deltas ``[n, blocks, d]``."""
+    X = rows_of(table, dense=True)
+    return X.reshape(len(X), n_blocks, -1)
 
 
 @hydra.main(config_path=str(CONF_DIR / "eval"), config_name="default", version_base=None)

@@ -1,10 +1,11 @@
-"""Data selectors behind one interface (see ``base.Selector``): ``get_selector(name, **cfg)``.
+"""The baseline selectors behind one interface (see ``base.Selector``): ``get_selector(name, **cfg)``.
+
+MoNA itself is not here: it is the pipeline (``python -m mona_ray.run``), and the
+evaluation scores it with the pipeline's own code.
 
 =========  =============================================================================
 name       what it scores (higher = better)
 =========  =============================================================================
-mona       generalized Jaccard of mean-pooled SAE codes with the target prototype, and
-           its ablations (representation, pooling, similarity, layer, K) -- ``mona.py``
 nait       target-task activation directions (PCA of last-minus-first token deltas) --
            ``nait.py``
 bm25       BM25 with the target examples as queries (``bm25s``) -- ``bm25.py``
@@ -22,12 +23,10 @@ from .base import Selector, messages_text
 from .bm25 import BM25Selector
 from .dense import DenseSelector
 from .dsir import DSIRSelector
-from .mona import MonaSelector
 from .nait import NAITSelector
 from .rand import RandomSelector
 
 SELECTORS: dict[str, type[Selector]] = {
-    "mona": MonaSelector,
     "nait": NAITSelector,
     "bm25": BM25Selector,
     "dsir": DSIRSelector,
@@ -37,14 +36,7 @@ SELECTORS: dict[str, type[Selector]] = {
 
 
 def _settings(cls) -> list[str]:
-    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "spec")]
-    if "spec" in inspect.signature(cls.__init__).parameters:
-        from dataclasses import fields
-
-        from .features import ModelSpec
-
-        names += [f.name for f in fields(ModelSpec)]
-    return names
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
 
 def get_selector(name: str, **cfg) -> Selector:
@@ -61,24 +53,20 @@ def get_selector(name: str, **cfg) -> Selector:
 
 
 def selector_from_config(cfg, **overrides) -> Selector:
-    """The selector a pipeline config asks for: ``select.method`` with its settings from
-    ``select.<method>`` (a mapping, optional). The model-based selectors (``mona``, ``nait``)
-    also take the run's ``model`` / ``sae`` / ``render`` / ``pool`` / ``embed`` settings, and
-    ``mona`` its ``embed.representation``, ``pool.method`` and ``select.similarity``."""
-    from dataclasses import asdict
-
+    """The baseline a pipeline config asks for: ``select.method`` with its settings from
+    ``select.<method>`` (a mapping, optional). NAIT also takes the run's ``model`` / ``sae`` /
+    ``render`` / ``embed`` settings."""
     select = cfg.get("select", {}) or {}
-    method = select.get("method", "mona")
+    method = select.get("method", "bm25")
     opts = dict(select.get(method, {}) or {})
-    if method in ("mona", "nait"):
-        from .features import spec_from_config
-
-        base = asdict(spec_from_config(cfg))
-        if method == "mona":
-            base.update(representation=(cfg.get("embed", {}) or {}).get("representation", "sae"),
-                        pooling=(cfg.get("pool", {}) or {}).get("method", "mean"),
-                        similarity=select.get("similarity", "jaccard"))
-        opts = {**base, **opts}
+    if method == "nait":
+        m, r, e = (cfg.get(k, {}) or {} for k in ("model", "render", "embed"))
+        opts = {"model_path": str(m.get("path")), "hookpoint": (cfg.get("sae", {}) or {}).get("hookpoint", "layers.28"),
+                "dtype": m.get("dtype", "auto"), "device": m.get("device", "auto"),
+                "render_mode": r.get("mode", "chat_template"), "system_prompt": r.get("system_prompt"),
+                "max_length": int(r.get("max_length", 512)), "token_budget": int(e.get("token_budget", 8192)),
+                "pad_multiple": int(e.get("pad_multiple", 16)), "max_batch_rows": int(e.get("max_batch_rows", 64)),
+                **opts}
     return get_selector(method, **{**opts, **overrides})
 
 

@@ -1,4 +1,5 @@
-"""A content-addressed on-disk cache of per-row arrays, in chunks of rows.
+"""A content-addressed on-disk cache of per-row arrays, in chunks of rows (the dense baseline's
+sentence embeddings; the model-based features live in the feature store, ``features/store.py``).
 
 Rows are identified by their content hash (``records.content_hash``), never by their
 position or id, so the same rows in another file, another order or another run hit the
@@ -13,15 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from ..core.io import atomic_path
+from ..core.io import sha as fingerprint  # noqa: F401  (the dense selector's settings key)
 
 
 def chunks(content_hashes: list[str], chunk_rows: int) -> list[tuple[int, int, str]]:
@@ -58,6 +56,5 @@ class ChunkCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         if meta is not None and not (p.parent / "meta.json").exists():
             (p.parent / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)

@@ -28,9 +28,9 @@ The method as specified for this product, with every choice the paper leaves ope
    equally. Both are measured in ``docs/evaluation.md``.
 
 Memory: :meth:`NAITSelector.score` computes the target directions first and then streams
-the source keeping only ``[n_source, n_blocks]`` projections; ``prepare`` (used by the
-evaluation to serve many targets from one pass) keeps the full deltas,
-``n_source x n_blocks x d`` float32 (pool_5k on SmolLM2: ~340 MB).
+the source keeping only ``[n_source, n_blocks]`` projections; ``prepare`` and the
+evaluation (which serves many targets from one pass, through the feature store) keep the
+full deltas, ``n_source x n_blocks x d`` float32.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import Messages, Selector, check_target
-from .features import FeatureExtractor, ModelSpec
+from ..core.model import EMBEDDED_MODEL
 
 LAYER_NORMS = ("none", "zscore")
 
@@ -86,29 +86,74 @@ def combine(proj: np.ndarray, target_proj: np.ndarray, layer_norm: str = "none")
 
 
 class NAITSelector(Selector):
+    """NAIT on conversations in memory, through the feature engine's ``nait`` readout (one
+    forward per row; the blocks up to ``hookpoint``)."""
+
     name = "nait"
 
-    def __init__(self, layers: Sequence[int] | str = "all", layer_norm: str = "none", cache_dir: str | None = None,
-                 chunk_rows: int = 256, progress: bool = True, **spec):
+    def __init__(self, model_path: str = EMBEDDED_MODEL, hookpoint: str = "layers.28", layers: Sequence[int] | str = "all",
+                 layer_norm: str = "none", dtype: str = "auto", device: str = "auto", render_mode: str = "chat_template",
+                 system_prompt: str | None = None, max_length: int = 512, token_budget: int = 8192, pad_multiple: int = 16,
+                 max_batch_rows: int = 64, rows_per_unit: int = 256, progress: bool = True):
+        from ..core.model import parse_hookpoint
+        from ..features.engine import Batching
+        from ..features.local import Rendering
+        from ..features.readouts import Readout
+
         if layer_norm not in LAYER_NORMS:
             raise ValueError(f"nait layer_norm={layer_norm!r}: use one of {', '.join(LAYER_NORMS)}")
-        self.spec = ModelSpec(**spec)
-        from ..core.model import parse_hookpoint
-
-        last = parse_hookpoint(self.spec.hookpoint)
-        self.layers = list(range(last + 1)) if layers == "all" else [int(x) for x in layers]
+        last = parse_hookpoint(hookpoint)
+        self.layers = list(range(last + 1)) if layers == "all" else sorted(int(x) for x in layers)
         self.layer_norm = layer_norm
-        self.extractor = FeatureExtractor(self.spec, products=(), nait_layers=self.layers, cache_dir=cache_dir,
-                                          chunk_rows=chunk_rows, progress=progress)
+        self.readout = Readout("nait", max(self.layers), "special", blocks=tuple(self.layers))
+        self.model_path, self.dtype, self.device = model_path, dtype, device
+        self.batching = Batching(token_budget=token_budget, pad_multiple=pad_multiple, max_batch_rows=max_batch_rows)
+        self.rendering = Rendering(render_mode, system_prompt, max_length)
+        self.rows_per_unit, self.progress = rows_per_unit, progress
+        self._engine = None
+
+    def _load(self):
+        """The engine (model cut after the deepest block used), built on first use."""
+        from ..core.model import dtype_name, resolve_device, resolve_dtype_reason, resolve_model_path
+        from ..features.spec import EngineJob, load_engine
+
+        if self._engine is None:
+            dev = resolve_device(self.device)
+            job = EngineJob(model_dir=str(resolve_model_path(self.model_path)),
+                            dtype=dtype_name(resolve_dtype_reason(self.dtype, dev)[0]), device=dev,
+                            readouts=(self.readout,), batching=self.batching)
+            self._engine = load_engine(job)
+        return self._engine
+
+    def deltas(self, rows: Sequence[Messages], dirs: np.ndarray | None = None, desc: str = "nait") -> np.ndarray:
+        """``[n, L, d]`` deltas, or with ``dirs`` only their projections ``[n, L]`` (memory O(n L))."""
+        from tqdm.auto import tqdm
+
+        from ..features.local import tokenize_rows
+
+        engine, tok = self._load()
+        L = len(self.layers)
+        out = []
+        bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not self.progress, dynamic_ncols=True)
+        for a in range(0, len(rows), self.rows_per_unit):
+            chunk = list(rows[a:a + self.rows_per_unit])
+            ids, masks, bad = tokenize_rows(chunk, tok, self.rendering, engine.excludes)
+            res = engine.run([x if i not in bad else [] for i, x in enumerate(ids)], masks)
+            D = np.stack([np.zeros(L * engine.lm.hidden_size, np.float32) if v is None else v
+                          for v in res.outputs[self.readout.name]]).reshape(len(chunk), L, -1)
+            out.append(project(D, dirs) if dirs is not None else D)
+            bar.update(len(chunk))
+        bar.close()
+        return np.concatenate(out) if out else np.zeros((0, L) if dirs is not None else (0, L, 0))
 
     def target_directions(self, target: Sequence[Messages]) -> tuple[np.ndarray, np.ndarray]:
         """(directions [L, d], target deltas [n, L, d])."""
         check_target(target)
-        t = self.extractor.extract(target, "nait: target").nait
+        t = self.deltas(target, desc="nait: target")
         return nait_directions(t), t
 
     def prepare(self, source: Sequence[Messages], source_ids: Sequence[str]) -> np.ndarray:
-        return self.extractor.extract(source, "nait: source").nait
+        return self.deltas(source, desc="nait: source")
 
     def score_prepared(self, state: np.ndarray, target: Sequence[Messages]) -> np.ndarray:
         dirs, t = self.target_directions(target)
@@ -121,5 +166,4 @@ class NAITSelector(Selector):
         dirs, t = self.target_directions(target)
         if len(source) == 0:
             return np.zeros(0)
-        proj = self.extractor.extract(source, "nait: source", nait_dirs=dirs.astype(np.float32)).nait
-        return combine(proj, project(t, dirs), self.layer_norm)
+        return combine(self.deltas(source, dirs, "nait: source"), project(t, dirs), self.layer_norm)
