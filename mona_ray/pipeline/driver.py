@@ -568,9 +568,10 @@ class Pipeline:
     def write_outputs(self) -> dict:
         t0 = time.perf_counter()
         out = self.out
-        files = _part_files(self.source_parts).take(self.scores.column("part"))
+        # the file name dictionary-encoded: one string per prepared part, not one per row
+        files = pa.DictionaryArray.from_arrays(self.scores.column("part").combine_chunks(), _part_files(self.source_parts))
         write_parquet(pa.table({"id": self.scores.column("id"), "score": self.scores.column("score"),
-                                      "file": files, "row": self.scores.column("row")}), out / "scores.parquet", 65536)
+                                "file": files, "row": self.scores.column("row")}), out / "scores.parquet", 65536)
         del files
         rej = pa.concat_tables([self.rejected[r].append_column("set", pa.array([r] * len(self.rejected[r]), pa.string()))
                                 for r in ("source", "target")])
