@@ -161,3 +161,24 @@ def test_ablation_representations_run_through_the_pipeline(ray_local, tiny_lm, t
     assert len(sel) == 10 and m["counts"]["source"]["rows_scored"] == 90
     scores = [s["score"] for s in sel]
     assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+
+
+def test_mlp_k_reaches_the_actor_and_the_width_comes_from_the_model(ray_local, tiny_lm, tiny_sae, tiny_data, tmp_path):
+    """embed.mlp_k changes the stored codes (K gate units per token, no more), and a run whose
+    codes touch far fewer gate units than the MLP has still scores: the width is the model's
+    intermediate size (64), not the largest index seen in the data."""
+    from safetensors.numpy import load_file
+
+    nnz = {}
+    for k in (1, 8):
+        out = tmp_path / f"k{k}"
+        m = run_tiny(tiny_lm, tiny_sae, tiny_data, out, "embed.representation=mlp_gate", f"embed.mlp_k={k}",
+                     "report.explain=false")
+        assert m["readout"]["k"] == k and m["readout"]["width"] == 64
+        parts = sorted((out / m["files"]["embeddings"]).glob("part-*.parquet"))
+        t = pq.read_table(parts[0]).to_pydict()
+        nnz[k] = [len(i) for i in t["indices"]]
+        assert all(n <= k * p for n, p in zip(nnz[k], t["n_pooled"]))  # at most K units per pooled token
+        assert load_file(str(out / "prototype.safetensors"))["prototype"].shape == (64,)
+    assert min(nnz[8]) > max(nnz[1]) or sum(nnz[8]) > sum(nnz[1])
+    assert max(nnz[1]) < 64  # K=1 touches only some of the 64 gate units: no width guessed from the data
