@@ -100,14 +100,17 @@ def test_auto_dtype_is_bf16_only_where_it_is_native():
 
 def test_sae_stored_in_bf16_computes_in_the_models_dtype(tiny_lm, tiny_sae, tmp_path):
     from mona_ray.core.sae import load_sae, save_sparsify
-    from mona_ray.pipeline.stages import EmbedActor, EmbedJob
+    from mona_ray.features.engine import Batching
+    from mona_ray.features.readouts import Readout
+    from mona_ray.features.spec import EngineJob, sae_ref
+    from mona_ray.pipeline.stages import EmbedActor
 
     bf16 = load_sae(tiny_sae, hookpoint="layers.2").to(dtype=torch.bfloat16)
     save_sparsify(bf16, tmp_path / "sae_bf16")
     assert load_sae(tmp_path / "sae_bf16", hookpoint="layers.2").dtype == torch.bfloat16  # stored in bf16
-    job = EmbedJob(model_dir=str(tiny_lm), sae_path=str(tmp_path / "sae_bf16"), sae_format="sparsify",
-                   hookpoint="layers.2", k=None, dtype="float32", device="cpu", representation="sae", pooling="mean",
-                   value_dtype="float32", token_budget=256, pad_multiple=16, max_batch_rows=8, sae_chunk_tokens=64,
-                   torch_threads=1)
+    ref = sae_ref(tmp_path / "sae_bf16", "sparsify", "layers.2")
+    job = EngineJob(model_dir=str(tiny_lm), dtype="float32", device="cpu",
+                    readouts=(Readout("sae", 2, "special", k=ref.k, sae=ref.key),), saes=(ref,),
+                    batching=Batching(token_budget=256, max_batch_rows=8, sae_chunk_tokens=64), torch_threads=1)
     actor = EmbedActor(job)
-    assert actor.lm.dtype == torch.float32 and actor.embedder.sae.dtype == torch.float32
+    assert actor.engine.lm.dtype == torch.float32 and actor.engine.saes[ref.key].dtype == torch.float32

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..core import procmem
+from ..core.io import write_text
 
 DEFAULT_OUT_DIR = Path("outputs") / "bench"
 
@@ -184,7 +185,5 @@ def write_report(name: str, report: dict, out: str | None, argv: list[str]) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"benchmark": name, "command": "python -m mona_ray.bench " + " ".join(argv),
             "machine": machine_info(), **report}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text(json.dumps(body, indent=2, default=float) + "\n", path)
     return path

