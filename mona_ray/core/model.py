@@ -254,8 +254,8 @@ class TruncatedLM:
     A right-padded batch runs with no padding mask, under the causal mask alone: position
     ``i`` attends to positions ``<= i``, all real tokens, so the outputs at real positions
     are the same (bit for bit on CPU, checked in tests), and attention takes SDPA's causal
-    path (on this project's CPU only 1-2% faster on SmolLM2, measured interleaved batch by
-    batch; on GPU the maskless call is what makes SDPA eligible for FlashAttention).
+    path (a small gain on CPU, see docs/evaluation.md; on GPU the maskless call is what makes
+    SDPA eligible for FlashAttention).
     Outputs at padded positions are then meaningless; nothing reads them. Any other mask is
     passed through. Hooks that need the batch's real mask read ``batch_mask``.
     """

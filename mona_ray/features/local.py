@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import records
-from ..core.io import sha
+from ..core.io import sha, write_parquet
 from .spec import EngineJob, load_engine
 from .store import FeatureStore, embedding_fingerprint, rows_table
 
@@ -45,8 +45,41 @@ def stores_for(job: EngineJob, rendering: Rendering, model_fp: str, store_dir) -
     return out
 
 
+def plan_units(conversations: list[list[dict]], stores: dict[str, FeatureStore], rows_per_unit: int
+               ) -> list[dict]:
+    """The rows some store does not hold yet, each content once, in units of ``rows_per_unit``
+    (sorted by content hash, so a unit's rows and name depend only on what is missing)."""
+    first: dict[str, list[dict]] = {}
+    for m in conversations:
+        first.setdefault(records.content_hash(m), m)
+    todo = sorted(set().union(*(s.missing(first) for s in stores.values())))
+    units = []
+    for a in range(0, len(todo), rows_per_unit):
+        hashes = todo[a:a + rows_per_unit]
+        units.append({"key": sha(hashes, 24), "hashes": hashes, "rows": [first[h] for h in hashes]})
+    return units
+
+
+def embed_unit(engine, tok, job: EngineJob, rendering: Rendering, unit: dict, store_roots: dict[str, str]) -> dict:
+    """Tokenize and embed one unit and write one part per readout; returns its rejected rows
+    (``{content_hash: reason}``) and counts. The same function runs here and in Ray actors."""
+    hashes, rows = unit["hashes"], unit["rows"]
+    ids, masks, bad = tokenize_rows(rows, tok, rendering, engine.excludes)
+    ok = [i for i in range(len(rows)) if i not in bad]
+    res = engine.run([ids[i] for i in ok], {e: [masks[e][i] for i in ok] for e in engine.excludes})
+    rejected = {hashes[i]: why for i, why in bad.items()}
+    rejected.update({hashes[ok[j]]: why for j, why in res.rejected.items()})
+    good = [j for j in range(len(ok)) if j not in res.rejected]
+    for r in job.readouts:  # written, not indexed: the caller records the new parts once
+        write_parquet(rows_table([hashes[ok[j]] for j in good], [res.n_tokens[j] for j in good],
+                                 [res.n_pooled[r.name][j] for j in good], [res.outputs[r.name][j] for j in good],
+                                 job.batching.value_dtype),
+                      FeatureStore(Path(store_roots[r.name])).part_path(unit["key"]), row_group_size=512)
+    return {"rejected": rejected, "rows": len(good), "tokens": res.real_tokens, "forward_seconds": res.forward_seconds}
+
+
 class LocalEmbedder:
-    """Loads the job's engine on first use and keeps it for every later call."""
+    """Fills the stores in this process; loads the job's engine on first use and keeps it."""
 
     def __init__(self, job: EngineJob, rendering: Rendering, stores: dict[str, FeatureStore], rows_per_unit: int = 256,
                  progress: bool = True):
@@ -65,37 +98,28 @@ class LocalEmbedder:
         for rows that have none (no tokens, or the engine rejected them)."""
         from tqdm.auto import tqdm
 
-        hashes = [records.content_hash(m) for m in conversations]
-        first = {}
-        for h, m in zip(hashes, conversations):
-            first.setdefault(h, m)
-        todo = sorted(set().union(*(s.missing(first) for s in self.stores.values())))
+        units = plan_units(conversations, self.stores, self.rows_per_unit)
         rejected: dict[str, str] = {}
-        if not todo:
+        if not units:
             return rejected
         engine, tok = self._load()
-        bar = tqdm(total=len(todo), desc=desc, unit="row", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        for a in range(0, len(todo), self.rows_per_unit):
-            unit = todo[a:a + self.rows_per_unit]
-            ids, masks, bad = tokenize_rows([first[h] for h in unit], tok, self.rendering, engine.excludes)
-            ok = [i for i in range(len(unit)) if i not in bad]
-            res = engine.run([ids[i] for i in ok], {e: [masks[e][i] for i in ok] for e in engine.excludes})
-            for i, why in bad.items():
-                rejected[unit[i]] = why
-            for j, why in res.rejected.items():
-                rejected[unit[ok[j]]] = why
-            good = [j for j in range(len(ok)) if j not in res.rejected]
-            key = sha(unit, 24)
-            for r in self.job.readouts:
-                self.stores[r.name].write(key, rows_table(
-                    [unit[ok[j]] for j in good], [res.n_tokens[j] for j in good], [res.n_pooled[r.name][j] for j in good],
-                    [res.outputs[r.name][j] for j in good], self.job.batching.value_dtype))
-            self.stats["rows_embedded"] += len(good)
-            self.stats["tokens"] += res.real_tokens
-            self.stats["forward_seconds"] += res.forward_seconds
-            bar.update(len(unit))
+        roots = {name: str(s.root) for name, s in self.stores.items()}
+        bar = tqdm(total=sum(len(u["hashes"]) for u in units), desc=desc, unit="row", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        for u in units:
+            done = embed_unit(engine, tok, self.job, self.rendering, u, roots)
+            self._count(done, rejected)
+            bar.update(len(u["hashes"]))
         bar.close()
+        for s in self.stores.values():
+            s.add_parts(s.parts())
         return rejected
+
+    def _count(self, done: dict, rejected: dict) -> None:
+        rejected.update(done["rejected"])
+        self.stats["rows_embedded"] += done["rows"]
+        self.stats["tokens"] += done["tokens"]
+        self.stats["forward_seconds"] += done["forward_seconds"]
 
 
 def tokenize_rows(conversations: list[list[dict]], tok, rendering: Rendering, excludes) -> tuple[list, dict, dict]:
