@@ -136,6 +136,12 @@ def test_evaluation_scores_equal_a_pipeline_run(eval_inputs, tmp_path):
     assert all(got[i] == s for i, s in zip(pipe["id"], pipe["score"]))  # equal, not close
     shared = evaluate(_cfg(inp, tmp_path / "f", *only_default, f"embed.store_dir={tmp_path / 'run' / 'embeddings'}"))
     assert shared["model"]["pool_pass"]["rows_embedded"] == 0
+    # the evaluation's model pass on Ray actors: the same units, the same bits
+    on_ray = evaluate(_cfg(inp, tmp_path / "g", *only_default, f"embed.store_dir={tmp_path / 'ray_store'}",
+                           "embed.executor=ray", "embed.num_actors=1"))
+    assert on_ray["model"]["pool_pass"]["rows_embedded"] == 80
+    ev = pq.read_table(tmp_path / "g" / "scores.parquet").to_pydict()
+    assert dict(zip(ev["id"], ev["math/mona:sae/mean/jaccard"])) == got
 
 
 def test_metrics_by_hand():

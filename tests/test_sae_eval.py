@@ -68,17 +68,17 @@ def test_cli_writes_table_and_json(tiny, tmp_path):
     save_sparsify(exact_sae("layers.1"), tmp_path / "sae")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "mona_ray.eval_sae", f"model={tiny['model']}",
-                        f"sae.path={tmp_path / 'sae'}", "sae.hookpoints=[blocks.2.hook_resid_pre]",
-                        f"data.path={tiny['data']}", "data.holdout_permille=100", "model_dtype=float32",
-                        "max_length=64", f"out={out}"], capture_output=True, text=True, env=env, cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "mona_ray.eval_sae", f"model.path={tiny['model']}",
+                        f"sae.path={tmp_path / 'sae'}", "hookpoints=[blocks.2.hook_resid_pre]",
+                        f"data.path={tiny['data']}", "data.holdout_permille=100", "model.dtype=float32",
+                        "render.max_length=64", f"out={out}"], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FVU" in r.stdout and "layers.1" in r.stdout
     res = json.loads(out.read_text())
     (m,) = res["metrics"]
     assert m["hookpoint"] == "layers.1" and m["fvu"] < 1e-10 and abs(m["delta_ce"]) < 1e-5
-    r = subprocess.run([sys.executable, "-m", "mona_ray.eval_sae", f"model={tiny['model']}",
+    r = subprocess.run([sys.executable, "-m", "mona_ray.eval_sae", f"model.path={tiny['model']}",
                         f"sae.path={tmp_path / 'nothing'}", f"data.path={tiny['data']}"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "sae.path=" in r.stderr and "Traceback" not in r.stderr

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from _tiny_lm import make_rows, make_tiny_lm, write_rows
+from mona_ray.config import load_config
 from mona_ray.sae_training import trainer as T
 from mona_ray.core.sae import SAEError, load_sae
 from mona_ray.sae_training.train import TrainSettings, load_checkpoint, lr_at, settings_fingerprint, train
@@ -26,17 +26,14 @@ def tiny(tmp_path_factory):
 
 
 def train_cfg(tiny, out, cache=None, *extra):
-    overrides = [f"sae_train.model={tiny['model']}", f"sae_train.data.path={tiny['data']}",
-                 f"sae_train.out_dir={out}", "sae_train.hookpoints=[layers.1,layers.2]",
-                 "sae_train.model_dtype=float32", "sae_train.device=cpu", "sae_train.max_length=64",
-                 "sae_train.threads=1",
-                 "sae_train.sae.expansion_factor=4", "sae_train.sae.k=4", "sae_train.train.batch_size=256",
-                 "sae_train.train.steps=80", "sae_train.train.checkpoint_every=40", "sae_train.train.lr=0.003",
-                 "sae_train.train.lr_warmup_steps=5", "sae_train.train.dead_tokens=5000",
-                 "sae_train.collect.batch_tokens=1024", "sae_train.collect.shard_tokens=2000",
-                 "sae_train.collect.tokens=8000", "sae_train.heldout.tokens=2000", "sae_train.data.holdout_permille=100", f"sae_train.cache_dir={cache if cache else 'null'}", *extra]
-    with initialize_config_dir(config_dir=str(ROOT / "mona_ray" / "conf"), version_base="1.3"):
-        return compose(config_name="train_sae", overrides=overrides).sae_train
+    overrides = [f"model.path={tiny['model']}", f"data.path={tiny['data']}", f"out_dir={out}",
+                 "hookpoints=[layers.1,layers.2]", "model.dtype=float32", "model.device=cpu",
+                 "render.max_length=64", "torch_threads=1", "sae.expansion_factor=4", "sae.k=4",
+                 "train.batch_size=256", "train.steps=80", "train.checkpoint_every=40", "train.lr=0.003",
+                 "train.lr_warmup_steps=5", "train.dead_tokens=5000", "collect.batch_tokens=1024",
+                 "collect.shard_tokens=2000", "collect.tokens=8000", "heldout.tokens=2000",
+                 "data.holdout_permille=100", f"cache_dir={cache if cache else 'null'}", *extra]
+    return load_config(overrides, "train_sae")
 
 
 def read_log(out, heldout=False):
@@ -46,7 +43,7 @@ def read_log(out, heldout=False):
 
 def test_trains_two_layers_from_a_cache_and_resumes(tiny, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cfg = train_cfg(tiny, out, cache, "sae_train.train.steps=40")
+    cfg = train_cfg(tiny, out, cache, "train.steps=40")
     train(cfg)
     prog = json.loads((cache / "progress.json").read_text())
     assert prog["tokens"] >= 8000 and prog["shards"] >= 4
@@ -81,7 +78,7 @@ def test_exported_sae_takes_raw_activations(tiny, tmp_path):
     from mona_ray.sae_training import activations as A
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cfg = train_cfg(tiny, out, cache, "sae_train.train.steps=30", "sae_train.save_dtype=float32")
+    cfg = train_cfg(tiny, out, cache, "train.steps=30", "save_dtype=float32")
     states = train(cfg)
     x = A.load_shard(A.cached_shards(cache, "layers.2")[0]).float()[:500]
     st = states["layers.2"]
@@ -99,25 +96,25 @@ def test_warm_start_continues_from_an_exported_sae(tiny, tmp_path):
     from mona_ray.sae_training import activations as A
 
     first, cache = tmp_path / "first", tmp_path / "cache"
-    train(train_cfg(tiny, first, cache, "sae_train.train.steps=30", "sae_train.save_dtype=float32",
-                    "sae_train.hookpoints=[layers.2]"))
+    train(train_cfg(tiny, first, cache, "train.steps=30", "save_dtype=float32",
+                    "hookpoints=[layers.2]"))
     x = A.load_shard(A.cached_shards(cache, "layers.2")[0]).float()[:500]
     src = load_sae(first, "sparsify", "layers.2")
     same = tmp_path / "same"
-    train(train_cfg(tiny, same, cache, f"sae_train.init_from={first}", "sae_train.train.steps=1",
-                    "sae_train.train.lr=1e-12", "sae_train.save_dtype=float32", "sae_train.hookpoints=[layers.2]"))
+    train(train_cfg(tiny, same, cache, f"init_from={first}", "train.steps=1",
+                    "train.lr=1e-12", "save_dtype=float32", "hookpoints=[layers.2]"))
     torch.testing.assert_close(load_sae(same, "sparsify", "layers.2").reconstruct(x), src.reconstruct(x),
                                rtol=1e-4, atol=1e-4)
     # continuing for 10 steps starts from the first SAE's quality, far below a fresh start's
     warm, fresh = tmp_path / "warm", tmp_path / "fresh"
-    for out, extra in ((warm, [f"sae_train.init_from={first}"]), (fresh, [])):
-        train(train_cfg(tiny, out, cache, "sae_train.train.steps=10", "sae_train.train.checkpoint_every=10",
-                        "sae_train.hookpoints=[layers.2]", *extra))
+    for out, extra in ((warm, [f"init_from={first}"]), (fresh, [])):
+        train(train_cfg(tiny, out, cache, "train.steps=10", "train.checkpoint_every=10",
+                        "hookpoints=[layers.2]", *extra))
     fvu = {o.name: read_log(o, heldout=True)[-1]["heldout"]["layers.2"]["fvu"] for o in (warm, fresh, first)}
     assert fvu["warm"] < fvu["fresh"] and fvu["warm"] < 1.5 * fvu["first"], fvu
     with pytest.raises(SAEError, match="init_from"):
-        train(train_cfg(tiny, tmp_path / "wide", cache, f"sae_train.init_from={first}",
-                        "sae_train.hookpoints=[layers.2]", "sae_train.sae.expansion_factor=8"))
+        train(train_cfg(tiny, tmp_path / "wide", cache, f"init_from={first}",
+                        "hookpoints=[layers.2]", "sae.expansion_factor=8"))
     # an SAE for another model (16-dimensional inputs; this model's are 32) is refused, not crashed on
     from mona_ray.core.sae import SAE, save_sparsify
 
@@ -125,14 +122,14 @@ def test_warm_start_continues_from_an_exported_sae(tiny, tmp_path):
     save_sparsify(SAE(W_enc=W, b_enc=torch.zeros(64), W_dec=W.clone(), b_dec=torch.zeros(16), k=4,
                       hookpoint="layers.2"), tmp_path / "other")
     with pytest.raises(SAEError, match="16-dimensional inputs"):
-        train(train_cfg(tiny, tmp_path / "other_out", cache, f"sae_train.init_from={tmp_path / 'other'}",
-                        "sae_train.hookpoints=[layers.2]"))
+        train(train_cfg(tiny, tmp_path / "other_out", cache, f"init_from={tmp_path / 'other'}",
+                        "hookpoints=[layers.2]"))
 
 
 def test_streamed_mode_and_provisional_flag(tiny, tmp_path):
     out = tmp_path / "out"
-    train(train_cfg(tiny, out, None, "sae_train.train.steps=20", "sae_train.provisional=true",
-                    "sae_train.hookpoints=[layers.3]"))
+    train(train_cfg(tiny, out, None, "train.steps=20", "provisional=true",
+                    "hookpoints=[layers.3]"))
     cfg_json = json.loads((out / "layers.3" / "cfg.json").read_text())
     assert cfg_json["provisional"] is True and cfg_json["trained_tokens"] == 20 * 256
     assert load_sae(out, hookpoint="layers.3").meta["provisional"] is True
@@ -140,32 +137,43 @@ def test_streamed_mode_and_provisional_flag(tiny, tmp_path):
 
 def test_changed_settings_refuse_to_resume(tiny, tmp_path):
     out = tmp_path / "out"
-    train(train_cfg(tiny, out, None, "sae_train.train.steps=10", "sae_train.hookpoints=[layers.1]"))
-    with pytest.raises(SAEError, match="sae_train.out_dir"):
-        train(train_cfg(tiny, out, None, "sae_train.train.steps=10", "sae_train.hookpoints=[layers.1]",
-                        "sae_train.sae.k=8"))
+    train(train_cfg(tiny, out, None, "train.steps=10", "hookpoints=[layers.1]"))
+    with pytest.raises(SAEError, match="out_dir"):
+        train(train_cfg(tiny, out, None, "train.steps=10", "hookpoints=[layers.1]",
+                        "sae.k=8"))
 
 
 def test_cli_trains_and_reports_bad_paths(tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "mona_ray.train_sae", f"sae_train.model={tiny['model']}",
-            "sae_train.model_dtype=float32", "sae_train.device=cpu", "sae_train.hookpoints=[layers.0]",
-            "sae_train.threads=1",
-            "sae_train.sae.expansion_factor=2", "sae_train.sae.k=2", "sae_train.train.batch_size=128",
-            "sae_train.train.steps=5", "sae_train.max_length=32"]
-    r = subprocess.run(base + [f"sae_train.data.path={tiny['data']}", f"sae_train.out_dir={tmp_path / 'o'}"],
+    base = [sys.executable, "-m", "mona_ray.train_sae", f"model.path={tiny['model']}",
+            "model.dtype=float32", "model.device=cpu", "hookpoints=[layers.0]",
+            "torch_threads=1",
+            "sae.expansion_factor=2", "sae.k=2", "train.batch_size=128",
+            "train.steps=5", "render.max_length=32"]
+    r = subprocess.run(base + [f"data.path={tiny['data']}", f"out_dir={tmp_path / 'o'}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "fvu" in r.stderr and (tmp_path / "o" / "layers.0" / "sae.safetensors").exists()
-    r = subprocess.run(base + [f"sae_train.data.path={tmp_path / 'missing.parquet'}",
-                               f"sae_train.out_dir={tmp_path / 'o2'}"],
+    r = subprocess.run(base + [f"data.path={tmp_path / 'missing.parquet'}",
+                               f"out_dir={tmp_path / 'o2'}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 2 and "sae_train.data.path=" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "data.path=" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_model_path_names_the_override(tiny, tmp_path):
-    with pytest.raises(SAEError, match="sae_train.model='/nowhere'.*Set sae_train.model="):
-        train(train_cfg(tiny, tmp_path / "o", None, "sae_train.model=/nowhere"))
+    with pytest.raises(SAEError, match="model.path='/nowhere'.*Set model.path="):
+        train(train_cfg(tiny, tmp_path / "o", None, "model.path=/nowhere"))
+
+
+def test_checkpoint_fingerprint_is_unchanged_by_the_typed_config():
+    """Checkpoints written before the settings were renamed (sae_train.model -> model.path,
+    max_length -> render.max_length) still resume: the values pinned here were computed with
+    the untyped config."""
+    assert settings_fingerprint(load_config(["data.path=/data/pool.parquet", "out_dir=/o"], "train_sae")) == \
+        "9a90accf7be71da8"
+    cfg = load_config(["sae_train=smollm2", "data.path=/data/pool.parquet", "init_from=/w",
+                       "render.system_prompt=hi", "render.max_length=64"], "train_sae")
+    assert settings_fingerprint(cfg) == "c887b08cad2a2eb0"
 
 
 # ----------------------------------------------------------------------------- math
@@ -252,7 +260,7 @@ def test_heldout_set_is_whole_rows(tiny, tmp_path):
     n = len(chosen)
     assert sum(kept[:n]) >= 300 > sum(kept[: n - 1]) and chosen == rows[:n]
     cache = tmp_path / "cache"
-    train(train_cfg(tiny, tmp_path / "out", cache, "sae_train.train.steps=1", "sae_train.heldout.tokens=300",
-                    "sae_train.train.checkpoint_every=1"))
+    train(train_cfg(tiny, tmp_path / "out", cache, "train.steps=1", "heldout.tokens=300",
+                    "train.checkpoint_every=1"))
     got = A.load_shard(A.cached_shards(cache / "heldout_rows", "layers.1")[0])
     assert got.shape[0] == sum(kept[:n])

@@ -75,16 +75,11 @@ def _sample_rows(src: str, n: int, seed: int, dest: Path, flag: str = "--source"
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    import mona_ray.config  # noqa: F401  registers the ${mona_ray.asset:...} resolver
+    from ..config import ConfigError, load_config
 
     try:
-        with initialize_config_dir(version_base=None, config_dir=str(files("mona_ray") / "conf")):
-            return compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
+        return load_config(overrides)
+    except ConfigError as e:
         raise BenchError(f"bad override: {e}") from None
 
 

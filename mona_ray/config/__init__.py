@@ -1,12 +1,27 @@
-"""Settings: the Hydra config tree (``mona_ray/conf``), its ``${mona_ray.asset:...}`` resolver
-and composition from Python (``load_config``)."""
+"""Settings: the Hydra config tree (``mona_ray/conf``), its typed schema (``schema.py``,
+registered in Hydra's ConfigStore on import), validation (``validate``), the
+``${mona_ray.asset:...}`` resolver and composition from Python (``load_config``).
+
+Every entry point does the same three things::
+
+    exit_on_bad_command_line("config")   # in main(), before @hydra.main composes
+    validate(cfg)                         # first thing in the task function; ConfigError -> exit 2
+    to_typed(cfg)                         # a RunConfig / EvalConfig / ... object, where wanted
+"""
 
 from __future__ import annotations
 
+import sys
 from importlib.resources import files
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from .renames import RENAMES, rename_message, renamed
+from .schema import (EmbedConfig, EvalConfig, ModelConfig, PoolConfig, RenderConfig, RunConfig, SaeConfig,
+                     SaeEvalConfig, SCHEMAS, TrainSaeConfig)
+from .validate import ConfigError, composition_error, split_override, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -19,11 +34,58 @@ def asset_path(rel: str) -> str:
 if not OmegaConf.has_resolver("mona_ray.asset"):
     OmegaConf.register_new_resolver("mona_ray.asset", asset_path)
 
+for _store_name, _schema in SCHEMAS.values():  # the YAML files' defaults lists name these
+    ConfigStore.instance().store(name=_store_name, node=_schema)
+
 
 def load_config(overrides: list[str] | None = None, name: str = "config") -> DictConfig:
-    """The resolved config ``name`` (``config``, ``eval/default``, ``train_sae``, ``sae_eval``) for
-    ``overrides`` (as on the command line), for use from Python."""
+    """The composed, validated config ``name`` (``config``, ``eval/default``, ``train_sae``,
+    ``sae_eval``) for ``overrides`` (as on the command line), composed from the same folder
+    as its CLI does. Raises :class:`ConfigError` for an unknown key, a wrong type or value."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name=name, overrides=list(overrides or []))
+    overrides = list(overrides or [])
+    where = CONF_DIR / name
+    try:
+        with initialize_config_dir(config_dir=str(where.parent), version_base=None):
+            cfg = compose(config_name=where.name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise composition_error(e, name, overrides) from None
+    return validate(cfg)
+
+
+def check_command_line(name: str, argv: list[str] | None = None) -> None:
+    """Compose and validate ``name`` with the overrides of this process's command line before
+    ``@hydra.main`` does, so a bad key is one ``ConfigError`` line instead of Hydra's report.
+    Skipped for what only Hydra handles (--help, --info, --multirun, another config)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.multirun
+            or args.config_path or args.config_name or args.config_dir or args.experimental_rerun):
+        return
+    load_config(args.overrides, name)
+
+
+def exit_on_bad_command_line(name: str) -> None:
+    """:func:`check_command_line`, printing ``mona_ray: error: ...`` and exiting 2 on a ConfigError."""
+    try:
+        check_command_line(name)
+    except ConfigError as e:
+        print(f"mona_ray: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def to_typed(cfg: DictConfig):
+    """The composed config as its schema's dataclass object (``RunConfig``, ``EvalConfig``,
+    ``TrainSaeConfig``, ``SaeEvalConfig``), interpolations resolved; nested sections are
+    dataclasses too, dict/list settings plain dicts/lists."""
+    return OmegaConf.to_object(cfg)
+
+
+__all__ = ["CONF_DIR", "ConfigError", "EmbedConfig", "EvalConfig", "ModelConfig", "PoolConfig", "RENAMES",
+           "RenderConfig", "RunConfig", "SaeConfig", "SaeEvalConfig", "TrainSaeConfig", "asset_path",
+           "check_command_line", "composition_error", "exit_on_bad_command_line", "load_config",
+           "rename_message", "renamed", "split_override", "to_typed", "validate"]

@@ -37,7 +37,7 @@ from . import plots, report
 from .data import read_relevance, read_rows, target_paths
 from .metrics import evaluate_ranking
 from ..core.io import write_parquet
-from ..config import CONF_DIR  # importing it registers the ${mona_ray.asset:...} resolver
+from ..config import CONF_DIR, exit_on_bad_command_line, validate  # importing it registers the ${mona_ray.asset:...} resolver
 from ..core.model import ModelError, parse_hookpoint
 from ..core.records import InputError, content_hash
 from ..scoring import rows_of
@@ -249,7 +249,18 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
     rendering = Rendering(cfg.render.mode, cfg.render.system_prompt, int(cfg.render.max_length))
     model_fp = fingerprint_model(model_dir)
     stores = stores_for(job, rendering, model_fp, cfg.embed.store_dir)
-    emb = LocalEmbedder(job, rendering, stores, int(cfg.embed.rows_per_unit), bool(cfg.progress))
+    executor = str(cfg.embed.executor)
+    if executor == "ray":  # the model pass on Ray actors (a cluster: one per GPU)
+        from ..pipeline.remote import RayEmbedder
+
+        emb = RayEmbedder(job, rendering, stores, int(cfg.embed.rows_per_unit), bool(cfg.progress),
+                          num_actors=1 if cfg.embed.num_actors in (None, "auto") else int(cfg.embed.num_actors),
+                          actor_num_cpus=float(cfg.embed.actor_num_cpus_gpu if device.startswith("cuda")
+                                               else cfg.embed.actor_num_cpus_cpu))
+    elif executor == "local":
+        emb = LocalEmbedder(job, rendering, stores, int(cfg.embed.rows_per_unit), bool(cfg.progress))
+    else:
+        raise InputError(f"embed.executor={executor!r}: use local or ray")
     _log("model features: pool (one pass for every representation; reused from the feature store when there)")
     rej = timer.run("model features: pool", emb.embed, pool.messages, "features: pool")
     pool_stats = dict(emb.stats)
@@ -319,7 +330,7 @@ def _nait_deltas(table, n_blocks: int) -> np.ndarray:
 @hydra.main(config_path=str(CONF_DIR / "eval"), config_name="default", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        doc = evaluate(cfg)
+        doc = evaluate(validate(cfg))
     except USER_ERRORS as e:
         print(f"mona_ray.evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -330,6 +341,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    exit_on_bad_command_line("eval/default")
     _hydra_main()
 
 

@@ -14,13 +14,13 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR  # importing it registers the ${mona_ray.asset:...} resolver
+from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, validate  # registers resolver and schemas
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
 from ..core.records import InputError
 from ..core.sae import SAEError
 
-USER_ERRORS = (RunError, InputError, ModelError, SAEError)
+USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError)
 
 
 def run(cfg: DictConfig, quiet: bool = False) -> dict:
@@ -38,7 +38,7 @@ def run(cfg: DictConfig, quiet: bool = False) -> dict:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        run(validate(cfg))
     except USER_ERRORS as e:
         print(f"mona_ray: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -48,6 +48,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    exit_on_bad_command_line("config")  # a bad key or value: one line and exit 2, before Hydra's own report
     _hydra_main()
 
 

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -48,8 +50,11 @@ class RayEmbedder(LocalEmbedder):
             ray.data.DataContext.get_current().enable_progress_bars = False
         roots = {name: str(s.root) for name, s in self.stores.items()}
         gpu = {"num_gpus": 1} if self.job.device.startswith("cuda") else {}
+        job = self.job
+        if not gpu and not job.torch_threads:  # as the pipeline: the node's cores shared by its actors
+            job = replace(job, torch_threads=max(1, (os.cpu_count() or 1) // self.num_actors))
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units)).map_batches(
-            UnitEmbedActor, fn_constructor_args=(self.job, self.rendering, roots), batch_size=1,
+            UnitEmbedActor, fn_constructor_args=(job, self.rendering, roots), batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_cpus=self.actor_num_cpus, **gpu)
         bar = tqdm(total=sum(len(u["hashes"]) for u in units), desc=f"{desc} ({self.num_actors} actors)", unit="row",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)

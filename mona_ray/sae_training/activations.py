@@ -235,7 +235,7 @@ def collect_to_cache(tlm, tokenizer, rows: list[dict], hookpoints: list[str], ca
             "system_prompt": system_prompt}
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
         raise ActivationError(f"activation cache {cache} was made with other settings "
-                              f"({meta_file.read_text().strip()}); use another sae_train.cache_dir")
+                              f"({meta_file.read_text().strip()}); use another cache_dir")
     if not meta_file.exists():
         _atomic_write_text(meta_file, json.dumps(meta, indent=2))
     if prog["tokens"] >= max_tokens or prog.get("done"):
@@ -280,7 +280,7 @@ def cache_hookpoints(cache: str | Path, wanted: list[str]) -> list[str]:
     missing = set(wanted) - set(have)
     if missing:
         raise ActivationError(f"activation cache {cache} holds {', '.join(have)}, not {', '.join(sorted(missing))}; "
-                              "use another sae_train.cache_dir")
+                              "use another cache_dir")
     return have
 
 
@@ -309,7 +309,7 @@ def shuffled_batches(shards: list[Path] | Callable[[], list[Path]], batch_size: 
     shards = list_shards()
     if sum(_shard_len(p) for p in shards) < batch_size:
         raise ActivationError(f"the activation cache holds fewer tokens than one batch ({batch_size}); "
-                              "collect more (sae_train.collect.tokens) or lower sae_train.train.batch_size")
+                              "collect more (collect.tokens) or lower train.batch_size")
     g = torch.Generator().manual_seed(seed)
     served = 0
     while True:

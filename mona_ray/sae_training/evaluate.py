@@ -14,7 +14,8 @@ Kept positions are those the SAE is trained on: real, non-special tokens after p
 (the first token is an attention sink whose residual norm is ~100x the others). The CE
 is over every real next-token prediction.
 
-Settings: ``mona_ray/conf/sae_eval.yaml``. Prints a table and writes JSON.
+Settings: ``mona_ray/conf/sae_eval.yaml`` (schema ``SaeEvalConfig``); ``hookpoints`` lists the SAEs
+evaluated (default: ``sae.hookpoint``). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import activations as acts
-from ..config import CONF_DIR
+from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, validate
 from ..core.model import parse_hookpoint
 from ..core.sae import SAE, SAEError, load_sae, to_sparsify_hookpoint
 
@@ -154,7 +155,8 @@ def format_table(rows: list[SAEMetrics]) -> str:
     return "\n".join(lines)
 
 
-def load_full_model(path: Path, dtype: str, device: str):
+def load_full_model(path: Path, dtype: str, device: str, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None):
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -162,7 +164,9 @@ def load_full_model(path: Path, dtype: str, device: str):
 
     device = resolve_device(device)
     transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code, **extra)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -172,24 +176,26 @@ def run(cfg) -> list[SAEMetrics]:
     from ..core.model import load_tokenizer
     from .train import resolve_model
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    model_path = resolve_model(str(cfg.model), "model")
-    hookpoints = [to_sparsify_hookpoint(h) for h in cfg.sae.hookpoints]
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    model_path = resolve_model(str(cfg.model.path), "model.path")
+    hookpoints = [to_sparsify_hookpoint(h) for h in cfg.hookpoints]
     saes = {h: load_sae(str(cfg.sae.path), str(cfg.sae.format), h, cfg.sae.k, dtype=torch.float32)
             for h in hookpoints}
     rows = acts.read_rows(cfg.data.path, cfg.data.split, cfg.data.holdout_permille, cfg.data.seed, cfg.data.max_rows)
-    tok = load_tokenizer(model_path)
-    model = load_full_model(model_path, str(cfg.model_dtype), str(cfg.device))
+    m = cfg.model
+    tok = load_tokenizer(model_path, trust_remote_code=bool(m.trust_remote_code))
+    model = load_full_model(model_path, str(m.dtype), str(m.device), bool(m.trust_remote_code),
+                            str(m.attn_implementation))
     t0 = time.time()
     with tqdm(desc="eval", unit="tok", file=sys.stderr, mininterval=5) as bar:
-        metrics = evaluate(model, tok, saes, rows, int(cfg.max_length), int(cfg.batch_tokens), cfg.render.mode,
+        metrics = evaluate(model, tok, saes, rows, int(cfg.render.max_length), int(cfg.batch_tokens), cfg.render.mode,
                            cfg.render.system_prompt, progress=bar)
     print(format_table(metrics))
     if cfg.out:
         out = Path(str(cfg.out)).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
-        info = {"model": str(cfg.model), "sae_path": str(cfg.sae.path), "data": str(cfg.data.path),
+        info = {"model": str(cfg.model.path), "sae_path": str(cfg.sae.path), "data": str(cfg.data.path),
                 "split": cfg.data.split, "rows": len(rows), "seconds": round(time.time() - t0, 1),
                 "metrics": [asdict(m) for m in metrics]}
         out.write_text(json.dumps(info, indent=2))
@@ -200,15 +206,17 @@ def run(cfg) -> list[SAEMetrics]:
 def main() -> None:
     import hydra
 
+    exit_on_bad_command_line("sae_eval")
+
     @hydra.main(config_path=str(CONF_DIR), config_name="sae_eval", version_base="1.3")
     def _run(cfg):
         from ..core.model import ModelError
         from ..core.records import InputError
 
         try:
-            run(cfg)
-        except (SAEError, acts.ActivationError, ModelError, InputError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            run(validate(cfg))
+        except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:
+            print(f"mona_ray: error: {e}", file=sys.stderr)
             raise SystemExit(2)
 
     _run()

@@ -1,18 +1,17 @@
 """Train TopK SAEs for any Hugging Face causal LM: ``python -m mona_ray.train_sae``.
 
-Settings come from the Hydra config group ``sae_train`` (``mona_ray/conf/sae_train/``),
-e.g.::
+Settings: ``TrainSaeConfig`` (``mona_ray/config/schema.py``); a preset from the config group
+``sae_train`` (``mona_ray/conf/sae_train/``) sets them, e.g.::
 
-    python -m mona_ray.train_sae sae_train=smollm2 \\
-        sae_train.data.path=/data/pool.parquet sae_train.out_dir=runs/sae
+    python -m mona_ray.train_sae sae_train=smollm2 data.path=/data/pool.parquet out_dir=runs/sae
 
 Several hookpoints train together from ONE forward pass per batch of text. Two modes:
 
-* ``sae_train.cache_dir`` set: activations are first collected into bf16 shards there
-  (``sae_train.collect.tokens`` per hookpoint; resumable), then every SAE trains on
+* ``cache_dir`` set: activations are first collected into bf16 shards there
+  (``collect.tokens`` per hookpoint; resumable), then every SAE trains on
   random batches drawn from the shards (several passes when ``steps x batch_size``
   exceeds the cache).
-* ``sae_train.cache_dir=null``: activations stream from the model into a shuffle buffer
+* ``cache_dir=null``: activations stream from the model into a shuffle buffer
   and each token is used once.
 
 Each hookpoint writes ``<out_dir>/<hookpoint>/{cfg.json,sae.safetensors}`` (sparsify
@@ -35,29 +34,14 @@ import torch
 
 from . import activations as acts
 from . import trainer as T
-from ..config import CONF_DIR
+from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, validate
+from ..config.schema import TrainLoopConfig as TrainSettings  # the train.* settings
 from ..core.sae import SAEError, save_sparsify
 
 
 # ----------------------------------------------------------------------------- config
 
 HELDOUT_DIR = "heldout_rows"  # held-out activations inside the cache
-
-
-@dataclass
-class TrainSettings:
-    batch_size: int = 4096
-    steps: int = 1000
-    lr: float | None = None  # None: 2e-4 / sqrt(num_latents / 2^14)
-    lr_warmup_steps: int = 50
-    lr_decay_frac: float = 0.2  # linear decay to 0 over this final fraction of the steps
-    auxk_alpha: float = 1 / 32
-    k_aux: int | None = None  # None: d_in // 2
-    dead_tokens: int = 2_000_000
-    b_dec_init: str = "geometric_median"
-    seed: int = 0
-    checkpoint_every: int = 100
-    shards_in_memory: int = 8
 
 
 def lr_at(step: int, base: float, s: TrainSettings) -> float:
@@ -70,11 +54,7 @@ def lr_at(step: int, base: float, s: TrainSettings) -> float:
 
 
 def _train_settings(cfg) -> TrainSettings:
-    known = TrainSettings.__dataclass_fields__
-    extra = set(cfg) - set(known)
-    if extra:
-        raise SAEError(f"unknown sae_train.train keys {sorted(extra)}; known: {', '.join(known)}")
-    return TrainSettings(**{k: cfg[k] for k in cfg})
+    return TrainSettings(**{k: cfg[k] for k in cfg})  # the schema has rejected unknown keys
 
 
 # ----------------------------------------------------------------------------- state
@@ -123,7 +103,7 @@ def load_checkpoint(out_dir: Path, hookpoint: str, fingerprint: str) -> HookStat
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("config") != fingerprint:
         raise SAEError(f"{path} was written with other SAE settings (width, K, model, hookpoint or data); "
-                       f"delete it or set sae_train.out_dir to a new folder")
+                       f"delete it or set out_dir to a new folder")
     return HookState(hookpoint=hookpoint,
                      params={k[6:]: v for k, v in tensors.items() if k.startswith("param.")},
                      opt={k[5:]: v for k, v in tensors.items() if k.startswith("adam.")},
@@ -136,8 +116,10 @@ def settings_fingerprint(cfg) -> str:
     import hashlib
 
     data = str(Path(str(cfg.data.path)).expanduser().resolve())  # the same file however it is spelled
-    key = {"model": str(cfg.model), "data": data, "holdout": cfg.data.holdout_permille,
-           "sae": {k: cfg.sae[k] for k in cfg.sae}, "max_length": cfg.max_length, "render": dict(cfg.render)}
+    # the keys and values of the untyped config this replaced, so that earlier checkpoints resume
+    key = {"model": str(cfg.model.path), "data": data, "holdout": cfg.data.holdout_permille,
+           "sae": {k: cfg.sae[k] for k in cfg.sae}, "max_length": cfg.render.max_length,
+           "render": {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt}}
     if cfg.get("init_from"):  # a warm start is another run (absent: the fingerprints of earlier runs hold)
         key["init_from"] = str(Path(str(cfg.init_from)).expanduser().resolve())
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -199,7 +181,7 @@ def export_all(out_dir: Path, states: dict[str, HookState], k: int, cfg, dtype: 
     dirs = []
     for h, st in states.items():
         sae = T.export(st.params, st.scale, k, h, dtype)
-        info = {"hookpoint": h, "model": str(cfg.model), "trained_tokens": st.tokens, "trained_steps": st.step,
+        info = {"hookpoint": h, "model": str(cfg.model.path), "trained_tokens": st.tokens, "trained_steps": st.step,
                 "train_fvu": st.last.fvu if st.last else None,
                 "train_dead_frac": st.last.dead_frac if st.last else None, **extra}
         if heldout and h in heldout:
@@ -215,19 +197,19 @@ def train(cfg) -> dict[str, HookState]:
     from ..core.model import load_tokenizer, load_truncated, parse_hookpoint
 
     s = _train_settings(cfg.train)
-    if cfg.threads:  # 1 is much faster than 2 on a shared, oversubscribed CPU
-        torch.set_num_threads(int(cfg.threads))
+    if cfg.torch_threads:  # 1 is much faster than 2 on a shared, oversubscribed CPU
+        torch.set_num_threads(int(cfg.torch_threads))
     hookpoints = list(cfg.hookpoints)
     for h in hookpoints:
         parse_hookpoint(h)
     if not cfg.out_dir:
-        raise SAEError("sae_train.out_dir is not set; set sae_train.out_dir=/path/to/output")
+        raise SAEError("out_dir is not set; set out_dir=/path/to/output")
     out_dir = Path(str(cfg.out_dir)).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = settings_fingerprint(cfg)
     save_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.save_dtype]
 
-    model_path = resolve_model(str(cfg.model), "sae_train.model")
+    model_path = resolve_model(str(cfg.model.path), "model.path")
     cache = Path(str(cfg.cache_dir)).expanduser() if cfg.cache_dir else None
     prog = acts.read_progress(cache) if cache is not None else None
     need_model = prog is None or not (prog.get("done") or prog["tokens"] >= int(cfg.collect.tokens))
@@ -235,12 +217,13 @@ def train(cfg) -> dict[str, HookState]:
         need_model |= not acts.read_progress(cache / HELDOUT_DIR).get("done")
     collect_hps = acts.cache_hookpoints(cache, hookpoints) if cache is not None else hookpoints
     rows = acts.read_rows(cfg.data.path, "train", cfg.data.holdout_permille, cfg.data.seed, cfg.data.max_rows,
-                          key="sae_train.data.path") if need_model else None
-    tok = load_tokenizer(model_path)
+                          key="data.path") if need_model else None
+    tok = load_tokenizer(model_path, trust_remote_code=bool(cfg.model.trust_remote_code))
     tlm = None
     if need_model:
-        tlm = load_truncated(model_path, acts.deepest_layer(collect_hps), dtype=str(cfg.model_dtype),
-                             device=str(cfg.device))
+        tlm = load_truncated(model_path, acts.deepest_layer(collect_hps), dtype=str(cfg.model.dtype),
+                             device=str(cfg.model.device), trust_remote_code=bool(cfg.model.trust_remote_code),
+                             attn_implementation=str(cfg.model.attn_implementation))
 
     def train_rows():
         return rows
@@ -250,7 +233,7 @@ def train(cfg) -> dict[str, HookState]:
         with tqdm(total=int(cfg.collect.tokens), desc="collect", unit="tok", initial=acts.read_progress(cache)["tokens"],
                   file=sys.stderr, mininterval=5) as bar:
             prog = acts.collect_to_cache(tlm, tok, train_rows(), collect_hps, cache, int(cfg.collect.tokens),
-                                         int(cfg.max_length), int(cfg.collect.batch_tokens),
+                                         int(cfg.render.max_length), int(cfg.collect.batch_tokens),
                                          int(cfg.collect.shard_tokens), cfg.render.mode, cfg.render.system_prompt,
                                          progress=bar)
         print(f"[train_sae] activation cache {cache}: {prog['tokens']:,} tokens from {prog['rows']:,} rows "
@@ -277,7 +260,7 @@ def train(cfg) -> dict[str, HookState]:
         def next_batches():
             return {h: next(it) for h, it in sources.items()}
     else:
-        stream = acts.stream_activations(tlm, tok, _cycle(train_rows), hookpoints, int(cfg.max_length),
+        stream = acts.stream_activations(tlm, tok, _cycle(train_rows), hookpoints, int(cfg.render.max_length),
                                          int(cfg.collect.batch_tokens), cfg.render.mode, cfg.render.system_prompt)
         it = streamed_batches(stream, hookpoints, s.batch_size, s.seed)
 
@@ -333,7 +316,7 @@ def train(cfg) -> dict[str, HookState]:
 
 
 def warm_start_saes(cfg, hookpoints: list[str]) -> dict | None:
-    """The SAEs named by ``sae_train.init_from`` (a sparsify folder) for the hookpoints that
+    """The SAEs named by ``init_from`` (a sparsify folder) for the hookpoints that
     start fresh, checked against the configured width (K is this run's ``sae.k``); None
     when it is not set. Their input width is checked against the data in
     :func:`sae_trainer.params_from_sae`."""
@@ -346,7 +329,7 @@ def warm_start_saes(cfg, hookpoints: list[str]) -> dict | None:
         sae = load_sparsify(str(cfg.init_from), hookpoint=h)
         want = int(cfg.sae.num_latents) or sae.d_in * int(cfg.sae.expansion_factor)
         if sae.num_latents != want:
-            raise SAEError(f"sae_train.init_from={cfg.init_from}: the {h} SAE has {sae.num_latents} latents; "
+            raise SAEError(f"init_from={cfg.init_from}: the {h} SAE has {sae.num_latents} latents; "
                            f"this run trains {want}")
         out[h] = sae
     return out
@@ -360,16 +343,16 @@ def collect_heldout(cfg, tlm, tok, hookpoints: list[str], cache: Path | None) ->
     rows = None
     if tlm is not None:
         rows = acts.read_rows(cfg.data.path, "heldout", cfg.data.holdout_permille, cfg.data.seed,
-                              key="sae_train.data.path")
-        rows = acts.rows_for_tokens(rows, tok, n, int(cfg.max_length), cfg.render.mode, cfg.render.system_prompt)
+                              key="data.path")
+        rows = acts.rows_for_tokens(rows, tok, n, int(cfg.render.max_length), cfg.render.mode, cfg.render.system_prompt)
     if cache is not None:
         where = cache / HELDOUT_DIR
         if tlm is not None:  # every token of the chosen rows, in one shard
-            acts.collect_to_cache(tlm, tok, rows, hookpoints, where, 1 << 62, int(cfg.max_length),
+            acts.collect_to_cache(tlm, tok, rows, hookpoints, where, 1 << 62, int(cfg.render.max_length),
                                   int(cfg.collect.batch_tokens), 1 << 62, cfg.render.mode, cfg.render.system_prompt)
         return {h: torch.cat([acts.load_shard(p) for p in acts.cached_shards(where, h)]) for h in hookpoints}
     got: dict[str, list[torch.Tensor]] = {h: [] for h in hookpoints}
-    for _, a in acts.stream_activations(tlm, tok, rows, hookpoints, int(cfg.max_length),
+    for _, a in acts.stream_activations(tlm, tok, rows, hookpoints, int(cfg.render.max_length),
                                         int(cfg.collect.batch_tokens), cfg.render.mode, cfg.render.system_prompt):
         for h in hookpoints:
             got[h].append(a[h].to(torch.bfloat16))
@@ -394,28 +377,25 @@ def _cycle(rows_fn):
 def main_from_config(cfg) -> None:
     from omegaconf import OmegaConf
 
-    try:
-        train(cfg)
-    except (SAEError, acts.ActivationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except Exception as e:  # model / record errors carry their own fix
-        from ..core.model import ModelError
-        from ..core.records import InputError
+    from ..core.model import ModelError
+    from ..core.records import InputError
 
-        if isinstance(e, (ModelError, InputError)):
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2)
-        raise
+    try:
+        train(validate(cfg))
+    except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:  # each carries its fix
+        print(f"mona_ray: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     print(OmegaConf.to_yaml(cfg), file=sys.stderr)
 
 
 def main() -> None:
     import hydra
 
+    exit_on_bad_command_line("train_sae")
+
     @hydra.main(config_path=str(CONF_DIR), config_name="train_sae", version_base="1.3")
     def _run(cfg):
-        main_from_config(cfg.sae_train)
+        main_from_config(cfg)
 
     _run()
 

@@ -76,7 +76,7 @@ def init_params(first_batch: torch.Tensor, num_latents: int, seed: int, b_dec_in
     elif b_dec_init == "zeros":
         b_dec = torch.zeros(d)
     else:
-        raise ValueError(f"sae_train.train.b_dec_init={b_dec_init!r}: use geometric_median, mean or zeros")
+        raise ValueError(f"train.b_dec_init={b_dec_init!r}: use geometric_median, mean or zeros")
     params = {"W_enc": W_dec.clone(), "b_enc": torch.zeros(num_latents), "W_dec": W_dec, "b_dec": b_dec}
     return params, scale
 
@@ -86,7 +86,7 @@ def params_from_sae(first_batch: torch.Tensor, sae: SAE) -> tuple[dict[str, torc
     of this data, the inverse of :func:`export` (biases times ``scale``, weights as they are;
     decoder rows renormalised)."""
     if first_batch.shape[1] != sae.d_in:
-        raise SAEError(f"sae_train.init_from: the {sae.hookpoint} SAE reads {sae.d_in}-dimensional inputs, "
+        raise SAEError(f"init_from: the {sae.hookpoint} SAE reads {sae.d_in}-dimensional inputs, "
                        f"the model's activations there have {first_batch.shape[1]}")
     scale = input_scale(first_batch)
     W_dec = sae.W_dec.detach().float().clone()
