@@ -238,6 +238,14 @@ class MonaVariantsConfig:
     excludes: List[str] = list_of(*EXCLUDES, default=["none", "special", "template"])  # sae/mean/jaccard under each
     hookpoints: List[str] = field(default_factory=lambda: ["layers.15", "layers.28"])  # blocks with an SAE
     ks: List[int] = positive([16, 32, 128])  # sae/mean/jaccard with these K instead of the SAE's own
+    # sae/mean at sae.hookpoint (and at each of hookpoints) aggregated over the target examples:
+    # "<prototype|clusters|round_robin>/<similarity>/<prototype mass>", e.g. clusters/jaccard/0.65
+    aggregations: List[str] = field(default_factory=lambda: [
+        "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/cosine/1.0",
+        "round_robin/jaccard/1.0", "round_robin/cosine/1.0"])
+    aggregation_hookpoints: List[str] = field(default_factory=lambda: ["layers.15", "layers.28"])
+    cluster_seed: int = 0
+    rds: bool = True  # the RDS+ baseline: position-weighted mean hidden states at sae.hookpoint, cosine, round-robin
 
 
 @dataclass

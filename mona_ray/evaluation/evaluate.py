@@ -40,7 +40,8 @@ from ..core.io import write_parquet
 from ..config import CONF_DIR, exit_on_bad_command_line, validate  # importing it registers the ${mona_ray.asset:...} resolver
 from ..core.model import ModelError, parse_hookpoint
 from ..core.records import InputError, content_hash
-from ..scoring import rows_of
+from ..scoring import prototype_of, rows_of
+from ..scoring.table import score_rows_against, target_prototypes
 from ..core.sae import SAEError, detect_format
 from ..selectors import get_selector
 from ..selectors.nait import combine, nait_directions, project
@@ -232,12 +233,25 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             r = Readout("sae", r.block, r.exclude, k=int(v["k"]), sae=r.sae)
         kept.append(v)
         readout_of[variant_name(v, cfg, sae_k)] = r
+    agg = []  # (name, readout, aggregate, similarity, mass)
+    if "mona" in wanted:
+        for h in dict.fromkeys([cfg.sae.hookpoint, *cfg.mona.aggregation_hookpoints]):
+            if not sae_available(cfg.sae.path, h):
+                continue
+            r = representation_readout("sae", h, cfg.pool.exclude, ref(h))
+            for spec in cfg.mona.aggregations:
+                a, sim, mass = _aggregation(spec)
+                agg.append((f"mona:sae/mean/{sim}" + (f"@{h}" if h != cfg.sae.hookpoint else "") + f"/{a}"
+                            + (f"/mass={mass:g}" if mass < 1 else ""), r, a, sim, mass))
+    if cfg.mona.get("rds", False) and "mona" in wanted:
+        agg.append(("rds", Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position"),
+                    "round_robin", "cosine", 1.0))
     nait = None
     if "nait" in wanted:
         last = parse_hookpoint(cfg.sae.hookpoint)
         layers = list(range(last + 1)) if cfg.nait.layers == "all" else sorted(int(x) for x in cfg.nait.layers)
         nait = Readout("nait", max(layers), "special", blocks=tuple(layers))
-    readouts = list(dict.fromkeys(list(readout_of.values()) + ([nait] if nait else [])))
+    readouts = list(dict.fromkeys(list(readout_of.values()) + [a[1] for a in agg] + ([nait] if nait else [])))
     threads = cfg.embed.get("torch_threads")
     job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
                     saes=tuple({refs[h].key: refs[h] for h in refs if any(r.sae == refs[h].key for r in readouts)}.values()),
@@ -278,6 +292,7 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
         if not tgt_hash[t]:
             raise InputError(f"target {t}: no row has model features")
     cols = ["n_pooled", "indices", "values"]
+    aggregation_info: dict = {}
     t0 = time.perf_counter()
     widths = {r.name: readout_width(r, model_dir, next((s for s in job.saes if s.key == r.sae), None))
               for r in readouts}
@@ -293,6 +308,15 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             sc = np.full(len(pool_hash), -np.inf)
             sc[live] = score_rows(pool_tab[r.name], proto, v["similarity"], not r.sparse, v["pooling"])
             scores[t][name] = sc
+    for name, r, a, sim, mass in agg:
+        if r.name not in pool_tab:
+            pool_tab[r.name] = stores[r.name].read_ordered(live_hash, cols)
+        for t in targets:
+            sc = np.full(len(pool_hash), -np.inf)
+            sc[live], info = aggregated_scores(pool_tab[r.name], stores[r.name].read_ordered(tgt_hash[t], cols),
+                                               widths[r.name], not r.sparse, a, sim, mass, int(cfg.mona.cluster_seed))
+            scores[t][name] = sc
+            aggregation_info.setdefault(t, {})[name] = info
     if nait is not None:
         X = stores[nait.name].read_ordered(live_hash, ["values"])
         src = _nait_deltas(X, len(nait.blocks))
@@ -311,7 +335,8 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
            "saes": {s.key: {"fingerprint": s.fingerprint, "k": s.k, "num_latents": s.num_latents,
                             "provisional": s.provisional} for s in job.saes},
            "readouts": {r.name: {"store": str(stores[r.name].root), "width": widths[r.name]} for r in readouts},
-           "pool_pass": pool_stats, "sae_k": sae_k, "mlp_k": mlp_k, "variants": list(readout_of)}
+           "pool_pass": pool_stats, "sae_k": sae_k, "mlp_k": mlp_k, "variants": list(readout_of) + [a[0] for a in agg],
+           "aggregation": aggregation_info}
     profiles = None
     base = {"sae": "mona:sae/mean/jaccard", "mlp_gate": "mona:mlp_gate/mean/jaccard", "hidden": "mona:hidden/mean/jaccard"}
     have = {rep: readout_of[n] for rep, n in base.items() if n in readout_of}
@@ -319,6 +344,41 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
         profiles = {rep: {t: prototype_of(stores[r.name].read_ordered(tgt_hash[t], cols), widths[r.name], not r.sparse)
                           for t in targets} for rep, r in have.items()}
     return doc, profiles
+
+
+def _aggregation(spec: str) -> tuple[str, str, float]:
+    """``"clusters/jaccard/0.65"`` -> (aggregate, similarity, prototype mass)."""
+    parts = str(spec).split("/")
+    if len(parts) != 3 or parts[0] not in ("prototype", "clusters", "round_robin"):
+        raise InputError(f"mona.aggregations: {spec!r} is not <prototype|clusters|round_robin>/<similarity>/<mass>")
+    try:
+        mass = float(parts[2])
+    except ValueError:
+        raise InputError(f"mona.aggregations: {spec!r}: the mass {parts[2]!r} is not a number in (0, 1]") from None
+    return parts[0], parts[1], mass
+
+
+def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, similarity: str, mass: float,
+                      seed: int) -> tuple[np.ndarray, dict]:
+    """A full ranking of the pool (as scores) for one aggregation over the target rows ``tgt``
+    (stored tables, targets in id order): ``prototype`` / ``clusters`` score each row by its best
+    prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
+    per target row (RDS+), and a row's score is minus its position in the interleaving."""
+    from ..aggregate import candidates_from_scores, dense_pairwise, pairwise, round_robin, sparsify_prototype
+
+    T = rows_of(tgt, dense)
+    T = T if dense else T.to_dense(width)
+    if aggregate == "round_robin":
+        X = rows_of(pool, dense)
+        P = np.stack([sparsify_prototype(t, mass) for t in T]) if mass < 1 else T
+        S = dense_pairwise(X, P, similarity) if dense else pairwise(X, P, similarity)
+        ids = np.asarray([f"{i:09d}" for i in range(S.shape[0])], dtype=object)  # ties: pool order
+        order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids))
+        out = np.empty(len(ids))
+        out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
+        return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass}
+    P, info = target_prototypes(T, aggregate, mass, seed, proto=prototype_of(tgt, width, dense))
+    return score_rows_against(pool, P, similarity, dense), {k: v for k, v in info.items() if k != "labels"}
 
 
 def _nait_deltas(table, n_blocks: int) -> np.ndarray:

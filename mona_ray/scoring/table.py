@@ -57,3 +57,49 @@ def score_rows(table: pa.Table, proto: np.ndarray, similarity: str, dense: bool,
         # dense rows (hidden states) are signed: the sparse shortcuts assume z >= 0
         out.append(dense_similarity(X, proto, similarity) if dense else score(X, proto, similarity))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+
+AGGREGATES = ("prototype", "clusters")
+
+
+def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float = 1.0, seed: int = 0,
+                      max_clusters: int | None = None, proto: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The prototypes a selection scores against, from the target rows ``T`` (dense ``[m, L]``,
+    in id order): ``prototype`` (the paper: their mean, ``proto`` when the caller has it) or
+    ``clusters`` (one mean per cluster of target rows, their number chosen by silhouette;
+    one cluster when the targets have no structure, which is exactly ``prototype``). With
+    ``mass < 1`` each prototype keeps only its largest latents carrying that share of its L1
+    mass (the support-bias fix; 1 = the paper's formula). Returns ``(P [c, L], info)``."""
+    from ..aggregate import choose_clusters, cluster_prototypes, sparsify_prototype
+
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"select.aggregate={aggregate!r}: use one of {', '.join(AGGREGATES)}")
+    if aggregate == "clusters" and len(T) >= 4:
+        labels = choose_clusters(np.asarray(T, dtype=np.float64), seed=seed, max_k=max_clusters)
+    else:
+        labels = np.zeros(len(T), dtype=np.int64)
+    if labels.max(initial=0) == 0:
+        P = (np.asarray(proto, dtype=np.float64) if proto is not None else np.asarray(T, np.float64).mean(0))[None, :]
+        sizes = np.asarray([len(T)])
+    else:
+        P, sizes = cluster_prototypes(T, labels)
+    if mass < 1:
+        P = np.stack([sparsify_prototype(p, mass) for p in P])
+    return P, {"aggregate": aggregate, "clusters": int(len(P)), "sizes": sizes.tolist(), "labels": labels.tolist(),
+               "mass": float(mass), "seed": int(seed)}
+
+
+def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
+                       batch_rows: int = 4096) -> np.ndarray:
+    """Each stored row's best similarity over the prototypes ``P [c, L]`` (c = 1: :func:`score_rows`,
+    bit for bit)."""
+    if len(P) == 1:
+        return score_rows(table, P[0], similarity, dense, pooling, batch_rows)
+    from ..aggregate import dense_pairwise, pairwise
+
+    out = []
+    for start in range(0, len(table), batch_rows):
+        X = rows_of(table.slice(start, batch_rows), dense, pooling)
+        S = dense_pairwise(X, P, similarity) if dense else pairwise(X, P, similarity)
+        out.append(S.max(axis=1))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
