@@ -24,7 +24,7 @@ from omegaconf import MISSING
 AutoInt = Optional[Union[int, str]]  # "auto", null or an int
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-SELECT_METHODS = ("mona", "bm25", "dsir", "dense", "random", "nait")
+SELECT_METHODS = ("mona", "rds", "bm25", "dsir", "dense", "random", "nait")
 REPRESENTATIONS = ("sae", "mlp_gate", "hidden")
 POOLINGS = ("mean", "sum")
 EXCLUDES = ("special", "none", "template")
@@ -176,6 +176,13 @@ class SelectConfig:
     ratio: Optional[float] = fraction(0.05)  # keep this share of the source rows (rounded up)...
     count: Optional[int] = positive(None)  # ...or exactly this many
     score_batch_rows: int = positive(4096)
+    # aggregation over the target examples: prototype (the paper: one mean) | clusters (one prototype per
+    # cluster of target rows, silhouette picks their number; a row scores its best cluster) | round_robin
+    # (one ranking per target row, interleaved, as RDS+)
+    aggregate: str = one_of("prototype", "clusters", "round_robin")
+    prototype_mass: float = fraction(1.0)  # < 1: each prototype keeps its top latents carrying this share of its L1
+    cluster_seed: int = 0
+    max_clusters: Optional[int] = positive(None)  # null: up to half the target rows (at most 64)
     # settings of a baseline selector (its constructor's arguments), e.g. select.bm25={aggregate: max}
     random: Dict[str, Any] = field(default_factory=dict)
     bm25: Dict[str, Any] = field(default_factory=dict)

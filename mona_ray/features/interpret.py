@@ -158,6 +158,13 @@ def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tupl
         toks = "<br>".join(f"`{t['context'].replace('|', '/').replace('`', '')}` ({t['activation']:.3g})"
                            for t in lat["top_tokens"][:4])
         md.append(f"| {lat['latent']} | {lat['value']:.4g} | {lat['share_of_prototype']:.1%} | {toks} |")
+    for c in doc.get("clusters", []):
+        md += ["", f"## Cluster {c['cluster']}: {c['size']} target rows (e.g. {', '.join(map(str, c['target_ids'][:5]))})", "",
+               "| latent | p_k | share of L1 | target tokens that activate it most |", "|---|---|---|---|"]
+        for lat in c["top_latents"][:10]:
+            toks = "<br>".join(f"`{t['context'].replace('|', '/').replace('`', '')}` ({t['activation']:.3g})"
+                               for t in lat["top_tokens"][:3])
+            md.append(f"| {lat['latent']} | {lat['value']:.4g} | {lat['share_of_prototype']:.1%} | {toks} |")
     md += ["", "## Selected rows: the shared latents that contribute most", "",
            "Contribution of latent k = min(z_k, p_k); share = its part of the row's Jaccard numerator. "
            "Latents marked * are among the prototype's top latents above.", "",

@@ -46,6 +46,7 @@ from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve
 from ..core.records import InputError
 from ..core.sae import SAEError, to_sparsify_hookpoint
 from ..features.engine import Batching
+from ..features.readouts import Readout
 from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
 from ..features.store import FeatureStore, embedding_fingerprint, first_per_key
 from . import report, stages
@@ -161,12 +162,17 @@ class Pipeline:
         render = {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt,
                   "max_length": cfg.render.max_length}
         self.prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": self.model_fp, **render, "exclude": cfg.pool.exclude})
-        self.readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude,
-                                              self.sae_info, cfg.embed.get("mlp_k"))
+        if cfg.select.method == "rds":  # RDS+: position-weighted mean hidden states, cosine, round-robin
+            self.readout = Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position")
+            self.similarity, self.aggregate = "cosine", "round_robin"
+        else:
+            self.readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude,
+                                                  self.sae_info, cfg.embed.get("mlp_k"))
+            self.similarity, self.aggregate = cfg.select.similarity, cfg.select.aggregate
         self.batching = Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
                                  max_batch_rows=int(cfg.embed.max_batch_rows),
                                  sae_chunk_tokens=int(cfg.embed.sae_chunk_tokens), value_dtype=cfg.embed.value_dtype)
-        sae_fp = self.sae_info.fingerprint if self.readout.kind == "sae" else None
+        sae_fp = self.sae_info.fingerprint if self.readout.kind == "sae" and self.sae_info else None
         self.embed_fp = embedding_fingerprint(self.model_fp, self.dtype, render, self.readout.spec(), sae_fp,
                                               self.batching.pad_multiple, self.batching.sae_chunk_tokens,
                                               self.batching.value_dtype)
@@ -423,7 +429,9 @@ class Pipeline:
     def prototype(self) -> None:
         from safetensors.numpy import save_file
 
-        from ..scoring import prototype_of
+        from ..aggregate import sparsify_prototype
+        from ..scoring import prototype_of, rows_of
+        from ..scoring.table import target_prototypes
 
         t0 = time.perf_counter()
         # one prototype entry per target row (duplicated content counts twice), in id order
@@ -432,9 +440,28 @@ class Pipeline:
             joined = self.store.read_ordered(tgt.column("content_hash").to_pylist(), ["n_pooled", "indices", "values"])
         except KeyError:
             raise RunError(f"target rows have no embedding in {self.store.root}; this is a bug, please report it") from None
-        self.proto = prototype_of(joined, self.width, not self.readout.sparse, self.cfg.pool.method)
-        save_file({"prototype": self.proto.astype(np.float32)}, str(self.out / "prototype.safetensors"),
-                  metadata={"rows": str(len(joined)), "embedding_fingerprint": self.embed_fp})
+        dense, sel = not self.readout.sparse, self.cfg.select
+        self.proto = prototype_of(joined, self.width, dense, self.cfg.pool.method)
+        self.protos, self.aggregation = self.proto[None, :], {"aggregate": "prototype", "clusters": 1}
+        if self.aggregate != "prototype" or sel.prototype_mass < 1:
+            T = rows_of(joined, dense, self.cfg.pool.method)
+            T = T if dense else T.to_dense(self.width)  # [target rows, width]: the targets only
+            if self.aggregate == "round_robin":
+                self.protos = T if sel.prototype_mass >= 1 else np.stack([sparsify_prototype(t, sel.prototype_mass)
+                                                                          for t in T])
+                self.aggregation = {"aggregate": "round_robin", "targets": len(T), "mass": float(sel.prototype_mass)}
+            else:
+                self.protos, self.aggregation = target_prototypes(T, self.aggregate, sel.prototype_mass,
+                                                                  sel.cluster_seed, sel.max_clusters, proto=self.proto)
+                labels, ids = self.aggregation.pop("labels"), tgt.column("id").to_pylist()
+                if len(self.protos) > 1:
+                    self.aggregation["members"] = [[i for i, q in zip(ids, labels) if q == c]
+                                                   for c in range(len(self.protos))]
+            del T
+        save_file({"prototype": self.proto.astype(np.float32), "prototypes": self.protos.astype(np.float32)},
+                  str(self.out / "prototype.safetensors"),
+                  metadata={"rows": str(len(joined)), "embedding_fingerprint": self.embed_fp,
+                            "aggregate": self.aggregate})
         self.timings["prototype"] = time.perf_counter() - t0
 
     def score(self) -> None:
@@ -455,22 +482,37 @@ class Pipeline:
         loc = loc.sort_by([("part", "ascending"), ("id", "ascending")])
         groups = _groups_of_parts(loc, int(self.cfg.select.score_batch_rows))
         self.k = k = selection_size(len(idx), self.cfg.select.ratio, self.cfg.select.count)
-        proto, paths = ray.put(self.proto), ray.put(list(self.store.paths))
+        protos, paths = ray.put(self.protos), ray.put(list(self.store.paths))
+        rr = self.aggregate == "round_robin"
         ds = ray.data.from_arrow(groups).map_batches(
             stages.score_parts, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"proto": proto, "paths": paths, "similarity": self.cfg.select.similarity,
+            fn_kwargs={"protos": protos, "paths": paths, "similarity": self.similarity,
                        "pooling": self.cfg.pool.method, "batch_rows": self.cfg.select.score_batch_rows,
-                       "dense": not self.readout.sparse},
+                       "dense": not self.readout.sparse, "candidates": k if rr else 0},
             num_cpus=self.cfg.ray.task_num_cpus)
-        top = RunningTopK(k)
+        top = RunningTopK(k) if not rr else None
+        per_target = [RunningTopK(k) for _ in range(len(self.protos))] if rr else None
         tabs = []
         bar = _tqdm(total=len(idx), desc="score (rows)", unit="row")
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            top.add(b.column("score").to_numpy(), b.column("id").to_numpy(zero_copy_only=False))
+            j = b.column("target").to_numpy()
+            if rr:  # each task's best k rows per target row, merged here into one list per target
+                for t in np.unique(j[j >= 0]):
+                    c = b.filter(pa.array(j == t))
+                    per_target[int(t)].add(c.column("score").to_numpy(), c.column("id").to_numpy(zero_copy_only=False))
+            b = b.filter(pa.array(j < 0)).select(["id", "score"])
+            if top is not None:
+                top.add(b.column("score").to_numpy(), b.column("id").to_numpy(zero_copy_only=False))
             tabs.append(b)
             bar.update(len(b))
         bar.close()
-        self.top_scores, self.top_ids = top.result()
+        if rr:
+            from ..aggregate import round_robin
+
+            ids, _, sc = round_robin([t.result() for t in per_target], k)
+            self.top_scores, self.top_ids = sc, ids
+        else:
+            self.top_scores, self.top_ids = top.result()
         self._set_scores(pa.concat_tables(tabs) if tabs else pa.table({"id": pa.array([], pa.string()),
                                                                        "score": pa.array([], pa.float64())}))
         self.timings["score"] = time.perf_counter() - t0
@@ -539,28 +581,51 @@ class Pipeline:
         from ..features.interpret import explain_row, write_explain
 
         t0 = time.perf_counter()
-        tgt_ids, tgt_masks = [], []
+        tgt_ids, tgt_masks, tgt_rid = [], [], []
         for pi, positions in _positions_by_part(self.index["target"]):
-            t = pq.read_table(self.target_parts[pi]["part"], columns=["input_ids", "pool_mask"]).take(
+            t = pq.read_table(self.target_parts[pi]["part"], columns=["id", "input_ids", "pool_mask"]).take(
                 pa.array(positions, pa.int64()))
             tgt_ids += t.column("input_ids").to_pylist()
             tgt_masks += t.column("pool_mask").to_pylist()
+            tgt_rid += t.column("id").to_pylist()
+        protos, groups = [self.proto], [list(range(len(tgt_ids)))]
+        members = self.aggregation.get("members")
+        if members:  # clusters: each cluster's prototype, explained on its own target rows
+            pos = {rid: i for i, rid in enumerate(tgt_rid)}
+            for c, rids in enumerate(members):
+                protos.append(self.protos[c])
+                groups.append([pos[r] for r in rids if r in pos])
         remote = ray.remote(**self._actor_resources())(stages.explain_task)
-        doc_ref = remote.remote(self._embed_job(), tgt_ids, tgt_masks, self.proto)
+        doc_ref = remote.remote(self._embed_job(), tgt_ids, tgt_masks, protos, groups)
         sel = self.scores.filter(pc.is_in(self.scores.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
         emb = self.store.read(sel.column("content_hash"), columns=["indices", "values"])
         self.explain_read = dict(self.store.last_read)
         at = dict(zip(emb.column("content_hash").to_pylist(), range(len(emb))))
         hash_of = dict(zip(sel.column("id").to_pylist(), sel.column("content_hash").to_pylist()))
-        proto_doc = ray.get(doc_ref)
+        docs = ray.get(doc_ref)
+        proto_doc = docs[0]
         top_set = {x["latent"] for x in proto_doc["top_latents"]}
         rows = []
         ind_col, val_col = emb.column("indices"), emb.column("values")
         for rid in self.top_ids:
             j = at[hash_of[rid]]
-            rows.append(explain_row(rid, ind_col[j].values.to_numpy(), val_col[j].values.to_numpy(zero_copy_only=False),
-                                    self.proto, top_set))
-        write_explain({"prototype": proto_doc, "selected": rows}, self.out)
+            idx, val = ind_col[j].values.to_numpy(), val_col[j].values.to_numpy(zero_copy_only=False)
+            best = 0
+            if len(self.protos) > 1:  # the prototype this row scored best against
+                from ..aggregate import pairwise
+                from ..scoring import SparseRows
+
+                best = int(pairwise(SparseRows(np.asarray([0, len(idx)]), idx, val), self.protos,
+                                    self.similarity).argmax())
+            row = explain_row(rid, idx, val, self.protos[best], top_set)
+            if len(self.protos) > 1:
+                row["cluster"] = best
+            rows.append(row)
+        doc = {"prototype": proto_doc, "selected": rows}
+        if members:
+            doc["clusters"] = [{"cluster": c, "size": len(m), "target_ids": m[:10], **d}
+                               for c, (m, d) in enumerate(zip(members, docs[1:]))]
+        write_explain(doc, self.out)
         self.timings["explain"] = time.perf_counter() - t0
 
     # -------------------------------------------------------------- outputs
@@ -615,12 +680,13 @@ class Pipeline:
         try:
             self.fingerprint()
             for stage in (self.prepare, self.dedupe, *((self.embed, self.prototype, self.score)
-                                                       if self.cfg.select.method == "mona" else (self.score_with_selector,))):
+                                                       if self.cfg.select.method in ("mona", "rds")
+                                                       else (self.score_with_selector,))):
                 stage()
                 mem.mark(stage.__name__)
             manifest = self.write_outputs()
             mem.mark("write")
-            if self.cfg.select.method == "mona" and self.cfg.report.explain and self.cfg.embed.representation == "sae":
+            if self.cfg.select.method == "mona" and self.cfg.report.explain and self.readout.kind == "sae":
                 self.explain()
                 mem.mark("explain")
                 manifest["timings_s"]["explain"] = round(self.timings["explain"], 3)

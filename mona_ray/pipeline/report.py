@@ -58,7 +58,10 @@ def manifest(p, selected: list[dict]) -> dict:
                    "reused_from_store": p.counts["reused_from_store"]},
         "invariant_rows_in_eq_scored_plus_rejected": src["rows_in"] == src["rows_scored"] + src["rows_rejected"],
         "selection": {"k": int(p.k), "ratio": p.cfg.select.ratio, "count": p.cfg.select.count,
-                      "method": p.cfg.select.get("method", "mona"), "similarity": p.cfg.select.similarity,
+                      "method": p.cfg.select.get("method", "mona"),
+                      "similarity": getattr(p, "similarity", p.cfg.select.similarity),
+                      "aggregation": {k: v for k, v in getattr(p, "aggregation", {"aggregate": "prototype"}).items()
+                                      if k not in ("labels",)},
                       "top_score": float(p.top_scores[0]) if len(selected) else None,
                       "cutoff_score": float(p.top_scores[-1]) if len(selected) else None},
         "fingerprints": {"model": p.model_fp, "sae": p.sae_info.fingerprint if p.sae_info else None,
@@ -110,15 +113,22 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
     src, tgt = c["source"], c["target"]
     thr = m["throughput"]
     method = m["selection"].get("method", "mona")
-    mona = method == "mona"
+    mona = method in ("mona", "rds")
+    agg = m["selection"].get("aggregation") or {}
+    how = f"similarity {m['selection']['similarity']}"
+    if agg.get("aggregate", "prototype") != "prototype" or agg.get("clusters", 1) != 1:
+        how += f", {agg['aggregate']}" + (f" ({agg['clusters']} clusters)" if agg.get("aggregate") == "clusters" else "")
+    if agg.get("mass", 1.0) < 1:
+        how += f", prototype mass {agg['mass']:g}"
     lines = [
         "",
-        ("MoNA selection finished" if mona else f"Selection finished (baseline: {method})")
+        ("MoNA selection finished" if method == "mona" else "RDS+ selection finished" if method == "rds"
+         else f"Selection finished (baseline: {method})")
         + (" (PROVISIONAL SAE: see the manifest)" if m.get("sae_provisional") else ""),
         f"  source rows in      {src['rows_in']:>10,}   rejected {src['rows_rejected']:,}   scored {src['rows_scored']:,}",
         f"  target rows in      {tgt['rows_in']:>10,}   rejected {tgt['rows_rejected']:,}   (prototype from {tgt['rows_usable']:,})",
         f"  selected            {src['rows_selected']:>10,}   ("
-        + (f"similarity {m['selection']['similarity']}" if mona else f"method {method}") + ", "
+        + (how if mona else f"method {method}") + ", "
         f"cutoff score {m['selection']['cutoff_score']:.4f})" if selected else "  selected: none",
         f"  embedded this run   {c['embedded_now']:>10,}   reused from the store {c['reused_from_store']:,}",
     ]

@@ -24,7 +24,6 @@ from ..core import records
 from ..core.io import write_parquet
 from ..features.spec import EngineJob, load_engine
 from ..features.store import first_per_key, rows_table
-from ..scoring import score_rows
 
 PREPARED_SCHEMA = pa.schema([
     ("id", pa.string()), ("content_hash", pa.string()), ("file", pa.string()), ("row", pa.int64()),
@@ -196,7 +195,9 @@ class EmbedActor:
         table = table.take(pa.array(unit["rows"], type=pa.int64()))
         ids = table.column("input_ids").to_pylist()
         mask = table.column("pool_mask").to_pylist()
-        res = self.engine.run(ids, {e: mask for e in self.engine.excludes}, on_batch=self._report)
+        # the prepared mask is the run's pool.exclude; "none" (RDS+) pools every real token
+        masks = {e: [[1] * len(x) for x in ids] if e == "none" else mask for e in self.engine.excludes}
+        res = self.engine.run(ids, masks, on_batch=self._report)
         good = [i for i in range(len(ids)) if i not in res.rejected]
         hashes = table.column("content_hash").to_pylist()
         for r in self.job.readouts:
@@ -226,36 +227,65 @@ class Progress:
         return self.rows, self.tokens
 
 
-def explain_task(job: EngineJob, target_ids, target_masks, proto) -> dict:
-    """Load the run's model and SAE and explain the prototype (``interpret.explain_prototype``)."""
+def explain_task(job: EngineJob, target_ids, target_masks, protos, groups) -> list[dict]:
+    """Load the run's model and SAE and explain each prototype on its group of target rows
+    (``interpret.explain_prototype``): the overall prototype, then one per cluster."""
     from ..features.interpret import explain_prototype
 
     engine, tok = load_engine(job)
-    return explain_prototype(engine, job.readouts[0], tok, target_ids, target_masks, proto)
+    return [explain_prototype(engine, job.readouts[0], tok, [target_ids[i] for i in g], [target_masks[i] for i in g], p)
+            for p, g in zip(protos, groups)]
 
 
 # ----------------------------------------------------------------------------- score
 
 
-def score_parts(batch: pa.Table, proto, paths, similarity: str, pooling: str, batch_rows: int,
-                dense: bool = False) -> pa.Table:
+def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, batch_rows: int,
+                dense: bool = False, candidates: int = 0) -> pa.Table:
     """Score this run's rows held by some store parts: ``batch`` is ``(id, content_hash, part)``
-    for the rows wanted (``part`` numbers ``paths``); returns ``(id, score)``. Reads each part
-    once, only the needed columns."""
+    for the rows wanted (``part`` numbers ``paths``). Returns ``(id, score, target)``: every row
+    with ``target = -1`` and its best score over the prototypes ``protos [c, L]``; with
+    ``candidates = k`` (round-robin) also, per prototype ``j``, its ``k`` best rows with ``target = j``.
+    Reads each part once, only the needed columns."""
     import ray
 
-    if isinstance(proto, ray.ObjectRef):
-        proto = ray.get(proto)
+    from ..scoring import topk
+    from ..scoring.table import score_rows_against
+
+    if isinstance(protos, ray.ObjectRef):
+        protos = ray.get(protos)
     if isinstance(paths, ray.ObjectRef):
         paths = ray.get(paths)
-    scored = []
+    hashes, scores, per = [], [], []
     part_col = batch.column("part").to_numpy()
     for part in np.unique(part_col):
         want = batch.filter(pa.array(part_col == part)).column("content_hash")
         emb = pq.read_table(paths[int(part)], columns=["content_hash", "n_pooled", "indices", "values"])
         emb = first_per_key(emb.filter(pc.is_in(emb.column("content_hash"), value_set=pc.unique(want))),
                             "content_hash", "content_hash")
-        s = score_rows(emb, proto, similarity, dense, pooling, batch_rows)
-        scored.append(pa.table({"content_hash": emb.column("content_hash"), "score": pa.array(s, pa.float64())}))
-    scores = pa.concat_tables(scored)
-    return batch.select(["id", "content_hash"]).join(scores, "content_hash").select(["id", "score"])
+        hashes.append(emb.column("content_hash"))
+        if candidates:
+            from ..aggregate import dense_pairwise, pairwise
+            from ..scoring import rows_of
+
+            X = rows_of(emb, dense, pooling)
+            S = dense_pairwise(X, protos, similarity) if dense else pairwise(X, protos, similarity)
+            scores.append(S.max(axis=1))
+            per.append(S)
+        else:
+            scores.append(score_rows_against(emb, protos, similarity, dense, pooling, batch_rows))
+    h = pa.concat_arrays([c.combine_chunks() for c in hashes]) if hashes else pa.array([], pa.string())
+    out = pa.table({"content_hash": h, "score": pa.array(np.concatenate(scores) if scores else [], pa.float64())})
+    rows = batch.select(["id", "content_hash"]).join(out, "content_hash").select(["id", "score"])
+    rows = rows.append_column("target", pa.array(np.full(len(rows), -1, np.int32)))
+    if not candidates:
+        return rows
+    S = np.concatenate(per) if per else np.zeros((0, len(protos)))
+    at = pc.index_in(batch.column("content_hash"), value_set=h).to_numpy(zero_copy_only=False)
+    ids = batch.column("id").to_numpy(zero_copy_only=False)
+    extra = []
+    for j in range(S.shape[1]):  # this task's best `candidates` rows per prototype
+        s_j, i_j = topk(S[at, j], ids, candidates)
+        extra.append(pa.table({"id": pa.array(list(i_j), pa.string()), "score": pa.array(s_j, pa.float64()),
+                               "target": pa.array(np.full(len(s_j), j, np.int32))}))
+    return pa.concat_tables([rows, *extra])
