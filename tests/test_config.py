@@ -110,6 +110,10 @@ def test_wrong_type_is_refused_naming_the_key(override, key):
     ("sae_eval", "data.split=test", "data.split='test': use one of heldout, train"),
 ])
 def test_value_rules_name_the_key_and_the_allowed_values(name, override, message):
+    _refused(name, override, message)
+
+
+def _refused(name, override, message):
     with pytest.raises(ConfigError) as e:
         load_config([override], name)
     assert message in str(e.value)
@@ -138,9 +142,7 @@ def test_null_ratio_and_count_is_refused():
     ("sae_eval", "threads=1", "`threads` is now `torch_threads`"),
 ])
 def test_old_spelling_names_the_new_key(name, override, message):
-    with pytest.raises(ConfigError) as e:
-        load_config([override], name)
-    assert message in str(e.value)
+    _refused(name, override, message)
 
 
 def test_every_rename_target_exists():

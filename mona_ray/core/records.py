@@ -550,6 +550,16 @@ class _JsonScan:
             if not self._more(p if self.keep else q):
                 raise _Malformed(p)
 
+    def _one_row(self, p: int):
+        """Yield the element at ``p`` as a row (or ``bad``); return its end, None when malformed."""
+        try:
+            end, obj = self.element(p)
+        except _Malformed:
+            yield "bad", p
+            return None
+        yield "row", p, end, obj
+        return end
+
     def events(self):
         """Yield ``("row", start, end, value)`` for each top-level element (a top-level object
         is one row), then ``("bad", offset)`` where the structure breaks, or ``("notlist", offset)``."""
@@ -561,12 +571,9 @@ class _JsonScan:
         if c == "":
             return  # an empty file: no rows
         if c == "{":
-            try:
-                end, obj = self.element(p)
-            except _Malformed:
-                yield "bad", p
+            end = yield from self._one_row(p)
+            if end is None:
                 return
-            yield "row", p, end, obj
         elif c != "[":
             yield "notlist", p
             return
@@ -574,12 +581,9 @@ class _JsonScan:
             p = self.skip_ws(p + 1)
             if self.char(p) != "]":
                 while True:
-                    try:
-                        end, obj = self.element(p)
-                    except _Malformed:
-                        yield "bad", p
+                    end = yield from self._one_row(p)
+                    if end is None:
                         return
-                    yield "row", p, end, obj
                     p = self.skip_ws(end)
                     c = self.char(p)
                     if c == ",":
