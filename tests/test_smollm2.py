@@ -24,7 +24,7 @@ def test_demo_model_selects_math_for_gsm8k(ray_local, demo_subset, tmp_path):
                        f"run.output_dir={out}", "select.count=10"])
     m = run(cfg, quiet=True)
     assert m["counts"]["source"]["rows_scored"] == 200 and m["counts"]["target"]["rows_usable"] == 20
-    assert m["sae"]["num_latents"] == 9216 and cfg.sae.hookpoint == "layers.28"
+    assert m["sae"]["num_latents"] == 9216 and cfg.sae.hookpoint == "layers.15"  # the default selector
     sel = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
     domains = Counter(r["domain"] for r in sel)
     base = Counter(pq.read_table(demo_subset / "source.parquet").column("domain").to_pylist())

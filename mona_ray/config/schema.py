@@ -179,8 +179,8 @@ class SelectConfig:
     # aggregation over the target examples: prototype (the paper: one mean) | clusters (one prototype per
     # cluster of target rows, silhouette picks their number; a row scores its best cluster) | round_robin
     # (one ranking per target row, interleaved, as RDS+)
-    aggregate: str = one_of("prototype", "clusters", "round_robin")
-    prototype_mass: float = fraction(1.0)  # < 1: each prototype keeps its top latents carrying this share of its L1
+    aggregate: str = one_of("clusters", "prototype", "round_robin")  # the first is the default
+    prototype_mass: float = fraction(0.65)  # < 1: each prototype keeps its top latents carrying this share of its L1
     cluster_seed: int = 0
     max_clusters: Optional[int] = positive(None)  # null: up to half the target rows (at most 64)
     # settings of a baseline selector (its constructor's arguments), e.g. select.bm25={aggregate: max}
@@ -214,7 +214,8 @@ class RunConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    sae: SaeConfig = field(default_factory=SaeConfig)
+    # the default selector reads the middle block (docs/evaluation.md); the evaluation keeps layers.28 as its reference
+    sae: SaeConfig = field(default_factory=lambda: SaeConfig(hookpoint="layers.15"))
     render: RenderConfig = field(default_factory=RenderConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
