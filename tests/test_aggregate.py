@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mona_ray import aggregate as ag
+from mona_ray.scoring import aggregate as ag
 from mona_ray.scoring import SparseRows, prototype, score, selection_size, topk
 
 L = 64
@@ -30,11 +30,16 @@ def test_pairwise_equals_score_per_column(chunk_nnz, block_rows):
     T = _rand_rows(rng, 6).to_dense(L)
     T[2] = 0.0  # an all-zero target scores 0 everywhere, as scoring does
     for sim in ("jaccard", "cosine", "euclidean"):
-        S = ag.pairwise(rows, T, sim, chunk_nnz=chunk_nnz, block_rows=block_rows)
+        S = ag.pairwise(rows, T, sim, kernel="rows", chunk_nnz=chunk_nnz, block_rows=block_rows)
         assert S.shape == (len(rows), len(T))
         ref = np.stack([score(rows, T[j], sim) for j in range(len(T))], axis=1)
         if sim == "jaccard":  # the same operations on the same numbers: bitwise
             assert np.array_equal(S.view(np.int64), ref.view(np.int64))
+            by_targets = ag.pairwise(rows, T, sim, kernel="targets", block_rows=block_rows)
+            np.testing.assert_allclose(by_targets, ref, rtol=1e-12, atol=1e-15)
+            sparse_t = np.stack([ag.sparsify_prototype(t, 0.5) for t in T])  # auto picks the targets kernel
+            ref_s = np.stack([score(rows, t, sim) for t in sparse_t], axis=1)
+            np.testing.assert_allclose(ag.pairwise(rows, sparse_t, sim, block_rows=block_rows), ref_s, rtol=1e-12, atol=1e-15)
         else:  # a dense GEMM: equal to float64 rounding
             np.testing.assert_allclose(S, ref, rtol=1e-12, atol=1e-12)
             fast = ag.pairwise(rows, T, sim, block_rows=block_rows, gemm_dtype=np.float32)
@@ -49,6 +54,8 @@ def test_weighted_jaccard_formula_and_unit_weights():
     Z = rows.to_dense(L)
     brute = (np.minimum(Z, p) * w).sum(1) / (np.maximum(Z, p) * w).sum(1)
     np.testing.assert_allclose(ag.weighted_jaccard(rows, p, w), brute, rtol=1e-12)
+    for kernel in ("rows", "targets"):
+        np.testing.assert_allclose(ag.pairwise(rows, p[None], "jaccard", w, kernel=kernel)[:, 0], brute, rtol=1e-12)
     np.testing.assert_allclose(ag.weighted_jaccard(rows, p, np.ones(L)), score(rows, p, "jaccard"), rtol=1e-12)
     with pytest.raises(ValueError):
         ag.pairwise(rows, p[None], "cosine", weights=w)
@@ -109,6 +116,15 @@ def test_round_robin_needs_only_k_candidates_per_list():
         q = ag.allocate([5, 3, 1, 1, 1, 1, 1, 1, 1], k)
         assert ag.round_robin(cut, k, quotas=q)[0].tolist() == ag.round_robin(full, k, quotas=q)[0].tolist()
         assert len(ag.round_robin(cut, k, quotas=q)[0]) == k
+
+
+def test_best_k_equals_scoring_topk():
+    rng = np.random.default_rng(6)
+    for n, k in ((0, 3), (1, 1), (50, 7), (400, 399), (400, 400), (400, 1000)):
+        s = np.round(rng.random(n), 1)  # long runs of equal scores
+        ids = np.array([f"x{v}" for v in rng.permutation(n * 3)[:n]], dtype=object)
+        a, b = ag.best_k(s, ids, k), topk(s, ids, k)
+        assert np.array_equal(a[0], b[0]) and a[1].tolist() == b[1].tolist()
 
 
 def test_per_target_topk_streamed_and_merged_equals_in_memory():

@@ -13,32 +13,35 @@ Two extra measurements on the same data:
 * ``float16``: a fresh realistic sample stored with float16 values (targets included)
   against float32: is the top-``ratio`` selection identical, and how much overlaps.
 
-``aggregations`` (issue 14): at each N, the same blocks scored against all ``--targets``
-target rows (``round_robin``) or ``--clusters`` cluster prototypes (``clusters``), or
-against the one prototype with IDF-weighted Jaccard (``prototype:jaccard-idf``, after a
-document-frequency pass over the blocks), via ``aggregate.pairwise``. Each of ``--agg-tasks``
-simulated scoring tasks keeps per target (cluster) its top-k (``aggregate.PerTargetTopK``);
-the driver merges them (``aggregate.merge_candidates``) and interleaves
-(``aggregate.round_robin``). Per-example Jaccard costs O(targets x nnz) per row, so it only
-runs up to ``--jaccard-max-rows``.
+``aggregations`` (issue 14): at each N, the same blocks scored with ``aggregate.pairwise``
+against all ``--targets`` target rows (``round_robin``), ``--clusters`` cluster prototypes
+(``clusters``: allocation by size, ``clusters_best``: best-cluster ranking) or the one
+prototype with a support-bias fix (``-sparse50``, ``-idf``). For per-list aggregations each
+of ``--agg-tasks`` simulated scoring tasks keeps per list its top-k
+(``aggregate.PerTargetTopK``); the driver merges them (``aggregate.merge_candidates``) and
+interleaves (``aggregate.round_robin``). Jaccard against dense lists costs O(lists x nnz) per
+row, so ``round_robin:jaccard`` and ``clusters:jaccard`` run only up to ``--jaccard-max-rows``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 
-from .. import aggregate, scoring
+from .. import scoring
+from ..scoring import aggregate
 from ..scoring import kernels
 from .common import BenchError, Stages, peak_rss_mb, reset_peak_rss, table
 from .synth import Generator, RowPool, SynthSpec, prototype_from
 
 KERNELS = {"fast": kernels.jaccard, "reference": scoring.jaccard}
-AGGREGATIONS = ("prototype:jaccard-idf", "round_robin:cosine", "round_robin:cosine-f32", "round_robin:jaccard",
-                "clusters:cosine", "clusters:jaccard")
+AGGREGATIONS = ("prototype:jaccard-sparse50", "prototype:jaccard-idf", "clusters_best:jaccard-sparse50",
+                "clusters:jaccard-sparse50", "clusters:cosine", "clusters:jaccard", "round_robin:cosine",
+                "round_robin:cosine-f32", "round_robin:jaccard")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,10 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aggregations", default=",".join(AGGREGATIONS),
                    help="aggregations timed next to the prototype ('' to skip; default: %(default)s)")
-    p.add_argument("--clusters", type=int, default=8, help="cluster prototypes for clusters:* (default: %(default)s)")
+    p.add_argument("--clusters", type=int, default=30,
+                   help="cluster prototypes for clusters*:* (default: %(default)s, what BBH's 81 rows give)")
     p.add_argument("--agg-tasks", type=int, default=2, help="simulated scoring tasks merged by the driver (default: %(default)s)")
     p.add_argument("--jaccard-max-rows", type=int, default=10000,
-                   help="largest N for round_robin:jaccard, O(targets x nnz) per row (default: %(default)s)")
+                   help="largest N for round_robin:jaccard and clusters:jaccard, O(lists x nnz) per row (default: %(default)s)")
 
 
 def _sizes(text: str) -> list[int]:
@@ -137,7 +141,31 @@ def stream(n_rows: int, pool: RowPool, proto: np.ndarray, args, kernel) -> dict:
             "rss_at_start_mb": rss0, "peak_rss_mb": peak_rss_mb()}
 
 
-def _blocks(n_rows: int, pool: RowPool, args, st: Stages):
+class _Clock:
+    """Wall and CPU seconds per stage (``with clock("score"): ...``): on a shared machine the
+    CPU time of this single-threaded process moves much less than its wall time."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def __getitem__(self, name: str) -> float:
+        return self.wall.get(name, 0.0)
+
+    def cpu_s(self, *names: str) -> float:
+        return sum(self.cpu.get(n, 0.0) for n in names)
+
+
+def _blocks(n_rows: int, pool: RowPool, args, st):
     """The very blocks ``stream`` scores (same seed), as CSR rows + ids."""
     rng = np.random.default_rng(args.seed + n_rows)
     for a in range(0, n_rows, args.block_rows):
@@ -152,51 +180,82 @@ def _blocks(n_rows: int, pool: RowPool, args, st: Stages):
 
 def stream_aggregation(name: str, n_rows: int, pool: RowPool, proto: np.ndarray, targets: np.ndarray,
                        centers: tuple[np.ndarray, np.ndarray], args) -> dict:
-    """One aggregation over ``n_rows`` streamed rows: per-list top-k in each task, merge, interleave."""
+    """One aggregation over ``n_rows`` streamed rows (the blocks ``stream`` scores).
+
+    ``round_robin`` / ``clusters``: per-list top-k in each of ``--agg-tasks`` tasks, merged by
+    the driver and interleaved (clusters: quotas by size). ``clusters_best`` and ``prototype``:
+    one ranking (best cluster score, or the one prototype), a running top-k. ``-sparse50``:
+    prototypes cut to the latents carrying half their mass; ``-idf``: IDF-weighted Jaccard
+    after a document-frequency pass. Every block is also scored the paper's way (Jaccard with
+    the prototype + running top-k) in the same pass, so ``vs_prototype`` compares the two
+    under the same machine load."""
     kind, sim = name.split(":")
     k = scoring.selection_size(n_rows, args.ratio)
-    st = Stages()
+    out = {"aggregation": name, "rows": n_rows, "selected": 0}
+    dense_jaccard = sim == "jaccard" and kind in ("round_robin", "clusters")
+    if dense_jaccard and n_rows > args.jaccard_max_rows:
+        return {**out, "skipped": f"N > --jaccard-max-rows={args.jaccard_max_rows}"}
+    st, ref = _Clock(), _Clock()
     reset_peak_rss()
     rss0 = peak_rss_mb()
-    out = {"aggregation": name, "rows": n_rows, "selected": 0}
-    if kind == "round_robin" and sim == "jaccard" and n_rows > args.jaccard_max_rows:
-        return {**out, "skipped": f"N > --jaccard-max-rows={args.jaccard_max_rows}"}
-    base = {"jaccard-idf": "jaccard", "cosine-f32": "cosine"}.get(sim, sim)
+    base = sim.split("-")[0]
     gemm = np.float32 if sim.endswith("-f32") else np.float64
-    if kind == "prototype":  # one list: the weighted-Jaccard ranking, after a document-frequency pass
-        df = np.zeros(len(proto), dtype=np.int64)
+    weights = None
+    if kind == "prototype":
+        lists, sizes = proto[None, :], None
+    elif kind == "round_robin":
+        lists, sizes = targets, None
+    else:
+        lists, sizes = centers
+    if sim.endswith("-sparse50"):
+        lists = np.stack([aggregate.sparsify_prototype(q, 0.5) for q in lists])
+    if sim.endswith("-idf"):
+        df = np.zeros(lists.shape[1], dtype=np.int64)
         for _, rows, _ in _blocks(n_rows, pool, args, st):
             with st("prepass"):
-                df += aggregate.doc_freq(rows, len(proto))
+                df += aggregate.doc_freq(rows, lists.shape[1])
         weights = aggregate.idf_weights(df, n_rows)
-        lists, quotas = proto[None, :], None
-    else:
-        weights = None
-        lists, sizes = (targets, None) if kind == "round_robin" else centers
-        quotas = None if sizes is None else aggregate.allocate(sizes, k)
-    tasks = [aggregate.PerTargetTopK(len(lists), k) for _ in range(args.agg_tasks)]
-    best = scoring.RunningTopK(k) if kind == "clusters" else None
-    for a, rows, ids in _blocks(n_rows, pool, args, st):
+    per_list = kind in ("round_robin", "clusters")
+    tasks = [aggregate.PerTargetTopK(len(lists), k) for _ in range(args.agg_tasks)] if per_list else []
+    single = None if per_list else scoring.RunningTopK(k)
+    paper = scoring.RunningTopK(k)
+    st_csr = _Clock()
+    for a, rows, ids in _blocks(n_rows, pool, args, st_csr):
+        with ref("score"):
+            paper.add(kernels.jaccard(rows, proto), ids)
         with st("score"):
             S = aggregate.pairwise(rows, lists, base, weights=weights, gemm_dtype=gemm)
         with st("topk"):
-            tasks[(a // args.block_rows) % len(tasks)].add(S, ids)
-            if best is not None:  # the full-ranking variant: best cluster score
-                best.add(aggregate.best_cluster_score(S), ids)
+            if per_list:
+                tasks[(a // args.block_rows) % len(tasks)].add(S, ids)
+            else:
+                single.add(aggregate.best_cluster_score(S), ids)
         del rows, S, ids
+    with ref("score"):
+        paper.result()
     with st("topk"):
         parts = [t.result() for t in tasks]
-        if best is not None:
-            best.result()
-    with st("merge"):
-        cand = aggregate.merge_candidates(parts, k)
-    del parts, tasks
-    with st("interleave"):
-        sel, _, _ = aggregate.round_robin(cand, k, quotas=quotas)
-    work = st["prepass"] + st["to_csr"] + st["score"] + st["topk"] + st["merge"] + st["interleave"]
-    return {**out, "lists": len(lists), "selected": len(sel), "prepass_s": st["prepass"], "to_csr_s": st["to_csr"],
-            "score_s": st["score"], "topk_s": st["topk"], "merge_s": st["merge"], "interleave_s": st["interleave"],
-            "total_s": work, "rss_at_start_mb": rss0, "peak_rss_mb": peak_rss_mb()}
+        if single is not None:
+            sel = single.result()[1]
+    if per_list:
+        with st("merge"):
+            cand = aggregate.merge_candidates(parts, k)
+        del parts, tasks
+        with st("interleave"):
+            quotas = None if sizes is None or kind == "round_robin" else aggregate.allocate(sizes, k)
+            sel, _, _ = aggregate.round_robin(cand, k, quotas=quotas)
+    prepass = st["prepass"] + st["to_csr"]  # the df pass reads (and converts) every block once more
+    stages = ("score", "topk", "merge", "interleave")
+    work = prepass + st_csr["to_csr"] + sum(st[x] for x in stages)
+    paper_s = st_csr["to_csr"] + ref["score"]
+    work_cpu = st.cpu_s("prepass", "to_csr", *stages) + st_csr.cpu_s("to_csr")
+    paper_cpu = st_csr.cpu_s("to_csr") + ref.cpu_s("score")
+    return {**out, "lists": len(lists), "list_nnz": float((lists > 0).sum(1).mean()), "selected": len(sel),
+            "prepass_s": prepass, "to_csr_s": st_csr["to_csr"], "score_s": st["score"], "topk_s": st["topk"],
+            "merge_s": st["merge"], "interleave_s": st["interleave"], "total_s": work, "prototype_in_pass_s": paper_s,
+            "vs_prototype": work / paper_s if paper_s else None, "total_cpu_s": work_cpu, "prototype_in_pass_cpu_s": paper_cpu,
+            "vs_prototype_cpu": work_cpu / paper_cpu if paper_cpu else None,
+            "rss_at_start_mb": rss0, "peak_rss_mb": peak_rss_mb()}
 
 
 def aggregation_setup(gen: Generator, args) -> dict:
@@ -291,24 +350,24 @@ def run(args) -> tuple[dict, str]:
         for r in results:
             base = r["score_topk_s"]
             rows_out.append({"aggregation": "prototype:jaccard", "rows": r["rows"], "lists": 1, "selected": r["selected"],
-                             "score_s": r["score_s"], "topk_s": r["topk_s"], "total_s": base, "vs_prototype": 1.0,
+                             "to_csr_s": r["to_csr_s"], "score_s": r["score_s"], "topk_s": r["topk_s"], "total_s": base,
+                             "prototype_in_pass_s": base, "vs_prototype": 1.0, "vs_prototype_cpu": 1.0,
                              "peak_rss_mb": r["peak_rss_mb"]})
             for name in aggs:
-                a = stream_aggregation(name, r["rows"], pool, proto, setup["targets"], setup["centers"], args)
-                if "total_s" in a:
-                    a["vs_prototype"] = a["total_s"] / base if base else None
-                rows_out.append(a)
+                rows_out.append(stream_aggregation(name, r["rows"], pool, proto, setup["targets"], setup["centers"], args))
         report["aggregations"] = {"setup": setup["info"], "results": rows_out}
         info = setup["info"]
         text += ["", f"aggregations: {info['target_rows']} target rows; clusters:* with {info['clusters_timed']} "
                  f"prototypes (choose_clusters picks {info['auto_clusters']} on these targets, "
                  f"{info['choose_clusters_s']:.2f} s); {args.agg_tasks} scoring tasks merged",
                  table([x for x in rows_out if "total_s" in x],
-                       [("rows", "N"), ("aggregation", "aggregation"), ("lists", "lists"), ("score_s", "score s"),
-                        ("topk_s", "topk s"), ("merge_s", "merge s"), ("interleave_s", "interleave s"),
-                        ("total_s", "total s"), ("vs_prototype", "x prototype"), ("peak_rss_mb", "peak RSS MB")]),
-                 "(total = [df pass +] to_csr + score + per-list top-k + merge + interleave; "
-                 "prototype:jaccard is the run above)"]
+                       [("rows", "N"), ("aggregation", "aggregation"), ("lists", "lists"), ("list_nnz", "nnz/list"),
+                        ("prepass_s", "df pass s"), ("score_s", "score s"), ("topk_s", "topk s"), ("merge_s", "merge s"),
+                        ("interleave_s", "interleave s"), ("total_s", "total s"),
+                        ("prototype_in_pass_s", "prototype s"), ("vs_prototype", "x prototype"),
+                        ("vs_prototype_cpu", "x prototype (CPU)"), ("peak_rss_mb", "peak RSS MB")]),
+                 "(total = [df pass +] to_csr + score + top-k [+ merge + interleave]; prototype s: the paper's "
+                 "to_csr + Jaccard + top-k on the same blocks in the same pass; the first row per N is the run above)"]
         skipped = [f"{x['aggregation']} at N={x['rows']}: {x['skipped']}" for x in rows_out if "skipped" in x]
         if skipped:
             text += ["skipped: " + "; ".join(skipped)]

@@ -364,7 +364,7 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     (stored tables, targets in id order): ``prototype`` / ``clusters`` score each row by its best
     prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
     per target row (RDS+), and a row's score is minus its position in the interleaving."""
-    from ..aggregate import candidates_from_scores, dense_pairwise, pairwise, round_robin, sparsify_prototype
+    from ..scoring.aggregate import candidates_from_scores, dense_pairwise, pairwise, round_robin, sparsify_prototype
 
     T = rows_of(tgt, dense)
     T = T if dense else T.to_dense(width)

@@ -429,7 +429,7 @@ class Pipeline:
     def prototype(self) -> None:
         from safetensors.numpy import save_file
 
-        from ..aggregate import sparsify_prototype
+        from ..scoring.aggregate import sparsify_prototype
         from ..scoring import prototype_of, rows_of
         from ..scoring.table import target_prototypes
 
@@ -507,7 +507,7 @@ class Pipeline:
             bar.update(len(b))
         bar.close()
         if rr:
-            from ..aggregate import round_robin
+            from ..scoring.aggregate import round_robin
 
             ids, _, sc = round_robin([t.result() for t in per_target], k)
             self.top_scores, self.top_ids = sc, ids
@@ -612,7 +612,7 @@ class Pipeline:
             idx, val = ind_col[j].values.to_numpy(), val_col[j].values.to_numpy(zero_copy_only=False)
             best = 0
             if len(self.protos) > 1:  # the prototype this row scored best against
-                from ..aggregate import pairwise
+                from ..scoring.aggregate import pairwise
                 from ..scoring import SparseRows
 
                 best = int(pairwise(SparseRows(np.asarray([0, len(idx)]), idx, val), self.protos,

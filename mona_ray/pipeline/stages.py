@@ -265,7 +265,7 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
                             "content_hash", "content_hash")
         hashes.append(emb.column("content_hash"))
         if candidates:
-            from ..aggregate import dense_pairwise, pairwise
+            from ..scoring.aggregate import dense_pairwise, pairwise
             from ..scoring import rows_of
 
             X = rows_of(emb, dense, pooling)

@@ -70,7 +70,7 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
     one cluster when the targets have no structure, which is exactly ``prototype``). With
     ``mass < 1`` each prototype keeps only its largest latents carrying that share of its L1
     mass (the support-bias fix; 1 = the paper's formula). Returns ``(P [c, L], info)``."""
-    from ..aggregate import choose_clusters, cluster_prototypes, sparsify_prototype
+    from .aggregate import choose_clusters, cluster_prototypes, sparsify_prototype
 
     if aggregate not in AGGREGATES:
         raise ValueError(f"select.aggregate={aggregate!r}: use one of {', '.join(AGGREGATES)}")
@@ -95,7 +95,7 @@ def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: b
     bit for bit)."""
     if len(P) == 1:
         return score_rows(table, P[0], similarity, dense, pooling, batch_rows)
-    from ..aggregate import dense_pairwise, pairwise
+    from .aggregate import dense_pairwise, pairwise
 
     out = []
     for start in range(0, len(table), batch_rows):
