@@ -65,12 +65,11 @@ def test_both_halves_of_a_two_task_target_are_served(ray_local, two_tasks, tmp_p
 
 
 def test_the_paper_prototype_is_unchanged_by_the_aggregation_code(ray_local, two_tasks, tmp_path):
-    """prototype (the default) scores against the one mean, bit for bit the same as clusters would
-    when the target has one cluster: here the single prototype's scores and selection are
-    reproduced by aggregate=clusters on a single-task target."""
-    math_only = _write(two_tasks["dir"] / "math.parquet", [r for r in _rows(40, 2, prefix="m") if r["domain"] == "math"])
-    inp = {**two_tasks, "target": math_only}
-    _run(inp, tmp_path / "a")
-    m = _run(inp, tmp_path / "b", "select.aggregate=clusters")
+    """With too few target rows to cluster (one cluster), aggregate=clusters is the paper's single
+    prototype, bit for bit: same scores.parquet."""
+    few = _write(two_tasks["dir"] / "three.parquet", [r for r in _rows(40, 2, prefix="m") if r["domain"] == "math"][:3])
+    inp = {**two_tasks, "target": few}
+    _run(inp, tmp_path / "a", "select.aggregate=prototype", "select.prototype_mass=1.0")
+    m = _run(inp, tmp_path / "b", "select.aggregate=clusters", "select.prototype_mass=1.0")
     assert m["selection"]["aggregation"]["clusters"] == 1
     assert (tmp_path / "a" / "scores.parquet").read_bytes() == (tmp_path / "b" / "scores.parquet").read_bytes()

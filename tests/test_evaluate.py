@@ -126,10 +126,12 @@ def test_evaluation_scores_equal_a_pipeline_run(eval_inputs, tmp_path):
     inp = eval_inputs
     run(load_config([f"source.paths=[{inp['pool']}]", f"target.paths=[{inp['math']}]", f"model.path={inp['lm']}",
                      "model.dtype=float32", f"sae.path={inp['sae']}", "sae.hookpoint=layers.2", "render.max_length=64",
-                     f"run.output_dir={tmp_path / 'run'}", "report.explain=false", "embed.num_actors=1"]), quiet=True)
+                     f"run.output_dir={tmp_path / 'run'}", "report.explain=false", "embed.num_actors=1",
+                     "select.aggregate=prototype", "select.prototype_mass=1.0"]), quiet=True)  # the paper's mona
     pipe = pq.read_table(tmp_path / "run" / "scores.parquet").to_pydict()
     only_default = ["selectors=[mona]", "mona.representations=[sae]", "mona.poolings=[mean]",
-                    "mona.similarities=[jaccard]", "mona.excludes=[special]", "mona.hookpoints=[layers.2]", "mona.ks=[]"]
+                    "mona.similarities=[jaccard]", "mona.excludes=[special]", "mona.hookpoints=[layers.2]", "mona.ks=[]",
+                    "mona.aggregations=[]", "mona.rds=false"]
     evaluate(_cfg(inp, tmp_path / "e", *only_default, f"embed.store_dir={tmp_path / 'own_store'}"))
     ev = pq.read_table(tmp_path / "e" / "scores.parquet").to_pydict()
     got = dict(zip(ev["id"], ev["math/mona:sae/mean/jaccard"]))

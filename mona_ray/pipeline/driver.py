@@ -634,7 +634,12 @@ class Pipeline:
         t0 = time.perf_counter()
         out = self.out
         # the file name dictionary-encoded: one string per prepared part, not one per row
-        files = pa.DictionaryArray.from_arrays(self.scores.column("part").combine_chunks(), _part_files(self.source_parts))
+        names = _part_files(self.source_parts).to_pylist()
+        uniq = list(dict.fromkeys(names))  # one entry per file (not per part): the same bytes for any unit size
+        at = {u: i for i, u in enumerate(uniq)}
+        code = np.asarray([at[n] for n in names], dtype=np.int32)
+        files = pa.DictionaryArray.from_arrays(pa.array(code[self.scores.column("part").to_numpy()], pa.int32()),
+                                               pa.array(uniq, pa.string()))
         write_parquet(pa.table({"id": self.scores.column("id"), "score": self.scores.column("score"),
                                 "file": files, "row": self.scores.column("row")}), out / "scores.parquet", 65536)
         del files
