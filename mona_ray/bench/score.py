@@ -112,26 +112,19 @@ def _ids(start: int, n: int) -> np.ndarray:
 
 def stream(n_rows: int, pool: RowPool, proto: np.ndarray, args, kernel) -> dict:
     """Score ``n_rows`` rows block by block; time each stage and track peak RSS."""
-    rng = np.random.default_rng(args.seed + n_rows)
     k = scoring.selection_size(n_rows, args.ratio)
     st = Stages()
     reset_peak_rss()
     rss0 = peak_rss_mb()
     run = scoring.RunningTopK(k)
     nnz = 0
-    for a in range(0, n_rows, args.block_rows):
-        b = min(args.block_rows, n_rows - a)
-        with st("generate"):
-            idx_col, val_col = _as_arrow(pool.block(b, rng))
-            ids = _ids(a, b)
-        with st("to_csr"):
-            rows = scoring.SparseRows.from_arrow(idx_col, val_col)
+    for _, rows, ids in _blocks(n_rows, pool, args, st):
         with st("score"):
             s = kernel(rows, proto)
         with st("topk"):
             run.add(s, ids)
         nnz += len(rows.indices)
-        del idx_col, val_col, rows, s, ids
+        del rows, s, ids
     with st("topk"):
         top_s, _ = run.result()
     work = st["to_csr"] + st["score"] + st["topk"]
@@ -175,6 +168,7 @@ def _blocks(n_rows: int, pool: RowPool, args, st):
             ids = _ids(a, b)
         with st("to_csr"):
             rows = scoring.SparseRows.from_arrow(idx_col, val_col)
+        del idx_col, val_col
         yield a, rows, ids
 
 

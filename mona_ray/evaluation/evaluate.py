@@ -364,14 +364,14 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     (stored tables, targets in id order): ``prototype`` / ``clusters`` score each row by its best
     prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
     per target row (RDS+), and a row's score is minus its position in the interleaving."""
-    from ..scoring.aggregate import candidates_from_scores, dense_pairwise, pairwise, round_robin, sparsify_prototype
+    from ..scoring.aggregate import candidates_from_scores, round_robin, similarities, sparsify_prototype
 
     T = rows_of(tgt, dense)
     T = T if dense else T.to_dense(width)
     if aggregate == "round_robin":
         X = rows_of(pool, dense)
         P = np.stack([sparsify_prototype(t, mass) for t in T]) if mass < 1 else T
-        S = dense_pairwise(X, P, similarity) if dense else pairwise(X, P, similarity)
+        S = similarities(X, P, similarity, dense)
         ids = np.asarray([f"{i:09d}" for i in range(S.shape[0])], dtype=object)  # ties: pool order
         order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids))
         out = np.empty(len(ids))

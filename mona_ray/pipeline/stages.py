@@ -265,11 +265,11 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
                             "content_hash", "content_hash")
         hashes.append(emb.column("content_hash"))
         if candidates:
-            from ..scoring.aggregate import dense_pairwise, pairwise
+            from ..scoring.aggregate import similarities
             from ..scoring import rows_of
 
             X = rows_of(emb, dense, pooling)
-            S = dense_pairwise(X, protos, similarity) if dense else pairwise(X, protos, similarity)
+            S = similarities(X, protos, similarity, dense)
             scores.append(S.max(axis=1))
             per.append(S)
         else:

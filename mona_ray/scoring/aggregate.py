@@ -179,6 +179,11 @@ def dense_pairwise(X: np.ndarray, targets: np.ndarray, similarity: str = "cosine
 # ----------------------------------------------------------------------------- support bias
 
 
+def similarities(X, targets: np.ndarray, similarity: str, dense: bool) -> np.ndarray:
+    """``[n, m]``: :func:`dense_pairwise` for dense (signed) rows, :func:`pairwise` for sparse ones."""
+    return dense_pairwise(X, targets, similarity) if dense else pairwise(X, targets, similarity)
+
+
 def doc_freq(rows: SparseRows, num_latents: int) -> np.ndarray:
     """In how many rows each latent is non-zero (int64); add the counts of several blocks."""
     return np.bincount(rows.indices[rows.values != 0], minlength=num_latents).astype(np.int64)

@@ -95,11 +95,11 @@ def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: b
     bit for bit)."""
     if len(P) == 1:
         return score_rows(table, P[0], similarity, dense, pooling, batch_rows)
-    from .aggregate import dense_pairwise, pairwise
+    from .aggregate import similarities
 
     out = []
     for start in range(0, len(table), batch_rows):
         X = rows_of(table.slice(start, batch_rows), dense, pooling)
-        S = dense_pairwise(X, P, similarity) if dense else pairwise(X, P, similarity)
+        S = similarities(X, P, similarity, dense)
         out.append(S.max(axis=1))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
