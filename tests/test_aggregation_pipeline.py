@@ -36,7 +36,8 @@ def _domains(out):
     return [json.loads(x)["domain"] for x in (out / "selected.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("how", [["select.aggregate=clusters"], ["select.aggregate=round_robin"],
+@pytest.mark.parametrize("how", [["select.aggregate=clusters", "select.prototype_mass=1.0"],
+                                 ["select.aggregate=round_robin", "select.prototype_mass=1.0"],
                                  ["select.aggregate=clusters", "select.prototype_mass=0.65"],
                                  ["select.method=rds", "report.explain=false"]])
 def test_both_halves_of_a_two_task_target_are_served(ray_local, two_tasks, tmp_path, how):
