@@ -265,10 +265,12 @@ def local_ray_cluster():
 
 
 def _tiny_inputs(work: Path) -> dict:
-    """A few demo rows, a few target rows, a small random SAE for the embedded model."""
+    """A few demo rows, a few target rows, a small random SAE for the embedded model at the
+    default config's hookpoint (so the run needs no sae.hookpoint override)."""
     import pyarrow.parquet as pq
     import torch
 
+    from mona_ray.config import load_config
     from mona_ray.core.sae import SAE, save_sparsify
 
     assets = ROOT / "mona_ray" / "assets" / "demo"
@@ -277,7 +279,7 @@ def _tiny_inputs(work: Path) -> dict:
     g = torch.Generator().manual_seed(0)
     W = torch.randn(1152, 576, generator=g) / 24
     save_sparsify(SAE(W_enc=W, b_enc=torch.zeros(1152), W_dec=W.clone(), b_dec=torch.zeros(576), k=8,
-                      hookpoint="layers.28"), work / "sae")
+                      hookpoint=load_config([]).sae.hookpoint), work / "sae")
     return {"src": work / "src.parquet", "tgt": work / "tgt.parquet", "sae": work / "sae"}
 
 
