@@ -260,12 +260,11 @@ def test_local_embedder_fills_the_store_once_and_equals_the_engine(tiny_lm, tiny
 
 
 def test_selector_from_pipeline_config():
-    from omegaconf import OmegaConf
-
+    from mona_ray.config import load_config, to_typed
     from mona_ray.selectors import selector_from_config
 
-    cfg = OmegaConf.create({"select": {"method": "bm25", "bm25": {"aggregate": "max"}},
-                            "model": {"path": "/m"}, "sae": {"path": "/s", "hookpoint": "layers.3"}})
+    cfg = to_typed(load_config(["select.method=bm25", "+select.bm25.aggregate=max", "model.path=/m", "sae.path=/s",
+                                "sae.hookpoint=layers.3"]))
     sel = selector_from_config(cfg)
     assert sel.name == "bm25" and sel.aggregate == "max"
     cfg.select.method = "nait"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _tiny_lm import make_rows, make_tiny_lm, write_rows
-from mona_ray.config import load_config
+from mona_ray.config import load_config, to_typed
 from mona_ray.sae_training import trainer as T
 from mona_ray.core.sae import SAEError, load_sae
 from mona_ray.sae_training.train import TrainSettings, load_checkpoint, lr_at, settings_fingerprint, train
@@ -33,7 +33,7 @@ def train_cfg(tiny, out, cache=None, *extra):
                  "train.lr_warmup_steps=5", "train.dead_tokens=5000", "collect.batch_tokens=1024",
                  "collect.shard_tokens=2000", "collect.tokens=8000", "heldout.tokens=2000",
                  "data.holdout_permille=100", f"cache_dir={cache if cache else 'null'}", *extra]
-    return load_config(overrides, "train_sae")
+    return to_typed(load_config(overrides, "train_sae"))
 
 
 def read_log(out, heldout=False):
@@ -169,10 +169,10 @@ def test_checkpoint_fingerprint_is_unchanged_by_the_typed_config():
     """Checkpoints written before the settings were renamed (sae_train.model -> model.path,
     max_length -> render.max_length) still resume: the values pinned here were computed with
     the untyped config."""
-    assert settings_fingerprint(load_config(["data.path=/data/pool.parquet", "out_dir=/o"], "train_sae")) == \
+    assert settings_fingerprint(to_typed(load_config(["data.path=/data/pool.parquet", "out_dir=/o"], "train_sae"))) == \
         "9a90accf7be71da8"
-    cfg = load_config(["sae_train=smollm2", "data.path=/data/pool.parquet", "init_from=/w",
-                       "render.system_prompt=hi", "render.max_length=64"], "train_sae")
+    cfg = to_typed(load_config(["sae_train=smollm2", "data.path=/data/pool.parquet", "init_from=/w",
+                                "render.system_prompt=hi", "render.max_length=64"], "train_sae"))
     assert settings_fingerprint(cfg) == "c887b08cad2a2eb0"
 
 

@@ -37,7 +37,7 @@ from . import plots, report
 from .data import read_relevance, read_rows, target_paths
 from .metrics import evaluate_ranking
 from ..core.io import write_parquet
-from ..config import CONF_DIR, exit_on_bad_command_line, validate  # importing it registers the ${mona_ray.asset:...} resolver
+from ..config import CONF_DIR, EvalConfig, exit_on_bad_command_line, to_typed, validate  # importing it registers the ${mona_ray.asset:...} resolver
 from ..core.model import ModelError, parse_hookpoint
 from ..core.records import InputError, content_hash
 from ..scoring import prototype_of, rows_of
@@ -107,8 +107,12 @@ def sae_available(path, hookpoint: str) -> bool:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    """The whole evaluation for a validated config (``load_config(..., "eval/default")``),
+    read as a typed :class:`EvalConfig` from here on; returns the results document."""
+    settings_doc = OmegaConf.to_container(cfg, resolve=True)
+    cfg: EvalConfig = to_typed(cfg)
     timer = Timer()
-    if cfg.embed.get("torch_threads") not in (None, "auto"):
+    if cfg.embed.torch_threads not in (None, "auto"):
         import torch
 
         torch.set_num_threads(int(cfg.embed.torch_threads))
@@ -118,8 +122,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # inputs
     pool = timer.run("read inputs", read_rows, cfg.data.pool, "data.pool", cfg.data.id_column, cfg.data.domain_column)
-    tpaths = target_paths(OmegaConf.to_container(cfg.data.targets) if isinstance(cfg.data.targets, DictConfig)
-                          or OmegaConf.is_list(cfg.data.targets) else cfg.data.targets)
+    tpaths = target_paths(cfg.data.targets)
     targets = {t: timer.run("read inputs", read_rows, p, f"data.targets.{t}", cfg.data.id_column) for t, p in tpaths.items()}
     relevance, rel_notes = read_relevance(cfg.data.relevance, list(targets), set(pool.domains))
     notes += rel_notes
@@ -139,7 +142,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # text selectors: one source pass each, then every target
     for name in [s for s in wanted if s in TEXT_SELECTORS]:
-        settings = OmegaConf.to_container(cfg.text_selectors.get(name, {}) or {}, resolve=True)
+        settings = dict(cfg.text_selectors.get(name) or {})
         if name == "dense" and settings.get("cache_dir", "unset") == "unset":
             settings["cache_dir"] = str(Path(cfg.cache_dir).expanduser() / "dense")
         if not cfg.progress and name != "random":
@@ -170,7 +173,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     doc = {"inputs": {"pool": str(cfg.data.pool), "pool_rows": len(pool), "pool_rejected": pool.rejected[:50],
                       "targets": tpaths, "relevance": str(cfg.data.relevance)},
-           "settings": OmegaConf.to_container(cfg, resolve=True), "model": features_doc, "notes": notes,
+           "settings": settings_doc, "model": features_doc, "notes": notes,
            "results": results, "timings": dict(timer)}
     doc["settings"]["k"] = list(cfg.k)
     plot_sel = [s for s in cfg.plot_selectors if any(s in results[t]["selectors"] for t in results)]
@@ -243,7 +246,7 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
                 a, sim, mass = _aggregation(spec)
                 agg.append((f"mona:sae/mean/{sim}" + (f"@{h}" if h != cfg.sae.hookpoint else "") + f"/{a}"
                             + (f"/mass={mass:g}" if mass < 1 else ""), r, a, sim, mass))
-    if cfg.mona.get("rds", False) and "mona" in wanted:
+    if cfg.mona.rds and "mona" in wanted:
         agg.append(("rds", Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position"),
                     "round_robin", "cosine", 1.0))
     nait = None
@@ -252,13 +255,13 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
         layers = list(range(last + 1)) if cfg.nait.layers == "all" else sorted(int(x) for x in cfg.nait.layers)
         nait = Readout("nait", max(layers), "special", blocks=tuple(layers))
     readouts = list(dict.fromkeys(list(readout_of.values()) + [a[1] for a in agg] + ([nait] if nait else [])))
-    threads = cfg.embed.get("torch_threads")
+    threads = cfg.embed.torch_threads
     job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
                     saes=tuple({refs[h].key: refs[h] for h in refs if any(r.sae == refs[h].key for r in readouts)}.values()),
                     batching=Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
                                       max_batch_rows=int(cfg.embed.max_batch_rows),
                                       sae_chunk_tokens=int(cfg.embed.sae_chunk_tokens),
-                                      value_dtype=str(cfg.embed.get("value_dtype") or "float32")),
+                                      value_dtype=cfg.embed.value_dtype),
                     torch_threads=int(threads) if threads not in (None, "auto") else 0)
     rendering = Rendering(cfg.render.mode, cfg.render.system_prompt, int(cfg.render.max_length))
     model_fp = fingerprint_model(model_dir)

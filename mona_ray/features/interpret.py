@@ -18,13 +18,14 @@ selected row from the store (:func:`explain_row`), then calls :func:`write_expla
 from __future__ import annotations
 
 import heapq
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..core.io import write_json, write_text
+from ..core.io import atomic_path, write_text
 
 
 
@@ -143,11 +144,25 @@ def explain(engine, readout, tokenizer, target_ids: list[list[int]], target_mask
                                            for rid, idx, val in selected]}
 
 
-def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tuple[Path, Path]:
-    """``explain.json`` (everything) and ``explain.md`` (readable; the first ``max_rows_md`` rows)."""
+def write_explain(doc: dict, out_dir: str | Path, selected_lines: list[str] | None = None,
+                  max_rows_md: int = 50) -> tuple[Path, Path]:
+    """``explain.json`` (everything) and ``explain.md`` (readable; the first ``max_rows_md`` rows).
+
+    The selected rows come as ``doc["selected"]`` (dicts) or, for a large selection, as
+    ``selected_lines`` (each row already JSON text): explain.json is then written row by row,
+    one row per line, never as one string."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(doc, out / "explain.json")
+    head = {k: v for k, v in doc.items() if k != "selected"}
+    if selected_lines is None:
+        selected_lines = [json.dumps(r, ensure_ascii=False) for r in doc.get("selected", [])]
+    with atomic_path(out / "explain.json") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        text = json.dumps(head, indent=2, ensure_ascii=False, default=str)  # "{...}" without its closing brace:
+        fh.write(text[:-1].rstrip() + (",\n" if head else "\n") + '  "selected": [\n')
+        for i, line in enumerate(selected_lines):
+            fh.write(("    " if i == 0 else ",\n    ") + line)
+        fh.write("\n  ]\n}\n")
+    shown = [json.loads(x) for x in selected_lines[:max_rows_md]]
     p = doc["prototype"]
     md = ["# Why these rows were selected", "",
           f"Prototype: mean of {p['target_rows']} target rows; {p['nonzero']} of {p['num_latents']} latents active, "
@@ -169,11 +184,11 @@ def write_explain(doc: dict, out_dir: str | Path, max_rows_md: int = 50) -> tupl
            "Contribution of latent k = min(z_k, p_k); share = its part of the row's Jaccard numerator. "
            "Latents marked * are among the prototype's top latents above.", "",
            "| rank | id | score | shared latents | top contributions (latent: contribution, share) |", "|---|---|---|---|---|"]
-    for i, r in enumerate(doc["selected"][:max_rows_md], 1):
+    for i, r in enumerate(shown, 1):
         tops = ", ".join(f"{s['latent']}{'*' if s['prototype_top'] else ''}: {s['contribution']:.3g} ({s['share']:.0%})"
                          for s in r["top_shared"][:5])
         md.append(f"| {i} | `{r['id']}` | {r['score']:.4f} | {r['shared_latents']} | {tops} |")
-    if len(doc["selected"]) > max_rows_md:
-        md.append(f"\n({len(doc['selected']) - max_rows_md} more rows in explain.json)")
+    if len(selected_lines) > max_rows_md:
+        md.append(f"\n({len(selected_lines) - max_rows_md} more rows in explain.json)")
     write_text("\n".join(md) + "\n", out / "explain.md")
     return out / "explain.json", out / "explain.md"

@@ -129,24 +129,32 @@ class FeatureStore:
         have = pc.is_in(arr, value_set=self.index().column("content_hash").combine_chunks())
         return arr.filter(pc.invert(have)).to_pylist()
 
-    def read(self, hashes, columns: list[str] | None = None) -> pa.Table:
-        """The stored rows of ``hashes`` (one per hash, in store order), reading only the parts
-        that hold them."""
+    def iter_read(self, hashes, columns: list[str] | None = None):
+        """The stored rows of ``hashes``, one table per store part that holds any of them (in
+        store order): memory bounded by one part, whatever the number of rows."""
         if not isinstance(hashes, (pa.Array, pa.ChunkedArray)):
             hashes = pa.array(list(hashes), pa.string())
         where = self.locate(hashes)
         cols = None if columns is None else list(dict.fromkeys(["content_hash", *columns]))
-        out, n_parts = [], 0
         parts = where.column("part").to_numpy()
+        self.last_read = {"parts": 0, "rows": 0}
         for part in np.unique(parts):
             want = where.filter(pa.array(parts == part)).column("content_hash")
             t = pq.read_table(self.paths[int(part)], columns=cols)
-            out.append(t.filter(pc.is_in(t.column("content_hash"), value_set=want.combine_chunks())))
-            n_parts += 1
+            t = t.filter(pc.is_in(t.column("content_hash"), value_set=want.combine_chunks()))
+            self.last_read["parts"] += 1
+            self.last_read["rows"] += len(t)
+            yield t
+
+    def read(self, hashes, columns: list[str] | None = None) -> pa.Table:
+        """The stored rows of ``hashes`` (one per hash, in store order), reading only the parts
+        that hold them."""
+        cols = None if columns is None else list(dict.fromkeys(["content_hash", *columns]))
+        out = list(self.iter_read(hashes, columns))
         schema = EMBEDDING_SCHEMA if cols is None else pa.schema([EMBEDDING_SCHEMA.field(c) for c in cols])
         t = pa.concat_tables(out, promote_options="permissive") if out else schema.empty_table()
         t = first_per_key(t, "content_hash", "content_hash")
-        self.last_read = {"parts": n_parts, "rows": len(t)}
+        self.last_read["rows"] = len(t)
         return t
 
     def read_ordered(self, hashes: list[str], columns: list[str]) -> pa.Table:

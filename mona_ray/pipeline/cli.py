@@ -14,7 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, validate  # registers resolver and schemas
+from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, to_typed, validate  # registers resolver and schemas
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
 from ..core.records import InputError
@@ -24,11 +24,11 @@ USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError)
 
 
 def run(cfg: DictConfig, quiet: bool = False) -> dict:
-    """Run the whole job for a resolved config; returns the manifest."""
+    """Run the whole job for a validated config (``load_config``); returns the manifest. The
+    config becomes a typed :class:`RunConfig` here, once: the job reads nothing else."""
     from . import report
 
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    p = Pipeline(cfg, cfg_dict)
+    p = Pipeline(to_typed(cfg), OmegaConf.to_container(cfg, resolve=True))
     manifest = p.run()
     if not quiet:
         print(report.summary(manifest, p.selected), flush=True)

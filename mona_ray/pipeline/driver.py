@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..config import RunConfig
 from ..core import procmem, records
 from ..core.io import sha as _sha
 from ..core.io import write_json, write_parquet
@@ -46,6 +47,7 @@ from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve
 from ..core.records import InputError
 from ..core.sae import SAEError, to_sparsify_hookpoint
 from ..features.engine import Batching
+from ..features.local import Rendering
 from ..features.readouts import Readout
 from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
 from ..features.store import FeatureStore, embedding_fingerprint, first_per_key
@@ -73,7 +75,7 @@ def resolve_sae(cfg):
     """The run's SAE (metadata only), or None when the representation needs none and none is set."""
     if cfg.embed.representation == "sae":
         return sae_ref(cfg.sae.path, cfg.sae.format, cfg.sae.hookpoint, cfg.sae.k)
-    if cfg.embed.representation == "mlp_gate" and not cfg.embed.get("mlp_k") and cfg.sae.path:
+    if cfg.embed.representation == "mlp_gate" and not cfg.embed.mlp_k and cfg.sae.path:
         return sae_ref(cfg.sae.path, cfg.sae.format, cfg.sae.hookpoint, cfg.sae.k)  # its K is mlp_gate's default
     return None
 
@@ -96,7 +98,10 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 class Pipeline:
-    def __init__(self, cfg, cfg_dict: dict):
+    """The job for one typed :class:`~mona_ray.config.RunConfig` (``cfg_dict``: the same
+    settings as plain data, recorded in the manifest)."""
+
+    def __init__(self, cfg: RunConfig, cfg_dict: dict):
         self.cfg = cfg
         self.cfg_dict = cfg_dict
         self.out = Path(cfg.run.output_dir).expanduser().resolve()
@@ -129,14 +134,14 @@ class Pipeline:
         files = {}
         for role in ("source", "target"):
             try:
-                files[role] = records.input_files(list(cfg[role].paths))
+                files[role] = records.input_files(list(getattr(cfg, role).paths))
             except InputError as e:
                 problems.append(f"{role}.paths: {e}; set {role}.paths=[/path/to/files_or_folders]")
         if problems:
             raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
         for role in ("source", "target"):
             if not files[role]:
-                raise InputError(f"the {role} set {list(cfg[role].paths)} has no usable rows: no .parquet/.jsonl/.json "
+                raise InputError(f"the {role} set {getattr(cfg, role).paths} has no usable rows: no .parquet/.jsonl/.json "
                                  f"(or .jsonl.gz/.json.gz) file matched; set {role}.paths=[...]")
         self.model_dir, self.sae_info = model_dir, sae_info
         self.tokenizer_check()
@@ -147,7 +152,7 @@ class Pipeline:
         self.target_units = records.plan_units(files["target"], cfg.embed.rows_per_unit, staging_dir=staging)
         for role, units in (("source", self.source_units), ("target", self.target_units)):
             if not units:
-                raise InputError(f"the {role} set {list(cfg[role].paths)} has no usable rows: its files are empty "
+                raise InputError(f"the {role} set {getattr(cfg, role).paths} has no usable rows: its files are empty "
                                  f"({', '.join(map(str, files[role]))})")
         self.timings["plan"] = time.perf_counter() - t0
 
@@ -159,15 +164,15 @@ class Pipeline:
         self.device = "cuda" if self._use_gpu() else "cpu"
         self.dtype, self.dtype_reason = self._resolve_dtype()
         self.model_fp = fingerprint_model(self.model_dir)
-        render = {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt,
-                  "max_length": cfg.render.max_length}
+        self.rendering = Rendering(cfg.render.mode, cfg.render.system_prompt, int(cfg.render.max_length))
+        render = self.rendering.spec()
         self.prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": self.model_fp, **render, "exclude": cfg.pool.exclude})
         if cfg.select.method == "rds":  # RDS+: position-weighted mean hidden states, cosine, round-robin
             self.readout = Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position")
             self.similarity, self.aggregate = "cosine", "round_robin"
         else:
             self.readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude,
-                                                  self.sae_info, cfg.embed.get("mlp_k"))
+                                                  self.sae_info, cfg.embed.mlp_k)
             self.similarity, self.aggregate = cfg.select.similarity, cfg.select.aggregate
         self.batching = Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
                                  max_batch_rows=int(cfg.embed.max_batch_rows),
@@ -231,8 +236,8 @@ class Pipeline:
         import ray
 
         t0 = time.perf_counter()
-        rs = stages.RenderSettings(str(self.model_dir), self.cfg.render.mode, self.cfg.render.system_prompt,
-                                   self.cfg.render.max_length, self.cfg.pool.exclude, self.cfg.model.trust_remote_code)
+        rs = stages.RenderSettings(str(self.model_dir), self.rendering, self.cfg.pool.exclude,
+                                   self.cfg.model.trust_remote_code)
         todo = []
         self.source_parts, self.target_parts = [], []
         for role, units in (("source", self.source_units), ("target", self.target_units)):
@@ -292,7 +297,7 @@ class Pipeline:
 
     def _check_rejections(self, role: str) -> None:
         c = self.counts[role]
-        paths = list(self.cfg[role].paths)
+        paths = list(getattr(self.cfg, role).paths)
         if c["rows_usable"] == 0:
             reasons = self.rejected[role].slice(0, 5).to_pylist()
             detail = "; ".join(f"{r['file']}:{r['row']}: {r['reason']}" for r in reasons)
@@ -408,7 +413,7 @@ class Pipeline:
         return ray.cluster_resources().get("GPU", 0) >= 1
 
     def _actor_resources(self) -> dict:
-        extra = dict(self.cfg.embed.get("actor_resources") or {})  # e.g. pin actors to a node type
+        extra = dict(self.cfg.embed.actor_resources)  # e.g. pin actors to a node type
         res = {"resources": extra} if extra else {}
         if self.device == "cuda":
             return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu, **res}
@@ -544,7 +549,7 @@ class Pipeline:
         if method in METHODS:
             parts = [(str(self.source_parts[pi]["part"]), positions)
                      for pi, positions in _positions_by_part(self.index["source"])]
-            opts = dict(self.cfg.select.get(method, {}) or {})
+            opts = dict(getattr(self.cfg.select, method))
             by_id = score_distributed(method, opts, parts, tgt, task_num_cpus=self.cfg.ray.task_num_cpus)
         else:
             from ..selectors import selector_from_config
@@ -578,7 +583,7 @@ class Pipeline:
         contributions are computed here from the store, reading only the selected rows."""
         import ray
 
-        from ..features.interpret import explain_row, write_explain
+        from ..features.interpret import write_explain
 
         t0 = time.perf_counter()
         tgt_ids, tgt_masks, tgt_rid = [], [], []
@@ -597,36 +602,47 @@ class Pipeline:
                 groups.append([pos[r] for r in rids if r in pos])
         remote = ray.remote(**self._actor_resources())(stages.explain_task)
         doc_ref = remote.remote(self._embed_job(), tgt_ids, tgt_masks, protos, groups)
-        sel = self.scores.filter(pc.is_in(self.scores.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
-        emb = self.store.read(sel.column("content_hash"), columns=["indices", "values"])
-        self.explain_read = dict(self.store.last_read)
-        at = dict(zip(emb.column("content_hash").to_pylist(), range(len(emb))))
-        hash_of = dict(zip(sel.column("id").to_pylist(), sel.column("content_hash").to_pylist()))
         docs = ray.get(doc_ref)
         proto_doc = docs[0]
-        top_set = {x["latent"] for x in proto_doc["top_latents"]}
-        rows = []
-        ind_col, val_col = emb.column("indices"), emb.column("values")
-        for rid in self.top_ids:
-            j = at[hash_of[rid]]
-            idx, val = ind_col[j].values.to_numpy(), val_col[j].values.to_numpy(zero_copy_only=False)
-            best = 0
-            if len(self.protos) > 1:  # the prototype this row scored best against
-                from ..scoring.aggregate import pairwise
-                from ..scoring import SparseRows
-
-                best = int(pairwise(SparseRows(np.asarray([0, len(idx)]), idx, val), self.protos,
-                                    self.similarity).argmax())
-            row = explain_row(rid, idx, val, self.protos[best], top_set)
-            if len(self.protos) > 1:
-                row["cluster"] = best
-            rows.append(row)
-        doc = {"prototype": proto_doc, "selected": rows}
+        rows = self._explain_selected({x["latent"] for x in proto_doc["top_latents"]})
+        doc = {"prototype": proto_doc}
         if members:
             doc["clusters"] = [{"cluster": c, "size": len(m), "target_ids": m[:10], **d}
                                for c, (m, d) in enumerate(zip(members, docs[1:]))]
-        write_explain(doc, self.out)
+        write_explain(doc, self.out, rows)
         self.timings["explain"] = time.perf_counter() - t0
+
+    def _explain_selected(self, top_set: set[int]) -> list[str]:
+        """Each selected row's explanation as one line of JSON, in rank order. The rows are read
+        from the store one part at a time (only the selected rows of each part), so memory is
+        bounded by a part whatever the selection's size; with several prototypes, a row is
+        explained against the one it scored best with."""
+        from ..features.interpret import explain_row
+        from ..scoring import rows_of
+        from ..scoring.aggregate import pairwise
+
+        sel = self.scores.filter(pc.is_in(self.scores.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
+        ranks: dict[str, list[int]] = {}  # content -> the ranks of the selected rows with it
+        rank_of = {rid: r for r, rid in enumerate(self.top_ids)}
+        for rid, h in zip(sel.column("id").to_pylist(), sel.column("content_hash").to_pylist()):
+            ranks.setdefault(h, []).append(rank_of[rid])
+        lines: list[str | None] = [None] * len(self.top_ids)
+        many = len(self.protos) > 1
+        for t in self.store.iter_read(sel.column("content_hash"), ["indices", "values"]):
+            X = rows_of(t, dense=False)  # the stored (mean-pooled) values, as explain_row reads them
+            best = pairwise(X, self.protos, self.similarity).argmax(1) if many else np.zeros(len(t), np.int64)
+            for j, h in enumerate(t.column("content_hash").to_pylist()):
+                a, b = X.indptr[j], X.indptr[j + 1]
+                for r in ranks.pop(h, ()):
+                    row = explain_row(self.top_ids[r], X.indices[a:b], X.values[a:b], self.protos[int(best[j])], top_set)
+                    if many:
+                        row["cluster"] = int(best[j])
+                    lines[r] = json.dumps(row, ensure_ascii=False)
+        self.explain_read = dict(self.store.last_read)
+        if ranks or any(x is None for x in lines):
+            raise RunError(f"{sum(x is None for x in lines)} selected rows have no embedding in {self.store.root}; "
+                           "this is a bug, please report it")
+        return lines
 
     # -------------------------------------------------------------- outputs
 
@@ -651,7 +667,7 @@ class Pipeline:
         report.write_selection(selected, out)
         from .export import write_trainer_files
 
-        self.trainer = write_trainer_files(selected, out, self.cfg.report.get("trainer_format", "auto"))
+        self.trainer = write_trainer_files(selected, out, self.cfg.report.trainer_format)
         self.timings["write"] = time.perf_counter() - t0
         return report.manifest(self, selected)
 

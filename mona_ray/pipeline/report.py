@@ -58,7 +58,7 @@ def manifest(p, selected: list[dict]) -> dict:
                    "reused_from_store": p.counts["reused_from_store"]},
         "invariant_rows_in_eq_scored_plus_rejected": src["rows_in"] == src["rows_scored"] + src["rows_rejected"],
         "selection": {"k": int(p.k), "ratio": p.cfg.select.ratio, "count": p.cfg.select.count,
-                      "method": p.cfg.select.get("method", "mona"),
+                      "method": p.cfg.select.method,
                       "similarity": getattr(p, "similarity", p.cfg.select.similarity),
                       "aggregation": {k: v for k, v in getattr(p, "aggregation", {"aggregate": "prototype"}).items()
                                       if k not in ("labels",)},

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ..core import records
 from ..core.io import write_parquet
+from ..features.local import Rendering
 from ..features.spec import EngineJob, load_engine
 from ..features.store import first_per_key, rows_table
 
@@ -44,10 +45,10 @@ def rejected_table(rows: list[dict]) -> pa.Table:
 
 @dataclass(frozen=True)
 class RenderSettings:
+    """What a prepare task needs: the tokenizer's folder, the rendering and the exclusion rule."""
+
     model_dir: str
-    mode: str = "chat_template"
-    system_prompt: str | None = None
-    max_length: int = 512
+    rendering: Rendering
     exclude: str = "special"
     trust_remote_code: bool = False
 
@@ -91,20 +92,20 @@ def _render_record(rec, unit: records.ReadUnit, row: int, tok, rs: RenderSetting
     blob.encode("utf-8")  # a lone surrogate in a field we do not render (metadata) cannot be stored either
     return {"id": records.record_id(rec, unit.path, row), "content_hash": records.content_hash(msgs),
             "file": unit.path, "row": row, "record": blob,
-            "_rendered": records.render(msgs, tok, rs.mode, rs.system_prompt)}
+            "_rendered": records.render(msgs, tok, rs.rendering.mode, rs.rendering.system_prompt)}
 
 
 def _tokenize_rows(rows: list[dict], tok, rs: RenderSettings) -> list[tuple[dict, BaseException | None]]:
     """Tokenize rendered rows in one call; if that call fails, row by row, so that one bad text
     rejects only itself."""
     try:
-        encs = records.tokenize_many([r["_rendered"] for r in rows], tok, rs.max_length, rs.exclude)
+        encs = records.tokenize_many([r["_rendered"] for r in rows], tok, rs.rendering.max_length, rs.exclude)
         out = [(r, None, e) for r, e in zip(rows, encs)]
     except Exception:  # noqa: BLE001 - find the row(s) that broke the batch
         out = []
         for r in rows:
             try:
-                out.append((r, None, records.tokenize(r["_rendered"], tok, rs.max_length, rs.exclude)))
+                out.append((r, None, records.tokenize(r["_rendered"], tok, rs.rendering.max_length, rs.exclude)))
             except Exception as e:  # noqa: BLE001
                 out.append((r, e, None))
     done = []

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import activations as acts
-from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, validate
+from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, to_typed, validate
 from ..core.model import parse_hookpoint
 from ..core.sae import SAE, SAEError, load_sae, to_sparsify_hookpoint
 
@@ -214,7 +214,7 @@ def main() -> None:
         from ..core.records import InputError
 
         try:
-            run(validate(cfg))
+            run(to_typed(validate(cfg)))
         except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:
             print(f"mona_ray: error: {e}", file=sys.stderr)
             raise SystemExit(2)

@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,7 +34,7 @@ import torch
 
 from . import activations as acts
 from . import trainer as T
-from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, validate
+from ..config import CONF_DIR, ConfigError, TrainSaeConfig, exit_on_bad_command_line, to_typed, validate
 from ..config.schema import TrainLoopConfig as TrainSettings  # the train.* settings
 from ..core.sae import SAEError, save_sparsify
 
@@ -51,10 +51,6 @@ def lr_at(step: int, base: float, s: TrainSettings) -> float:
     if s.lr_decay_frac > 0 and step > decay_start:
         warm = min(warm, max(0.0, (s.steps - step + 1) / (s.steps - decay_start)))
     return base * warm
-
-
-def _train_settings(cfg) -> TrainSettings:
-    return TrainSettings(**{k: cfg[k] for k in cfg})  # the schema has rejected unknown keys
 
 
 # ----------------------------------------------------------------------------- state
@@ -111,16 +107,16 @@ def load_checkpoint(out_dir: Path, hookpoint: str, fingerprint: str) -> HookStat
                      step=int(meta["step"]), tokens=int(meta["tokens"]))
 
 
-def settings_fingerprint(cfg) -> str:
+def settings_fingerprint(cfg: TrainSaeConfig) -> str:
     """What a checkpoint must agree with to be resumed (not steps/lr: those may be extended)."""
     import hashlib
 
     data = str(Path(str(cfg.data.path)).expanduser().resolve())  # the same file however it is spelled
     # the keys and values of the untyped config this replaced, so that earlier checkpoints resume
     key = {"model": str(cfg.model.path), "data": data, "holdout": cfg.data.holdout_permille,
-           "sae": {k: cfg.sae[k] for k in cfg.sae}, "max_length": cfg.render.max_length,
+           "sae": asdict(cfg.sae), "max_length": cfg.render.max_length,
            "render": {"mode": cfg.render.mode, "system_prompt": cfg.render.system_prompt}}
-    if cfg.get("init_from"):  # a warm start is another run (absent: the fingerprints of earlier runs hold)
+    if cfg.init_from:  # a warm start is another run (absent: the fingerprints of earlier runs hold)
         key["init_from"] = str(Path(str(cfg.init_from)).expanduser().resolve())
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -190,13 +186,14 @@ def export_all(out_dir: Path, states: dict[str, HookState], k: int, cfg, dtype: 
     return dirs
 
 
-def train(cfg) -> dict[str, HookState]:
-    """Run (or resume) training as configured; returns the final per-hookpoint states."""
+def train(cfg: TrainSaeConfig) -> dict[str, HookState]:
+    """Run (or resume) training as configured (a typed config: ``to_typed(load_config(..., "train_sae"))``);
+    returns the final per-hookpoint states."""
     from tqdm import tqdm
 
     from ..core.model import load_tokenizer, load_truncated, parse_hookpoint
 
-    s = _train_settings(cfg.train)
+    s = cfg.train
     if cfg.torch_threads:  # 1 is much faster than 2 on a shared, oversubscribed CPU
         torch.set_num_threads(int(cfg.torch_threads))
     hookpoints = list(cfg.hookpoints)
@@ -320,7 +317,7 @@ def warm_start_saes(cfg, hookpoints: list[str]) -> dict | None:
     start fresh, checked against the configured width (K is this run's ``sae.k``); None
     when it is not set. Their input width is checked against the data in
     :func:`sae_trainer.params_from_sae`."""
-    if not cfg.get("init_from") or not hookpoints:
+    if not cfg.init_from or not hookpoints:
         return None
     from ..core.sae import load_sparsify
 
@@ -381,7 +378,7 @@ def main_from_config(cfg) -> None:
     from ..core.records import InputError
 
     try:
-        train(validate(cfg))
+        train(to_typed(validate(cfg)))
     except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:  # each carries its fix
         print(f"mona_ray: error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -53,20 +53,17 @@ def get_selector(name: str, **cfg) -> Selector:
 
 
 def selector_from_config(cfg, **overrides) -> Selector:
-    """The baseline a pipeline config asks for: ``select.method`` with its settings from
-    ``select.<method>`` (a mapping, optional). NAIT also takes the run's ``model`` / ``sae`` /
-    ``render`` / ``embed`` settings."""
-    select = cfg.get("select", {}) or {}
-    method = select.get("method", "bm25")
-    opts = dict(select.get(method, {}) or {})
+    """The baseline a typed run config (:class:`~mona_ray.config.RunConfig`) asks for:
+    ``select.method`` with its settings from ``select.<method>``. NAIT also takes the run's
+    ``model`` / ``sae`` / ``render`` / ``embed`` settings."""
+    method = cfg.select.method
+    opts = dict(getattr(cfg.select, method, None) or {})
     if method == "nait":
-        m, r, e = (cfg.get(k, {}) or {} for k in ("model", "render", "embed"))
-        opts = {"model_path": str(m.get("path")), "hookpoint": (cfg.get("sae", {}) or {}).get("hookpoint", "layers.28"),
-                "dtype": m.get("dtype", "auto"), "device": m.get("device", "auto"),
-                "render_mode": r.get("mode", "chat_template"), "system_prompt": r.get("system_prompt"),
-                "max_length": int(r.get("max_length", 512)), "token_budget": int(e.get("token_budget", 8192)),
-                "pad_multiple": int(e.get("pad_multiple", 16)), "max_batch_rows": int(e.get("max_batch_rows", 64)),
-                **opts}
+        m, r, e = cfg.model, cfg.render, cfg.embed
+        opts = {"model_path": str(m.path), "hookpoint": cfg.sae.hookpoint, "dtype": m.dtype, "device": m.device,
+                "render_mode": r.mode, "system_prompt": r.system_prompt, "max_length": int(r.max_length),
+                "token_budget": int(e.token_budget), "pad_multiple": int(e.pad_multiple),
+                "max_batch_rows": int(e.max_batch_rows), **opts}
     return get_selector(method, **{**opts, **overrides})
 
 
