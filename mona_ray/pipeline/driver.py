@@ -479,6 +479,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         idx = self.index["source"].select(["id", "content_hash"])
+        idx = idx.append_column("row_at", pa.array(np.arange(len(idx), dtype=np.int64)))
         loc = idx.join(self.store.index(), "content_hash", join_type="left outer")
         missing = loc.filter(pc.is_null(loc.column("part")))
         if len(missing):
@@ -497,7 +498,8 @@ class Pipeline:
             num_cpus=self.cfg.ray.task_num_cpus)
         top = RunningTopK(k) if not rr else None
         per_target = [RunningTopK(k) for _ in range(len(self.protos))] if rr else None
-        tabs = []
+        scores = np.zeros(len(idx))  # by position in the index: no join on the ids afterwards
+        seen = np.zeros(len(idx), dtype=bool)
         bar = _tqdm(total=len(idx), desc="score (rows)", unit="row")
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             j = b.column("target").to_numpy()
@@ -505,10 +507,11 @@ class Pipeline:
                 for t in np.unique(j[j >= 0]):
                     c = b.filter(pa.array(j == t))
                     per_target[int(t)].add(c.column("score").to_numpy(), c.column("id").to_numpy(zero_copy_only=False))
-            b = b.filter(pa.array(j < 0)).select(["id", "score"])
+            b = b.filter(pa.array(j < 0))
             if top is not None:
                 top.add(b.column("score").to_numpy(), b.column("id").to_numpy(zero_copy_only=False))
-            tabs.append(b)
+            at = b.column("row_at").to_numpy()
+            scores[at], seen[at] = b.column("score").to_numpy(), True
             bar.update(len(b))
         bar.close()
         if rr:
@@ -518,20 +521,31 @@ class Pipeline:
             self.top_scores, self.top_ids = sc, ids
         else:
             self.top_scores, self.top_ids = top.result()
-        self._set_scores(pa.concat_tables(tabs) if tabs else pa.table({"id": pa.array([], pa.string()),
-                                                                       "score": pa.array([], pa.float64())}))
+        self._set_scores_at(scores, seen)
         self.timings["score"] = time.perf_counter() - t0
 
     def _set_scores(self, by_id: pa.Table) -> None:
-        """Every usable source row's score, in input order (file, then row)."""
+        """Every usable source row's score from an ``(id, score)`` table (a baseline selector's)."""
+        idx = self.index["source"].select(["id"]).append_column(
+            "row_at", pa.array(np.arange(len(self.index["source"]), dtype=np.int64)))
+        j = idx.join(by_id.select(["id", "score"]), "id", join_type="inner")
+        scores, seen = np.zeros(len(idx)), np.zeros(len(idx), dtype=bool)
+        at = j.column("row_at").to_numpy()
+        scores[at], seen[at] = j.column("score").to_numpy(zero_copy_only=False), True
+        self._set_scores_at(scores, seen)
+
+    def _set_scores_at(self, scores: np.ndarray, seen: np.ndarray) -> None:
+        """Every usable source row's score (``scores[i]``: row ``i`` of the source index, scored
+        where ``seen[i]``), in input order (file, then row)."""
         idx = self.index["source"]
-        self.scores = idx.select(["id", "content_hash", "part", "pos", "row"]).join(
-            by_id.select(["id", "score"]), "id", join_type="left outer").sort_by(
-            [("part", "ascending"), ("pos", "ascending")])
-        missing = self.scores.filter(pc.is_null(self.scores.column("score")))
+        missing = np.flatnonzero(~seen)
         if len(missing):
-            raise RunError(f"{len(missing)} source rows got no score (first: {missing.column('id')[0].as_py()}); "
+            raise RunError(f"{len(missing)} source rows got no score (first: {idx.column('id')[int(missing[0])].as_py()}); "
                            "this is a bug, please report it")
+        t = idx.select(["id", "content_hash", "part", "pos", "row"]).append_column("score", pa.array(scores, pa.float64()))
+        part, pos = t.column("part").to_numpy(), t.column("pos").to_numpy()
+        in_order = len(t) < 2 or bool(np.all((part[1:] > part[:-1]) | ((part[1:] == part[:-1]) & (pos[1:] > pos[:-1]))))
+        self.scores = t if in_order else t.sort_by([("part", "ascending"), ("pos", "ascending")])
         self.counts["source"]["rows_scored"] = len(self.scores)
 
     def score_with_selector(self) -> None:

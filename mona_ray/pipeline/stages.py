@@ -243,10 +243,11 @@ def explain_task(job: EngineJob, target_ids, target_masks, protos, groups) -> li
 
 def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, batch_rows: int,
                 dense: bool = False, candidates: int = 0) -> pa.Table:
-    """Score this run's rows held by some store parts: ``batch`` is ``(id, content_hash, part)``
-    for the rows wanted (``part`` numbers ``paths``). Returns ``(id, score, target)``: every row
-    with ``target = -1`` and its best score over the prototypes ``protos [c, L]``; with
-    ``candidates = k`` (round-robin) also, per prototype ``j``, its ``k`` best rows with ``target = j``.
+    """Score this run's rows held by some store parts: ``batch`` is ``(id, row_at, content_hash,
+    part)`` for the rows wanted (``row_at``: the row's position in the driver's index; ``part``
+    numbers ``paths``). Returns ``(id, row_at, score, target)``: every row with ``target = -1``
+    and its best score over the prototypes ``protos [c, L]``; with ``candidates = k``
+    (round-robin) also, per prototype ``j``, its ``k`` best rows with ``target = j`` (``row_at = -1``).
     Reads each part once, only the needed columns."""
     import ray
 
@@ -277,7 +278,7 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
             scores.append(score_rows_against(emb, protos, similarity, dense, pooling, batch_rows))
     h = pa.concat_arrays([c.combine_chunks() for c in hashes]) if hashes else pa.array([], pa.string())
     out = pa.table({"content_hash": h, "score": pa.array(np.concatenate(scores) if scores else [], pa.float64())})
-    rows = batch.select(["id", "content_hash"]).join(out, "content_hash").select(["id", "score"])
+    rows = batch.select(["id", "row_at", "content_hash"]).join(out, "content_hash").select(["id", "row_at", "score"])
     rows = rows.append_column("target", pa.array(np.full(len(rows), -1, np.int32)))
     if not candidates:
         return rows
@@ -287,6 +288,6 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
     extra = []
     for j in range(S.shape[1]):  # this task's best `candidates` rows per prototype
         s_j, i_j = topk(S[at, j], ids, candidates)
-        extra.append(pa.table({"id": pa.array(list(i_j), pa.string()), "score": pa.array(s_j, pa.float64()),
-                               "target": pa.array(np.full(len(s_j), j, np.int32))}))
+        extra.append(pa.table({"id": pa.array(list(i_j), pa.string()), "row_at": pa.array(np.full(len(s_j), -1, np.int64)),
+                               "score": pa.array(s_j, pa.float64()), "target": pa.array(np.full(len(s_j), j, np.int32))}))
     return pa.concat_tables([rows, *extra])
