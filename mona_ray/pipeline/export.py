@@ -82,15 +82,19 @@ def write_trainer_files(selected: list[dict], out: Path, fmt: str = "auto",
         raise ValueError(f"dataset name {dataset_name!r}: use a non-empty string")
     out = Path(out)
 
-    rows, bad = [], []  # bad: (id, reason) of records that normalize_record refuses
-    for rec in selected:
-        try:
-            msgs = normalize_record(rec)  # ignores id/score/rank; a non-dict kept as {"record": ...} fails here
-        except RecordError as e:
-            bad.append((rec.get("id"), f"cannot be converted to chat messages: {e}"))
-            continue
-        rows.append({"messages": msgs, **{k: rec.get(k) for k in ADDED_KEYS}})
-    write_jsonl(rows, out / MESSAGES)
+    roles, bad = [], []  # roles: (id, the roles of its messages); bad: (id, reason) of refused records
+
+    def messages_rows():  # streamed to the file: no second copy of the selection in memory
+        for rec in selected:
+            try:
+                msgs = normalize_record(rec)  # ignores id/score/rank; a non-dict kept as {"record": ...} fails here
+            except RecordError as e:
+                bad.append((rec.get("id"), f"cannot be converted to chat messages: {e}"))
+                continue
+            roles.append((rec.get("id"), [m["role"] for m in msgs]))
+            yield {"messages": msgs, **{k: rec.get(k) for k in ADDED_KEYS}}
+
+    write_jsonl(messages_rows(), out / MESSAGES)
 
     formats = Counter(_format(r) for r in selected)
     source_format = next(iter(formats)) if len(formats) == 1 else ("mixed" if formats else "none")
@@ -111,7 +115,7 @@ def write_trainer_files(selected: list[dict], out: Path, fmt: str = "auto",
     if entry is None:
         entry = dict(MESSAGES_ENTRY)
         tags = MESSAGES_ENTRY["tags"]
-        skips = [(r["id"], p) for r in rows if (p := _lf_shape_problem([m["role"] for m in r["messages"]], tags))]
+        skips = [(i, p) for i, r in roles if (p := _lf_shape_problem(r, tags))]
         reason = f"{reason}: training on {MESSAGES}"
     else:
         skips = []
@@ -122,7 +126,7 @@ def write_trainer_files(selected: list[dict], out: Path, fmt: str = "auto",
     write_text(json.dumps({dataset_name: entry}, indent=2, ensure_ascii=False) + "\n", out / DATASET_INFO)
     return {"dataset_info": DATASET_INFO, "dataset": dataset_name, "file": entry["file_name"],
             "formatting": entry["formatting"], "source_format": source_format, "reason": reason,
-            "messages_file": MESSAGES, "rows": len(rows), "not_trainable_count": len(not_trainable),
+            "messages_file": MESSAGES, "rows": len(roles), "not_trainable_count": len(not_trainable),
             "not_trainable": not_trainable[:MAX_LISTED]}
 
 
