@@ -81,7 +81,10 @@ def exit_on_bad_command_line(name: str) -> None:
 def to_typed(cfg: DictConfig):
     """The composed config as its schema's dataclass object (``RunConfig``, ``EvalConfig``,
     ``TrainSaeConfig``, ``SaeEvalConfig``), interpolations resolved; nested sections are
-    dataclasses too, dict/list settings plain dicts/lists."""
+    dataclasses too, dict/list settings plain dicts/lists. A config that is already typed is
+    returned as it is."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
     return OmegaConf.to_object(cfg)
 
 

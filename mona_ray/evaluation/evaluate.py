@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -109,7 +110,7 @@ def sae_available(path, hookpoint: str) -> bool:
 def evaluate(cfg: DictConfig) -> dict:
     """The whole evaluation for a validated config (``load_config(..., "eval/default")``),
     read as a typed :class:`EvalConfig` from here on; returns the results document."""
-    settings_doc = OmegaConf.to_container(cfg, resolve=True)
+    settings_doc = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
     cfg: EvalConfig = to_typed(cfg)
     timer = Timer()
     if cfg.embed.torch_threads not in (None, "auto"):

@@ -10,11 +10,12 @@ Examples::
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR, ConfigError, exit_on_bad_command_line, to_typed, validate  # registers resolver and schemas
+from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_typed, validate  # registers resolver and schemas
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
 from ..core.records import InputError
@@ -23,12 +24,13 @@ from ..core.sae import SAEError
 USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError)
 
 
-def run(cfg: DictConfig, quiet: bool = False) -> dict:
-    """Run the whole job for a validated config (``load_config``); returns the manifest. The
-    config becomes a typed :class:`RunConfig` here, once: the job reads nothing else."""
+def run(cfg: DictConfig | RunConfig, quiet: bool = False) -> dict:
+    """Run the whole job for a validated config (``load_config``'s result, or its typed
+    :class:`RunConfig`); returns the manifest. The job reads only the typed object."""
     from . import report
 
-    p = Pipeline(to_typed(cfg), OmegaConf.to_container(cfg, resolve=True))
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
+    p = Pipeline(to_typed(cfg), plain)
     manifest = p.run()
     if not quiet:
         print(report.summary(manifest, p.selected), flush=True)

@@ -176,6 +176,7 @@ def run(cfg) -> list[SAEMetrics]:
     from ..core.model import load_tokenizer
     from .train import resolve_model
 
+    cfg = to_typed(cfg)  # load_config(..., "sae_eval")'s result or its typed object
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     model_path = resolve_model(str(cfg.model.path), "model.path")
@@ -214,7 +215,7 @@ def main() -> None:
         from ..core.records import InputError
 
         try:
-            run(to_typed(validate(cfg)))
+            run(validate(cfg))
         except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:
             print(f"mona_ray: error: {e}", file=sys.stderr)
             raise SystemExit(2)

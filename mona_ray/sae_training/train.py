@@ -187,12 +187,12 @@ def export_all(out_dir: Path, states: dict[str, HookState], k: int, cfg, dtype: 
 
 
 def train(cfg: TrainSaeConfig) -> dict[str, HookState]:
-    """Run (or resume) training as configured (a typed config: ``to_typed(load_config(..., "train_sae"))``);
-    returns the final per-hookpoint states."""
+    """Run (or resume) training as configured; returns the final per-hookpoint states."""
     from tqdm import tqdm
 
     from ..core.model import load_tokenizer, load_truncated, parse_hookpoint
 
+    cfg = to_typed(cfg)  # load_config(..., "train_sae")'s result or its typed object
     s = cfg.train
     if cfg.torch_threads:  # 1 is much faster than 2 on a shared, oversubscribed CPU
         torch.set_num_threads(int(cfg.torch_threads))
@@ -378,7 +378,7 @@ def main_from_config(cfg) -> None:
     from ..core.records import InputError
 
     try:
-        train(to_typed(validate(cfg)))
+        train(validate(cfg))
     except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:  # each carries its fix
         print(f"mona_ray: error: {e}", file=sys.stderr)
         raise SystemExit(2)
