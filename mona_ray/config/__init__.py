@@ -11,6 +11,7 @@ Every entry point does the same three things::
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -88,7 +89,15 @@ def to_typed(cfg: DictConfig):
     return OmegaConf.to_object(cfg)
 
 
+def to_plain(cfg) -> dict:
+    """The config (composed or typed) as plain dicts and lists, interpolations resolved: what a
+    manifest or a results document records."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dataclasses.asdict(cfg)
+
+
 __all__ = ["CONF_DIR", "ConfigError", "EmbedConfig", "EvalConfig", "ModelConfig", "PoolConfig", "RENAMES",
            "RenderConfig", "RunConfig", "SaeConfig", "SaeEvalConfig", "TrainSaeConfig", "asset_path",
            "check_command_line", "composition_error", "exit_on_bad_command_line", "load_config",
-           "rename_message", "renamed", "split_override", "to_typed", "validate"]
+           "rename_message", "renamed", "split_override", "to_plain", "to_typed", "validate"]

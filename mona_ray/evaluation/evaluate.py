@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import numpy as np
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import plots, report
 from .data import read_relevance, read_rows, target_paths
 from .metrics import evaluate_ranking
 from ..core.io import write_parquet
-from ..config import CONF_DIR, EvalConfig, exit_on_bad_command_line, to_typed, validate  # importing it registers the ${mona_ray.asset:...} resolver
+from ..config import CONF_DIR, EvalConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # importing it registers the ${mona_ray.asset:...} resolver
 from ..core.model import ModelError, parse_hookpoint
 from ..core.records import InputError, content_hash
 from ..scoring import prototype_of, rows_of
@@ -110,7 +109,7 @@ def sae_available(path, hookpoint: str) -> bool:
 def evaluate(cfg: DictConfig) -> dict:
     """The whole evaluation for a validated config (``load_config(..., "eval/default")``),
     read as a typed :class:`EvalConfig` from here on; returns the results document."""
-    settings_doc = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
+    settings_doc = to_plain(cfg)
     cfg: EvalConfig = to_typed(cfg)
     timer = Timer()
     if cfg.embed.torch_threads not in (None, "auto"):
@@ -259,12 +258,9 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
     threads = cfg.embed.torch_threads
     job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
                     saes=tuple({refs[h].key: refs[h] for h in refs if any(r.sae == refs[h].key for r in readouts)}.values()),
-                    batching=Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
-                                      max_batch_rows=int(cfg.embed.max_batch_rows),
-                                      sae_chunk_tokens=int(cfg.embed.sae_chunk_tokens),
-                                      value_dtype=cfg.embed.value_dtype),
+                    batching=Batching.of(cfg.embed),
                     torch_threads=int(threads) if threads not in (None, "auto") else 0)
-    rendering = Rendering(cfg.render.mode, cfg.render.system_prompt, int(cfg.render.max_length))
+    rendering = Rendering.of(cfg.render)
     model_fp = fingerprint_model(model_dir)
     stores = stores_for(job, rendering, model_fp, cfg.embed.store_dir)
     executor = str(cfg.embed.executor)

@@ -44,6 +44,13 @@ class Batching:
     sae_chunk_tokens: int = 4096  # tokens per encode call (bounds memory at 131k latents)
     value_dtype: str = "float32"  # float32 | float16 for the stored sparse values
 
+    @classmethod
+    def of(cls, embed) -> "Batching":
+        """From an ``embed`` config section (``EmbedConfig``)."""
+        return cls(token_budget=int(embed.token_budget), pad_multiple=int(embed.pad_multiple),
+                   max_batch_rows=int(embed.max_batch_rows), sae_chunk_tokens=int(embed.sae_chunk_tokens),
+                   value_dtype=str(embed.value_dtype))
+
 
 @dataclass
 class EngineResult:

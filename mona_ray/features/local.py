@@ -29,6 +29,11 @@ class Rendering:
     system_prompt: str | None = None
     max_length: int = 512
 
+    @classmethod
+    def of(cls, render) -> "Rendering":
+        """From a ``render`` config section (``RenderConfig``)."""
+        return cls(render.mode, render.system_prompt, int(render.max_length))
+
     def spec(self) -> dict:
         return {"mode": self.mode, "system_prompt": self.system_prompt, "max_length": self.max_length}
 

@@ -10,12 +10,11 @@ Examples::
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_typed, validate  # registers resolver and schemas
+from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # registers resolver and schemas
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
 from ..core.records import InputError
@@ -29,8 +28,7 @@ def run(cfg: DictConfig | RunConfig, quiet: bool = False) -> dict:
     :class:`RunConfig`); returns the manifest. The job reads only the typed object."""
     from . import report
 
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
-    p = Pipeline(to_typed(cfg), plain)
+    p = Pipeline(to_typed(cfg), to_plain(cfg))
     manifest = p.run()
     if not quiet:
         print(report.summary(manifest, p.selected), flush=True)

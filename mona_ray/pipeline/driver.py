@@ -164,7 +164,7 @@ class Pipeline:
         self.device = "cuda" if self._use_gpu() else "cpu"
         self.dtype, self.dtype_reason = self._resolve_dtype()
         self.model_fp = fingerprint_model(self.model_dir)
-        self.rendering = Rendering(cfg.render.mode, cfg.render.system_prompt, int(cfg.render.max_length))
+        self.rendering = Rendering.of(cfg.render)
         render = self.rendering.spec()
         self.prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": self.model_fp, **render, "exclude": cfg.pool.exclude})
         if cfg.select.method == "rds":  # RDS+: position-weighted mean hidden states, cosine, round-robin
@@ -174,9 +174,7 @@ class Pipeline:
             self.readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude,
                                                   self.sae_info, cfg.embed.mlp_k)
             self.similarity, self.aggregate = cfg.select.similarity, cfg.select.aggregate
-        self.batching = Batching(token_budget=int(cfg.embed.token_budget), pad_multiple=int(cfg.embed.pad_multiple),
-                                 max_batch_rows=int(cfg.embed.max_batch_rows),
-                                 sae_chunk_tokens=int(cfg.embed.sae_chunk_tokens), value_dtype=cfg.embed.value_dtype)
+        self.batching = Batching.of(cfg.embed)
         sae_fp = self.sae_info.fingerprint if self.readout.kind == "sae" and self.sae_info else None
         self.embed_fp = embedding_fingerprint(self.model_fp, self.dtype, render, self.readout.spec(), sae_fp,
                                               self.batching.pad_multiple, self.batching.sae_chunk_tokens,
@@ -635,7 +633,7 @@ class Pipeline:
         from ..scoring import rows_of
         from ..scoring.aggregate import pairwise
 
-        sel = self.scores.filter(pc.is_in(self.scores.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
+        sel = self._selected_of(self.scores)
         ranks: dict[str, list[int]] = {}  # content -> the ranks of the selected rows with it
         rank_of = {rid: r for r, rid in enumerate(self.top_ids)}
         for rid, h in zip(sel.column("id").to_pylist(), sel.column("content_hash").to_pylist()):
@@ -653,10 +651,14 @@ class Pipeline:
                         row["cluster"] = int(best[j])
                     lines[r] = json.dumps(row, ensure_ascii=False)
         self.explain_read = dict(self.store.last_read)
-        if ranks or any(x is None for x in lines):
-            raise RunError(f"{sum(x is None for x in lines)} selected rows have no embedding in {self.store.root}; "
-                           "this is a bug, please report it")
+        missing = sum(x is None for x in lines)
+        if missing:
+            raise RunError(f"{missing} selected rows have no embedding in {self.store.root}; this is a bug, please report it")
         return lines
+
+    def _selected_of(self, table: pa.Table) -> pa.Table:
+        """The rows of ``table`` (an index of source rows) that the selection kept."""
+        return table.filter(pc.is_in(table.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
 
     # -------------------------------------------------------------- outputs
 
@@ -689,7 +691,7 @@ class Pipeline:
         idx = self.index["source"]
         rank = {rid: r for r, rid in enumerate(self.top_ids, start=1)}
         score = dict(zip(self.top_ids, self.top_scores))
-        sel = idx.filter(pc.is_in(idx.column("id"), value_set=pa.array(list(self.top_ids), pa.string())))
+        sel = self._selected_of(idx)
         recs = {}
         for pi, positions in _positions_by_part(sel):
             t = pq.read_table(self.source_parts[pi]["part"], columns=["id", "record"]).take(pa.array(positions, pa.int64()))
