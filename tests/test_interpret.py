@@ -63,3 +63,35 @@ def test_explain_matches_recomputation(tiny_lm, tiny_sae, tmp_path):
         assert abs(r["sum_min"] - mins.sum()) < 1e-9
     j, m = write_explain(doc, tmp_path)
     assert "s0" in m.read_text() and j.stat().st_size > 0
+
+
+def test_explain_row_top_shared_is_the_full_ranking_cut():
+    """The shared latents a row lists are the full ranking (contribution desc, ties by latent)
+    cut at ``shared_per_row``, also when the cut falls inside a run of ties."""
+    from mona_ray.features.interpret import explain_row
+
+    rng = np.random.default_rng(3)
+    proto = rng.random(4000)
+    proto[rng.random(4000) < 0.5] = 0.0
+    idx = np.sort(rng.choice(4000, size=1500, replace=False)).astype(np.int32)
+    val = rng.random(1500).astype(np.float32)
+    proto[idx[::7]] = val[::7] = 0.9  # ~200 equal terms near the top: the cuts at 40 and 5 fall among them
+    for per_row in (1, 5, 10, 40, 5000):
+        row = explain_row("r", idx, val, proto, {int(idx[0])}, shared_per_row=per_row)
+        c = np.minimum(val.astype(np.float64), proto[idx])
+        ranked = sorted((float(-x), int(i)) for x, i in zip(c, idx) if x > 0)[:per_row]
+        assert [(-t["contribution"], t["latent"]) for t in row["top_shared"]] == ranked
+        assert row["shared_latents"] == int((c > 0).sum())
+        assert abs(row["sum_min"] - c.sum()) < 1e-9
+
+
+def test_groups_of_one_sort():
+    from mona_ray.features.store import groups_of
+
+    keys = np.array([3, 1, 3, 0, 1, 3])
+    order, groups = groups_of(keys)
+    assert [(k, order[a:b].tolist()) for k, a, b in groups] == [(0, [3]), (1, [1, 4]), (3, [0, 2, 5])]
+    order, groups = groups_of(keys, within=np.array([9, 5, 1, 0, 2, 4]))
+    assert [(k, order[a:b].tolist()) for k, a, b in groups] == [(0, [3]), (1, [4, 1]), (3, [2, 5, 0])]
+    order, groups = groups_of(np.zeros(0, np.int32))
+    assert groups == [] and len(order) == 0

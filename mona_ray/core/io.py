@@ -54,6 +54,21 @@ def write_jsonl(rows, path: str | Path) -> None:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def read_parquet(path: str | Path, columns: list[str] | None = None, rows=None):
+    """One Parquet file (a part) as an Arrow table: ``columns`` (all if None), and only the rows
+    at positions ``rows`` if given.
+
+    ``pq.ParquetFile``, not ``pq.read_table``: read_table builds a dataset per call, ~4x the
+    cost on a 256-row part (2.7 vs 0.7 ms, measured), and a 1M-row run reads every one of its
+    thousands of parts in several stages."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        table = f.read(columns=columns)
+    return table if rows is None else table.take(pa.array(rows, pa.int64()))
+
+
 def write_parquet(table, path: str | Path, row_group_size: int = 1024) -> None:
     import pyarrow.parquet as pq
 

@@ -81,16 +81,22 @@ def _push_top(heaps, want: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, 
                 heapq.heappushpop(heaps[j], item)
 
 
-def contributions(indices: np.ndarray, values: np.ndarray, proto: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per shared latent, largest first: (latent, ``min(z_k, p_k)`` (the Jaccard numerator's
-    terms), ``z_k``)."""
-    idx = np.asarray(indices, dtype=np.int64)
-    z = np.asarray(values, dtype=np.float64)
-    c = np.minimum(z, proto[idx])
-    order = np.lexsort((idx, -c))
-    keep = order[c[order] > 0]
-    return idx[keep], c[keep], z[keep]
+def _largest(c: np.ndarray, idx: np.ndarray, top: int | None = None) -> np.ndarray:
+    """Positions of the positive terms ``c``, largest first (ties by latent ``idx``); only the
+    ``top`` largest if given, found without sorting them all (a row shares tens of thousands
+    of latents at 131k)."""
+    keep = np.flatnonzero(c > 0)
+    if top is not None and len(keep) > top:
+        cut = np.partition(c[keep], len(keep) - top)[len(keep) - top]  # the top-th largest
+        keep = keep[c[keep] >= cut]
+    return keep[np.lexsort((idx[keep], -c[keep]))][:top]
+
+
+def strongest_latents(prototype: np.ndarray, n: int = 20) -> np.ndarray:
+    """The prototype's ``n`` largest non-zero latents, largest first (ties by latent)."""
+    proto = np.asarray(prototype, dtype=np.float64)
+    top = np.argsort(-proto, kind="stable")[:n]
+    return top[proto[top] > 0]
 
 
 def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
@@ -100,8 +106,7 @@ def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], t
     fire them (needs the model and the SAE, through the feature engine; reads the target rows only)."""
     proto = np.asarray(prototype, dtype=np.float64)
     p_l1 = float(proto.sum())
-    top = np.argsort(-proto, kind="stable")[:top_latents]
-    top = top[proto[top] > 0]
+    top = strongest_latents(proto, top_latents)
     acts = top_activating_tokens(engine, readout, target_ids, target_masks, top, tokens_per_latent)
     latents = []
     for j in top.tolist():
@@ -116,14 +121,17 @@ def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], t
 def explain_row(rid: str, idx: np.ndarray, val: np.ndarray, proto: np.ndarray, top_set: set[int],
                 shared_per_row: int = 10) -> dict:
     """One selected row: its score recomputed and the shared latents that contribute most."""
-    li, c, z = contributions(idx, val, proto)
+    idx = np.asarray(idx, dtype=np.int64)
+    z = np.asarray(val, dtype=np.float64)
+    c = np.minimum(z, proto[idx])
     s_min = float(c.sum())
-    denom = float(np.sum(val, dtype=np.float64)) + float(proto.sum()) - s_min
+    denom = float(z.sum()) + float(proto.sum()) - s_min
+    keep = _largest(c, idx, shared_per_row)
     return {"id": str(rid), "score": s_min / denom if denom > 0 else 0.0, "sum_min": s_min,
-            "shared_latents": int(len(li)),
+            "shared_latents": int(np.count_nonzero(c > 0)),
             "top_shared": [{"latent": int(a), "contribution": float(b), "share": float(b) / s_min if s_min else 0.0,
                             "z": float(zz), "p": float(proto[a]), "prototype_top": int(a) in top_set}
-                           for a, b, zz in zip(li[:shared_per_row], c[:shared_per_row], z[:shared_per_row])]}
+                           for a, b, zz in zip(idx[keep], c[keep], z[keep])]}
 
 
 def explain(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],

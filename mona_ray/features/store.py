@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from ..core.io import sha, write_parquet
+from ..core.io import read_parquet, sha, write_parquet
 
 EMBEDDING_SCHEMA = pa.schema([
     ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_pooled", pa.int32()),
@@ -53,6 +52,17 @@ def first_per_key(t: pa.Table, key: str, order: str) -> pa.Table:
     first = tmp.group_by(key, use_threads=False).aggregate([("__i", "first")])  # ordered: the smallest `order`
     keep = np.sort(first.column("__i_first").to_numpy())
     return t if len(keep) == len(t) else t.take(pa.array(keep))
+
+
+def groups_of(keys, within=None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Positions grouped by key with one sort (linear after it, whatever the number of groups):
+    ``(order, [(key, a, b)])``, where ``order[a:b]`` are the positions holding ``key``; keys
+    ascending, positions in ``within`` order inside a group (else in their own order)."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable") if within is None else np.lexsort((np.asarray(within), keys))
+    k = keys[order]
+    bounds = np.flatnonzero(np.r_[True, k[1:] != k[:-1], True]) if len(k) else np.zeros(1, np.int64)
+    return order, [(int(k[a]), int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def rows_table(hashes, n_tokens, n_pooled, outputs, value_dtype: str = "float32") -> pa.Table:
@@ -106,7 +116,7 @@ class FeatureStore:
         remap = np.asarray([pos[p] for p in self.paths], dtype=np.int32)
         tabs = [old.set_column(1, "part", pa.array(remap[old.column("part").to_numpy()], pa.int32()))] if len(old) else []
         for f in new_paths:
-            h = pq.read_table(f, columns=["content_hash"]).column("content_hash")
+            h = read_parquet(f, ["content_hash"]).column("content_hash")
             tabs.append(pa.table({"content_hash": h, "part": pa.array(np.full(len(h), pos[f], np.int32))}))
         self.paths = merged
         self._index = first_per_key(pa.concat_tables(tabs), "content_hash", "part") if tabs else INDEX_SCHEMA.empty_table()
@@ -131,17 +141,18 @@ class FeatureStore:
 
     def iter_read(self, hashes, columns: list[str] | None = None):
         """The stored rows of ``hashes``, one table per store part that holds any of them (in
-        store order): memory bounded by one part, whatever the number of rows."""
+        store order): memory bounded by one part, whatever the number of rows. The wanted
+        hashes are grouped by part once (a sort), so the cost is linear in the rows read."""
         if not isinstance(hashes, (pa.Array, pa.ChunkedArray)):
             hashes = pa.array(list(hashes), pa.string())
         where = self.locate(hashes)
         cols = None if columns is None else list(dict.fromkeys(["content_hash", *columns]))
-        parts = where.column("part").to_numpy()
+        order, groups = groups_of(where.column("part").to_numpy())
+        want = where.column("content_hash").take(pa.array(order)).combine_chunks()
         self.last_read = {"parts": 0, "rows": 0}
-        for part in np.unique(parts):
-            want = where.filter(pa.array(parts == part)).column("content_hash")
-            t = pq.read_table(self.paths[int(part)], columns=cols)
-            t = t.filter(pc.is_in(t.column("content_hash"), value_set=want.combine_chunks()))
+        for part, a, b in groups:
+            t = read_parquet(self.paths[part], cols)
+            t = t.filter(pc.is_in(t.column("content_hash"), value_set=want.slice(a, b - a)))
             self.last_read["parts"] += 1
             self.last_read["rows"] += len(t)
             yield t

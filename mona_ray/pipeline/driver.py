@@ -37,12 +37,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..core import procmem, records
 from ..core.io import sha as _sha
-from ..core.io import write_json, write_parquet
+from ..core.io import read_parquet, write_json, write_parquet
 from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from ..core.records import InputError
 from ..core.sae import SAEError, to_sparsify_hookpoint
@@ -50,7 +49,7 @@ from ..features.engine import Batching
 from ..features.local import Rendering
 from ..features.readouts import Readout
 from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
-from ..features.store import FeatureStore, embedding_fingerprint, first_per_key
+from ..features.store import FeatureStore, embedding_fingerprint, first_per_key, groups_of
 from . import report, stages
 
 FINGERPRINT_VERSION = 2
@@ -270,10 +269,10 @@ class Pipeline:
         indexes ``parts``, whose unit names the file: no file name is repeated per row)."""
         tabs, rejs = [], []
         for i, p in enumerate(parts):
-            t = pq.read_table(p["part"], columns=["id", "content_hash", "row", "n_tokens"])
+            t = read_parquet(p["part"], ["id", "content_hash", "row", "n_tokens"])
             tabs.append(t.append_column("part", pa.array(np.full(len(t), i, np.int32))).append_column(
                 "pos", pa.array(np.arange(len(t), dtype=np.int64))))
-            rejs.append(pq.read_table(p["rejected"]))
+            rejs.append(read_parquet(p["rejected"]))
         idx = pa.concat_tables(tabs) if tabs else None
         rej = pa.concat_tables(rejs) if rejs else stages.rejected_table([])
         return idx, rej
@@ -582,7 +581,7 @@ class Pipeline:
         msgs, ids = [], []
         for pi, positions in _positions_by_part(self.index[role]):
             parts = self.source_parts if role == "source" else self.target_parts
-            t = pq.read_table(parts[pi]["part"], columns=["id", "record"]).take(pa.array(positions, pa.int64()))
+            t = read_parquet(parts[pi]["part"], ["id", "record"], positions)
             ids += t.column("id").to_pylist()
             msgs += [records.normalize_record(json.loads(r)) for r in t.column("record").to_pylist()]
         return msgs, ids
@@ -592,16 +591,15 @@ class Pipeline:
 
         The prototype's top tokens need the model: one Ray task with an embedding actor's
         resources (a GPU on a cluster), over the target rows only. The selected rows'
-        contributions are computed here from the store, reading only the selected rows."""
+        contributions are computed here meanwhile, from the store, reading only the selected rows."""
         import ray
 
-        from ..features.interpret import write_explain
+        from ..features.interpret import strongest_latents, write_explain
 
         t0 = time.perf_counter()
         tgt_ids, tgt_masks, tgt_rid = [], [], []
         for pi, positions in _positions_by_part(self.index["target"]):
-            t = pq.read_table(self.target_parts[pi]["part"], columns=["id", "input_ids", "pool_mask"]).take(
-                pa.array(positions, pa.int64()))
+            t = read_parquet(self.target_parts[pi]["part"], ["id", "input_ids", "pool_mask"], positions)
             tgt_ids += t.column("input_ids").to_pylist()
             tgt_masks += t.column("pool_mask").to_pylist()
             tgt_rid += t.column("id").to_pylist()
@@ -614,10 +612,10 @@ class Pipeline:
                 groups.append([pos[r] for r in rids if r in pos])
         remote = ray.remote(**self._actor_resources())(stages.explain_task)
         doc_ref = remote.remote(self._embed_job(), tgt_ids, tgt_masks, protos, groups)
+        # the selected rows are explained here while the task runs (their marks need only the prototype)
+        rows = self._explain_selected(set(strongest_latents(self.proto).tolist()))
         docs = ray.get(doc_ref)
-        proto_doc = docs[0]
-        rows = self._explain_selected({x["latent"] for x in proto_doc["top_latents"]})
-        doc = {"prototype": proto_doc}
+        doc = {"prototype": docs[0]}
         if members:
             doc["clusters"] = [{"cluster": c, "size": len(m), "target_ids": m[:10], **d}
                                for c, (m, d) in enumerate(zip(members, docs[1:]))]
@@ -694,7 +692,7 @@ class Pipeline:
         sel = self._selected_of(idx)
         recs = {}
         for pi, positions in _positions_by_part(sel):
-            t = pq.read_table(self.source_parts[pi]["part"], columns=["id", "record"]).take(pa.array(positions, pa.int64()))
+            t = read_parquet(self.source_parts[pi]["part"], ["id", "record"], positions)
             for rid, rec in zip(t.column("id").to_pylist(), t.column("record").to_pylist()):
                 recs[rid] = json.loads(rec)
         out = []
@@ -837,13 +835,10 @@ def _groups_of_parts(loc: pa.Table, min_rows: int) -> list[pa.Table]:
 
 def _positions_by_part(idx: pa.Table) -> list[tuple[int, list[int]]]:
     """Group an index table by prepared part: [(part, row positions)], in file order."""
-    part = idx.column("part").to_numpy()
-    order = np.lexsort((idx.column("pos").to_numpy(), part))
-    part = part[order]
-    pos = idx.column("pos").to_numpy()[order]
-    starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]]) if len(part) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(part)]
-    return [(int(part[a]), [int(x) for x in pos[a:b]]) for a, b in zip(starts, ends)]
+    pos = idx.column("pos").to_numpy()
+    order, groups = groups_of(idx.column("part").to_numpy(), within=pos)
+    pos = pos[order]
+    return [(part, pos[a:b].tolist()) for part, a, b in groups]
 
 
 def _init_ray(cfg) -> bool:

@@ -85,8 +85,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from ..core.io import read_parquet
 from .base import Messages, check_target, messages_text
 
 METHODS = ("random", "bm25", "dsir", "dense")
@@ -145,15 +145,11 @@ def score_distributed(method: str, opts: dict | None, parts: Sequence[Part], tar
 # ----------------------------------------------------------------------------- reading parts
 
 
-def read_part(path: str, positions: np.ndarray, columns: list[str]) -> pa.Table:
-    return pq.read_table(path, columns=columns).take(pa.array(positions, pa.int64()))
-
-
 def part_rows(path: str, positions: np.ndarray) -> tuple[pa.Array, list[Messages]]:
     """The ids (Arrow) and normalised conversations of a part's selected rows."""
     from ..core.records import normalize_record
 
-    t = read_part(path, positions, ["id", "record"])
+    t = read_parquet(path, ["id", "record"], positions)
     msgs = [normalize_record(json.loads(r)) for r in t.column("record").to_pylist()]
     return t.column("id").combine_chunks().cast(pa.string()), msgs
 
@@ -256,7 +252,7 @@ def _table(results: dict[int, tuple[pa.Array, np.ndarray]], jobs: list[tuple]) -
 def random_part(path: str, positions: np.ndarray, seed: int) -> tuple[pa.Array, np.ndarray]:
     from .rand import RandomSelector
 
-    ids = read_part(path, positions, ["id"]).column("id").combine_chunks().cast(pa.string())
+    ids = read_parquet(path, ["id"], positions).column("id").combine_chunks().cast(pa.string())
     return ids, RandomSelector(seed).prepare([], ids.to_pylist())
 
 
