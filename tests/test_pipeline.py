@@ -133,6 +133,10 @@ def test_explanation_written(first_run):
     got = [json.loads(x)["score"] for x in (out / "selected.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["score"] for r in doc["selected"]], got, rtol=1e-9)  # contributions add up to the score
     assert doc["prototype"]["top_latents"] and "explain.md" in m["files"]["explain"]
+    # the rows' marks (computed on the driver) name exactly the prototype's top latents (the Ray task's)
+    top = {x["latent"] for x in doc["prototype"]["top_latents"]}
+    shared = [s for r in doc["selected"] for s in r["top_shared"]]
+    assert any(s["prototype_top"] for s in shared) and all(s["prototype_top"] == (s["latent"] in top) for s in shared)
     # explain decodes only the selected rows, from only the store parts that hold them
     parts = sorted((out / m["files"]["embeddings"]).glob("part-*.parquet"))
     assert m["explain_read"]["rows"] == 10 and 1 <= m["explain_read"]["parts"] <= len(parts)
