@@ -27,6 +27,7 @@ import torch
 
 from ..core.io import atomic_path, write_text
 
+TOP_LATENTS = 20  # the prototype latents explained (and marked in each selected row's shared latents)
 
 
 def _token_text(tokenizer, tid: int) -> str:
@@ -92,7 +93,7 @@ def _largest(c: np.ndarray, idx: np.ndarray, top: int | None = None) -> np.ndarr
     return keep[np.lexsort((idx[keep], -c[keep]))][:top]
 
 
-def strongest_latents(prototype: np.ndarray, n: int = 20) -> np.ndarray:
+def strongest_latents(prototype: np.ndarray, n: int = TOP_LATENTS) -> np.ndarray:
     """The prototype's ``n`` largest non-zero latents, largest first (ties by latent)."""
     proto = np.asarray(prototype, dtype=np.float64)
     top = np.argsort(-proto, kind="stable")[:n]
@@ -100,7 +101,7 @@ def strongest_latents(prototype: np.ndarray, n: int = 20) -> np.ndarray:
 
 
 def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
-                      prototype: np.ndarray, *, top_latents: int = 20, tokens_per_latent: int = 8,
+                      prototype: np.ndarray, *, top_latents: int = TOP_LATENTS, tokens_per_latent: int = 8,
                       context: int = 6) -> dict:
     """The prototype's part of the explanation: its top latents with the target tokens that
     fire them (needs the model and the SAE, through the feature engine; reads the target rows only)."""
@@ -135,7 +136,7 @@ def explain_row(rid: str, idx: np.ndarray, val: np.ndarray, proto: np.ndarray, t
 
 
 def explain(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
-            prototype: np.ndarray, selected: list[tuple[str, np.ndarray, np.ndarray]], *, top_latents: int = 20,
+            prototype: np.ndarray, selected: list[tuple[str, np.ndarray, np.ndarray]], *, top_latents: int = TOP_LATENTS,
             tokens_per_latent: int = 8, shared_per_row: int = 10, context: int = 6) -> dict:
     """The explanation of a selection, as a JSON-ready dict.
 

@@ -65,6 +65,17 @@ def groups_of(keys, within=None) -> tuple[np.ndarray, list[tuple[int, int, int]]
     return order, [(int(k[a]), int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def read_wanted(paths, wanted: pa.Table, columns: list[str] | None = None):
+    """The stored rows that ``wanted`` (``content_hash``, ``part`` numbering ``paths``) asks for:
+    one table per part that holds any (parts ascending), each part's file read once. The
+    wanted hashes are grouped by part with one sort, so the cost is linear in the rows asked for."""
+    order, groups = groups_of(wanted.column("part").to_numpy())
+    hashes = wanted.column("content_hash").take(pa.array(order)).combine_chunks()
+    for part, a, b in groups:
+        t = read_parquet(paths[part], columns)
+        yield t.filter(pc.is_in(t.column("content_hash"), value_set=hashes.slice(a, b - a)))
+
+
 def rows_table(hashes, n_tokens, n_pooled, outputs, value_dtype: str = "float32") -> pa.Table:
     """A part's table from per-row outputs: ``(indices, values)`` pairs (sparse) or vectors (dense)."""
     sparse = bool(outputs) and isinstance(outputs[0], tuple)
@@ -141,18 +152,12 @@ class FeatureStore:
 
     def iter_read(self, hashes, columns: list[str] | None = None):
         """The stored rows of ``hashes``, one table per store part that holds any of them (in
-        store order): memory bounded by one part, whatever the number of rows. The wanted
-        hashes are grouped by part once (a sort), so the cost is linear in the rows read."""
+        store order): memory bounded by one part, whatever the number of rows (:func:`read_wanted`)."""
         if not isinstance(hashes, (pa.Array, pa.ChunkedArray)):
             hashes = pa.array(list(hashes), pa.string())
-        where = self.locate(hashes)
         cols = None if columns is None else list(dict.fromkeys(["content_hash", *columns]))
-        order, groups = groups_of(where.column("part").to_numpy())
-        want = where.column("content_hash").take(pa.array(order)).combine_chunks()
         self.last_read = {"parts": 0, "rows": 0}
-        for part, a, b in groups:
-            t = read_parquet(self.paths[part], cols)
-            t = t.filter(pc.is_in(t.column("content_hash"), value_set=want.slice(a, b - a)))
+        for t in read_wanted(self.paths, self.locate(hashes), cols):
             self.last_read["parts"] += 1
             self.last_read["rows"] += len(t)
             yield t

@@ -23,7 +23,7 @@ from ..core import records
 from ..core.io import read_parquet, write_parquet
 from ..features.local import Rendering
 from ..features.spec import EngineJob, load_engine
-from ..features.store import first_per_key, groups_of, rows_table
+from ..features.store import first_per_key, read_wanted, rows_table
 
 PREPARED_SCHEMA = pa.schema([
     ("id", pa.string()), ("content_hash", pa.string()), ("file", pa.string()), ("row", pa.int64()),
@@ -191,8 +191,7 @@ class EmbedActor:
         """``unit``: ``prepared`` (a prepared part), ``rows`` (positions in it), ``out`` ({readout
         name: part path}) and ``key``."""
         t0 = time.perf_counter()
-        table = read_parquet(unit["prepared"], ["content_hash", "input_ids", "pool_mask", "id", "file", "row"])
-        table = table.take(pa.array(unit["rows"], type=pa.int64()))
+        table = read_parquet(unit["prepared"], ["content_hash", "input_ids", "pool_mask", "id", "file", "row"], unit["rows"])
         ids = table.column("input_ids").to_pylist()
         mask = table.column("pool_mask").to_pylist()
         # the prepared mask is the run's pool.exclude; "none" (RDS+) pools every real token
@@ -258,13 +257,8 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
     if isinstance(paths, ray.ObjectRef):
         paths = ray.get(paths)
     hashes, scores, per = [], [], []
-    order, groups = groups_of(batch.column("part").to_numpy())
-    hashes_by_part = batch.column("content_hash").take(pa.array(order)).combine_chunks()
-    for part, a, b in groups:
-        want = hashes_by_part.slice(a, b - a)
-        emb = read_parquet(paths[part], ["content_hash", "n_pooled", "indices", "values"])
-        emb = first_per_key(emb.filter(pc.is_in(emb.column("content_hash"), value_set=pc.unique(want))),
-                            "content_hash", "content_hash")
+    for emb in read_wanted(paths, batch, ["content_hash", "n_pooled", "indices", "values"]):
+        emb = first_per_key(emb, "content_hash", "content_hash")
         hashes.append(emb.column("content_hash"))
         if candidates:
             from ..scoring.aggregate import similarities
