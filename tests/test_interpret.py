@@ -95,3 +95,19 @@ def test_groups_of_one_sort():
     assert [(k, order[a:b].tolist()) for k, a, b in groups] == [(0, [3]), (1, [4, 1]), (3, [2, 5, 0])]
     order, groups = groups_of(np.zeros(0, np.int32))
     assert groups == [] and len(order) == 0
+
+
+def test_a_fresh_store_object_reads_rows_written_before(tmp_path):
+    """A store folder written earlier (a resumed run, a second evaluation) is read by a new
+    FeatureStore whose first call is a read: the part list must be loaded before it is used."""
+    from mona_ray.features.store import FeatureStore, rows_table
+
+    first = FeatureStore(tmp_path)
+    for key, hs in (("a", ["h1", "h2"]), ("b", ["h3"])):
+        outs = [(np.array([i, i + 5], np.int32), np.array([1.0 + i, 0.5], np.float32)) for i in range(len(hs))]
+        first.write(key, rows_table(hs, [4] * len(hs), [3] * len(hs), outs))
+    fresh = FeatureStore(tmp_path)
+    t = fresh.read_ordered(["h3", "h1", "h3"], ["indices", "values"])
+    assert t.column("content_hash").to_pylist() == ["h3", "h1", "h3"]
+    assert t.column("indices").to_pylist() == [[0, 5], [0, 5], [0, 5]]
+    assert FeatureStore(tmp_path).read(["h2"], ["values"]).column("values").to_pylist() == [[2.0, 0.5]]

@@ -157,7 +157,8 @@ class FeatureStore:
             hashes = pa.array(list(hashes), pa.string())
         cols = None if columns is None else list(dict.fromkeys(["content_hash", *columns]))
         self.last_read = {"parts": 0, "rows": 0}
-        for t in read_wanted(self.paths, self.locate(hashes), cols):
+        wanted = self.locate(hashes)  # loads the index (and self.paths) on a store's first read
+        for t in read_wanted(self.paths, wanted, cols):
             self.last_read["parts"] += 1
             self.last_read["rows"] += len(t)
             yield t
