@@ -111,3 +111,28 @@ def test_a_fresh_store_object_reads_rows_written_before(tmp_path):
     assert t.column("content_hash").to_pylist() == ["h3", "h1", "h3"]
     assert t.column("indices").to_pylist() == [[0, 5], [0, 5], [0, 5]]
     assert FeatureStore(tmp_path).read(["h2"], ["values"]).column("values").to_pylist() == [[2.0, 0.5]]
+
+
+def test_one_pass_explains_every_cluster_as_its_own_pass(tiny_lm, tiny_sae):
+    """explain_prototypes (the overall prototype and each cluster's, one model pass over the
+    target rows) gives each group exactly what explain_prototype gives on that group's rows alone."""
+    from mona_ray.features.interpret import explain_prototype, explain_prototypes
+
+    tok = load_tokenizer(tiny_lm)
+    lm = load_truncated(tiny_lm, 2, dtype="float32")
+    sae = load_sae(tiny_sae, hookpoint="layers.2")
+    enc = [tokenize(render(normalize_record(r), tok), tok, 64, "special") for r in make_rows(7, seed=3)]
+    ids, masks = [e[0] for e in enc], [e[1] for e in enc]
+    ro = Readout("sae", 2, "special", k=sae.k, sae="s")
+    engine = FeatureEngine(lm, [ro], Batching(token_budget=256, sae_chunk_tokens=7), tok.pad_token_id, saes={"s": sae})
+    rng = np.random.default_rng(1)
+    protos = [rng.random(128) for _ in range(3)]
+    groups = [list(range(7)), [5, 0, 3], [6, 1, 4, 2]]  # the clusters' rows in any order, as the driver passes them
+    docs = explain_prototypes(engine, ro, tok, ids, masks, protos, groups, top_latents=40, tokens_per_latent=3)
+    alone = [explain_prototype(engine, ro, tok, [ids[i] for i in g], [masks[i] for i in g], p,
+                               top_latents=40, tokens_per_latent=3) for p, g in zip(protos, groups)]
+    assert docs == alone
+    assert [d["target_rows"] for d in docs] == [7, 3, 4]
+    for d, g in zip(docs, groups):  # something fired, and rows are numbered within the group
+        toks = [t for x in d["top_latents"] for t in x["top_tokens"]]
+        assert toks and max(t["row"] for t in toks) < len(g)

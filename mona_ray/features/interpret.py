@@ -48,19 +48,45 @@ def top_activating_tokens(engine, readout, target_ids: list[list[int]], target_m
     The token codes are the feature engine's own (``readout``: the run's SAE readout), seen
     through its ``token_hook`` while it embeds the target rows: the same micro-batches, the
     same per-row chunks of at most ``sae_chunk_tokens`` tokens, the same TopK."""
-    want = torch.as_tensor(np.asarray(latents, dtype=np.int64))
-    heaps: dict[int, list] = {int(j): [] for j in latents}
+    return grouped_top_tokens(engine, readout, target_ids, target_masks,
+                              [(list(range(len(target_ids))), latents)], per_latent)[0]
+
+
+def grouped_top_tokens(engine, readout, target_ids: list[list[int]], target_masks: list[list[int]],
+                       groups: list[tuple[list[int], np.ndarray]], per_latent: int) -> list[dict[int, list]]:
+    """:func:`top_activating_tokens` for several groups of target rows at once, in one model
+    pass over the rows: ``groups`` is ``[(rows, latents)]`` (rows index ``target_ids``); each
+    group's result numbers its rows by their position in ``rows``, exactly as a pass over
+    that group's rows alone would (a row's token codes never depend on its batch neighbours)."""
+    wants, heaps, rel = [], [], []
+    for rows, latents in groups:
+        wants.append(torch.as_tensor(np.asarray(latents, dtype=np.int64)))
+        heaps.append({int(j): [] for j in latents})
+        r = np.full(len(target_ids), -1, dtype=np.int64)
+        r[np.asarray(rows, dtype=np.int64)] = np.arange(len(rows))
+        rel.append(r)
+    used = sorted({i for rows, _ in groups for i in rows})
 
     def hook(r, rows, positions, vals, idx):
-        if r == readout:
-            _push_top(heaps, want, vals.float().cpu(), idx.cpu(), rows, positions, per_latent)
+        if r != readout:
+            return
+        vals, idx = vals.float().cpu(), idx.cpu()
+        glob = np.asarray([used[i] for i in rows], dtype=np.int64)
+        for want, hp, rr in zip(wants, heaps, rel):
+            at = rr[glob]
+            keep = np.flatnonzero(at >= 0)
+            if len(keep) == len(at):
+                _push_top(hp, want, vals, idx, at.tolist(), positions, per_latent)
+            elif len(keep):
+                k = torch.as_tensor(keep)
+                _push_top(hp, want, vals[k], idx[k], at[keep].tolist(), [positions[i] for i in keep.tolist()], per_latent)
 
     prev, engine.token_hook = engine.token_hook, hook
     try:
-        engine.run(target_ids, {e: target_masks for e in engine.excludes})
+        engine.run([target_ids[i] for i in used], {e: [target_masks[i] for i in used] for e in engine.excludes})
     finally:
         engine.token_hook = prev
-    return {j: sorted(hp, key=lambda x: (-x[0], x[1], x[2])) for j, hp in heaps.items()}
+    return [{j: sorted(h, key=lambda x: (-x[0], x[1], x[2])) for j, h in hp.items()} for hp in heaps]
 
 
 def _push_top(heaps, want: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, rows: list[int], positions: list[int],
@@ -105,18 +131,31 @@ def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], t
                       context: int = 6) -> dict:
     """The prototype's part of the explanation: its top latents with the target tokens that
     fire them (needs the model and the SAE, through the feature engine; reads the target rows only)."""
-    proto = np.asarray(prototype, dtype=np.float64)
-    p_l1 = float(proto.sum())
-    top = strongest_latents(proto, top_latents)
-    acts = top_activating_tokens(engine, readout, target_ids, target_masks, top, tokens_per_latent)
-    latents = []
-    for j in top.tolist():
-        latents.append({"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
-                        "top_tokens": [{"row": r, "position": pos, "token": _token_text(tokenizer, target_ids[r][pos]),
-                                        "activation": a, "context": _context(tokenizer, target_ids[r], pos, context)}
-                                       for a, r, pos in acts[j]]})
-    return {"l1": p_l1, "nonzero": int((proto > 0).sum()), "num_latents": int(len(proto)),
-            "target_rows": len(target_ids), "top_latents": latents}
+    return explain_prototypes(engine, readout, tokenizer, target_ids, target_masks, [prototype],
+                              [list(range(len(target_ids)))], top_latents=top_latents,
+                              tokens_per_latent=tokens_per_latent, context=context)[0]
+
+
+def explain_prototypes(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
+                       prototypes, groups: list[list[int]], *, top_latents: int = TOP_LATENTS,
+                       tokens_per_latent: int = 8, context: int = 6) -> list[dict]:
+    """:func:`explain_prototype` for each prototype on its group of target rows (the overall
+    prototype on all rows, each cluster's on its own), with one model pass over the rows."""
+    protos = [np.asarray(p, dtype=np.float64) for p in prototypes]
+    tops = [strongest_latents(p, top_latents) for p in protos]
+    acts = grouped_top_tokens(engine, readout, target_ids, target_masks, list(zip(groups, tops)), tokens_per_latent)
+    docs = []
+    for proto, top, act, rows in zip(protos, tops, acts, groups):
+        ids = [target_ids[i] for i in rows]
+        p_l1 = float(proto.sum())
+        latents = [{"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
+                    "top_tokens": [{"row": r, "position": pos, "token": _token_text(tokenizer, ids[r][pos]),
+                                    "activation": a, "context": _context(tokenizer, ids[r], pos, context)}
+                                   for a, r, pos in act[j]]}
+                   for j in top.tolist()]
+        docs.append({"l1": p_l1, "nonzero": int((proto > 0).sum()), "num_latents": int(len(proto)),
+                     "target_rows": len(rows), "top_latents": latents})
+    return docs
 
 
 def explain_row(rid: str, idx: np.ndarray, val: np.ndarray, proto: np.ndarray, top_set: set[int],

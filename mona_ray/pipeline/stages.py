@@ -228,12 +228,12 @@ class Progress:
 
 def explain_task(job: EngineJob, target_ids, target_masks, protos, groups) -> list[dict]:
     """Load the run's model and SAE and explain each prototype on its group of target rows
-    (``interpret.explain_prototype``): the overall prototype, then one per cluster."""
-    from ..features.interpret import explain_prototype
+    (``interpret.explain_prototypes``: the overall prototype, then one per cluster), in one
+    model pass over the target rows."""
+    from ..features.interpret import explain_prototypes
 
     engine, tok = load_engine(job)
-    return [explain_prototype(engine, job.readouts[0], tok, [target_ids[i] for i in g], [target_masks[i] for i in g], p)
-            for p, g in zip(protos, groups)]
+    return explain_prototypes(engine, job.readouts[0], tok, target_ids, target_masks, protos, groups)
 
 
 # ----------------------------------------------------------------------------- score
