@@ -41,23 +41,16 @@ def _context(tokenizer, ids: Sequence[int], pos: int, width: int) -> str:
 
 
 def top_activating_tokens(engine, readout, target_ids: list[list[int]], target_masks: list[list[int]],
-                          latents: np.ndarray, per_latent: int) -> dict[int, list[tuple[float, int, int]]]:
-    """For each latent in ``latents``: the ``per_latent`` (activation, row, position) with the
-    highest activation over the target rows' pooled tokens.
+                          groups: list[tuple[list[int], np.ndarray]], per_latent: int) -> list[dict[int, list]]:
+    """For each group ``(rows, latents)`` (``rows`` index ``target_ids``) and each of its latents:
+    the ``per_latent`` (activation, row, position) with the highest activation over that
+    group's pooled tokens, its rows numbered by their position in ``rows``.
 
-    The token codes are the feature engine's own (``readout``: the run's SAE readout), seen
-    through its ``token_hook`` while it embeds the target rows: the same micro-batches, the
-    same per-row chunks of at most ``sae_chunk_tokens`` tokens, the same TopK."""
-    return grouped_top_tokens(engine, readout, target_ids, target_masks,
-                              [(list(range(len(target_ids))), latents)], per_latent)[0]
-
-
-def grouped_top_tokens(engine, readout, target_ids: list[list[int]], target_masks: list[list[int]],
-                       groups: list[tuple[list[int], np.ndarray]], per_latent: int) -> list[dict[int, list]]:
-    """:func:`top_activating_tokens` for several groups of target rows at once, in one model
-    pass over the rows: ``groups`` is ``[(rows, latents)]`` (rows index ``target_ids``); each
-    group's result numbers its rows by their position in ``rows``, exactly as a pass over
-    that group's rows alone would (a row's token codes never depend on its batch neighbours)."""
+    One model pass over the rows serves every group (the overall prototype's and each
+    cluster's): a row's token codes never depend on its batch neighbours, so each group gets
+    exactly what a pass over its rows alone would. The codes are the feature engine's own
+    (``readout``: the run's SAE readout), seen through its ``token_hook``: the same
+    micro-batches, the same per-row chunks of at most ``sae_chunk_tokens`` tokens, the same TopK."""
     wants, heaps, rel = [], [], []
     for rows, latents in groups:
         wants.append(torch.as_tensor(np.asarray(latents, dtype=np.int64)))
@@ -65,13 +58,13 @@ def grouped_top_tokens(engine, readout, target_ids: list[list[int]], target_mask
         r = np.full(len(target_ids), -1, dtype=np.int64)
         r[np.asarray(rows, dtype=np.int64)] = np.arange(len(rows))
         rel.append(r)
-    used = sorted({i for rows, _ in groups for i in rows})
+    used = np.asarray(sorted({i for rows, _ in groups for i in rows}), dtype=np.int64)
 
     def hook(r, rows, positions, vals, idx):
         if r != readout:
             return
         vals, idx = vals.float().cpu(), idx.cpu()
-        glob = np.asarray([used[i] for i in rows], dtype=np.int64)
+        glob = used[np.asarray(rows, dtype=np.int64)]
         for want, hp, rr in zip(wants, heaps, rel):
             at = rr[glob]
             keep = np.flatnonzero(at >= 0)
@@ -83,7 +76,7 @@ def grouped_top_tokens(engine, readout, target_ids: list[list[int]], target_mask
 
     prev, engine.token_hook = engine.token_hook, hook
     try:
-        engine.run([target_ids[i] for i in used], {e: [target_masks[i] for i in used] for e in engine.excludes})
+        engine.run([target_ids[i] for i in used.tolist()], {e: [target_masks[i] for i in used.tolist()] for e in engine.excludes})
     finally:
         engine.token_hook = prev
     return [{j: sorted(h, key=lambda x: (-x[0], x[1], x[2])) for j, h in hp.items()} for hp in heaps]
@@ -143,7 +136,7 @@ def explain_prototypes(engine, readout, tokenizer, target_ids: list[list[int]], 
     prototype on all rows, each cluster's on its own), with one model pass over the rows."""
     protos = [np.asarray(p, dtype=np.float64) for p in prototypes]
     tops = [strongest_latents(p, top_latents) for p in protos]
-    acts = grouped_top_tokens(engine, readout, target_ids, target_masks, list(zip(groups, tops)), tokens_per_latent)
+    acts = top_activating_tokens(engine, readout, target_ids, target_masks, list(zip(groups, tops)), tokens_per_latent)
     docs = []
     for proto, top, act, rows in zip(protos, tops, acts, groups):
         ids = [target_ids[i] for i in rows]
