@@ -66,4 +66,4 @@ def tiny_overrides(tiny_lm, tiny_sae, data, out, *extra) -> list[str]:
     return [f"model.path={tiny_lm}", f"sae.path={tiny_sae}", "sae.hookpoint=layers.2", "model.dtype=float32",
             f"source.paths=[{data['source']}]", f"target.paths=[{data['target']}]", f"run.output_dir={out}",
             "embed.rows_per_unit=16", "render.max_length=64", "select.count=10",
-            "select.aggregate=prototype", "select.prototype_mass=1.0", *extra]  # the paper's formula, checked by hand
+            "select.aggregate=prototype", "select.prototype_mass=1.0", "select.row_mass=1.0", *extra]  # the paper's formula, checked by hand

@@ -70,6 +70,29 @@ def test_idf_weights_and_doc_freq():
     assert np.allclose(ag.idf_weights(df, 3, smooth=True), w + 1)
 
 
+def test_sparsify_rows_cuts_each_row_as_sparsify_prototype_cuts_a_prototype():
+    from mona_ray.scoring.sparse import SparseRows
+
+    rows = SparseRows.from_lists([[3, 0, 7, 5], [], [2], [1, 4, 6]],
+                                 [[0.1, 0.4, 0.2, 0.3], [], [5.0], [0.25, 0.5, 0.25]])
+    cut = ag.sparsify_rows(rows, 0.5)
+    # row 0: 0.4 + 0.3 reach half of 1.0; row 3: 0.5 alone is half; stored order kept; ties by latent
+    assert cut.indptr.tolist() == [0, 2, 2, 3, 4]
+    assert cut.indices.tolist() == [0, 5, 2, 4] and cut.values.tolist() == pytest.approx([0.4, 0.3, 5.0, 0.5])
+    cut = ag.sparsify_rows(rows, 0.7)
+    assert cut.indices.tolist() == [0, 5, 2, 1, 4]  # row 3: 0.5 + 0.25 (latent 1 before 6 on the tie)
+    assert ag.sparsify_rows(rows, 1.0) is rows
+    rng = np.random.default_rng(0)
+    dense = rng.random((50, 40)) * (rng.random((50, 40)) < 0.3)
+    idx = [np.flatnonzero(d) for d in dense]
+    rows = SparseRows.from_lists(idx, [d[i] for d, i in zip(dense, idx)])
+    for mass in (0.3, 0.65, 0.9):
+        want = np.stack([ag.sparsify_prototype(d, mass) for d in dense.astype(np.float32).astype(np.float64)])
+        np.testing.assert_array_equal(ag.sparsify_rows(rows, mass).to_dense(40), want)
+    with pytest.raises(ValueError):
+        ag.sparsify_rows(rows, 0)
+
+
 def test_sparsify_prototype_keeps_the_heaviest_latents():
     p = np.array([0.1, 0.4, 0.0, 0.3, 0.2])
     assert ag.sparsify_prototype(p, 0.5).tolist() == [0, 0.4, 0, 0.3, 0]  # 0.7 >= 0.5; 0.4 alone is not

@@ -36,8 +36,8 @@ def _domains(out):
     return [json.loads(x)["domain"] for x in (out / "selected.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("how", [["select.aggregate=clusters", "select.prototype_mass=1.0"],
-                                 ["select.aggregate=round_robin", "select.prototype_mass=1.0"],
+@pytest.mark.parametrize("how", [["select.aggregate=clusters", "select.prototype_mass=1.0", "select.row_mass=1.0"],
+                                 ["select.aggregate=round_robin", "select.prototype_mass=1.0", "select.row_mass=1.0"],
                                  ["select.aggregate=clusters", "select.prototype_mass=0.65"],
                                  ["select.method=rds", "report.explain=false"]])
 def test_both_halves_of_a_two_task_target_are_served(ray_local, two_tasks, tmp_path, how):
@@ -46,7 +46,7 @@ def test_both_halves_of_a_two_task_target_are_served(ray_local, two_tasks, tmp_p
     assert len(doms) == 20
     agg = m["selection"]["aggregation"]
     if "select.prototype_mass=0.65" in how:  # the mechanics only: a random SAE's top latents carry no topic
-        assert agg["mass"] == 0.65 and agg["clusters"] >= 1
+        assert agg["mass"] == 0.65 and "row_mass" not in agg and agg["clusters"] >= 1
     else:
         assert doms.count("math") >= 5 and doms.count("code") >= 5, doms
     if "select.aggregate=clusters" in how:
@@ -70,7 +70,41 @@ def test_the_paper_prototype_is_unchanged_by_the_aggregation_code(ray_local, two
     prototype, bit for bit: same scores.parquet."""
     few = _write(two_tasks["dir"] / "three.parquet", [r for r in _rows(40, 2, prefix="m") if r["domain"] == "math"][:3])
     inp = {**two_tasks, "target": few}
-    _run(inp, tmp_path / "a", "select.aggregate=prototype", "select.prototype_mass=1.0")
-    m = _run(inp, tmp_path / "b", "select.aggregate=clusters", "select.prototype_mass=1.0")
+    _run(inp, tmp_path / "a", "select.aggregate=prototype", "select.prototype_mass=1.0", "select.row_mass=1.0")
+    m = _run(inp, tmp_path / "b", "select.aggregate=clusters", "select.prototype_mass=1.0", "select.row_mass=1.0")
     assert m["selection"]["aggregation"]["clusters"] == 1
     assert (tmp_path / "a" / "scores.parquet").read_bytes() == (tmp_path / "b" / "scores.parquet").read_bytes()
+
+
+def test_the_row_mass_cuts_every_scored_row_and_explain_sees_the_same_rows(ray_local, two_tasks, tmp_path):
+    """select.row_mass: each source row is compared by its largest latents carrying that share of
+    its mass. The run's scores equal Jaccard of the cut stored rows against the run's prototypes
+    (recomputed here from the store), differ from the uncut run's, and each selected row's
+    explanation adds up to the score it was selected with."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from mona_ray.features.store import FeatureStore
+    from mona_ray.scoring import rows_of
+    from mona_ray.scoring.aggregate import pairwise, sparsify_rows
+
+    m = _run(two_tasks, tmp_path / "cut", "select.aggregate=prototype", "select.prototype_mass=1.0", "select.row_mass=0.5")
+    assert m["selection"]["aggregation"]["row_mass"] == 0.5
+    full = _run(two_tasks, tmp_path / "full", "select.aggregate=prototype", "select.prototype_mass=1.0", "select.row_mass=1.0")
+    assert "row_mass" not in full["selection"]["aggregation"]
+    sc = pq.read_table(tmp_path / "cut" / "scores.parquet")
+    sc_full = pq.read_table(tmp_path / "full" / "scores.parquet")
+    assert not np.allclose(sc.column("score").to_numpy(), sc_full.column("score").to_numpy())
+    P = load_file(str(tmp_path / "cut" / "prototype.safetensors"))["prototypes"].astype(np.float64)
+    store = FeatureStore(tmp_path / "cut" / "embeddings" / m["fingerprints"]["embedding"])
+    prep = pq.read_table([str(f) for f in (tmp_path / "cut" / "prepared").glob("*/source/*.parquet")
+                          if not f.name.endswith(".rejected.parquet")], columns=["id", "content_hash"])
+    hash_of = dict(zip(prep.column("id").to_pylist(), prep.column("content_hash").to_pylist()))
+    X = rows_of(store.read_ordered([hash_of[i] for i in sc.column("id").to_pylist()], ["n_pooled", "indices", "values"]),
+                False)
+    cut = sparsify_rows(X, 0.5)
+    assert np.all(np.diff(cut.indptr) < np.diff(X.indptr))  # every row lost latents
+    np.testing.assert_allclose(sc.column("score").to_numpy(), pairwise(cut, P, "jaccard")[:, 0], rtol=1e-6)
+    explained = json.loads((tmp_path / "cut" / "explain.json").read_text())["selected"]
+    got = [json.loads(x)["score"] for x in (tmp_path / "cut" / "selected.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["score"] for r in explained], got, rtol=1e-6)

@@ -96,8 +96,9 @@ def test_evaluate_end_to_end_and_cached_rerun(eval_inputs, tmp_path):
     assert {"random", "bm25", "dsir", "dense", "nait", "nait:zscore", "mona:sae/mean/jaccard",
             "mona:sae/mean/jaccard@layers.1", "mona:sae/mean/jaccard/k=4", "mona:sae/mean/jaccard/exclude=none",
             "mona:mlp_gate/sum/cosine", "mona:hidden/mean/euclidean"} <= sels
-    assert len([s for s in sels if s.startswith("mona:")]) == 18 + 2 + 1 + 1 + 6  # + the aggregations at layers.2
-    assert {"rds", "mona:sae/mean/jaccard/clusters/mass=0.65", "mona:sae/mean/cosine/round_robin"} <= sels
+    assert len([s for s in sels if s.startswith("mona:")]) == 18 + 2 + 1 + 1 + 7  # + the aggregations at layers.2
+    assert {"rds", "mona:sae/mean/jaccard/clusters/mass=0.65", "mona:sae/mean/jaccard/clusters/mass=0.65/row_mass=0.75",
+            "mona:sae/mean/cosine/round_robin"} <= sels
     # the topics have disjoint vocabularies: lexical selectors must be perfect at k = 10
     for t in ("math", "code"):
         assert res[t]["selectors"]["bm25"]["precision"]["10"] == 1.0
@@ -127,7 +128,8 @@ def test_evaluation_scores_equal_a_pipeline_run(eval_inputs, tmp_path):
     run(load_config([f"source.paths=[{inp['pool']}]", f"target.paths=[{inp['math']}]", f"model.path={inp['lm']}",
                      "model.dtype=float32", f"sae.path={inp['sae']}", "sae.hookpoint=layers.2", "render.max_length=64",
                      f"run.output_dir={tmp_path / 'run'}", "report.explain=false", "embed.num_actors=1",
-                     "select.aggregate=prototype", "select.prototype_mass=1.0"]), quiet=True)  # the paper's mona
+                     "select.aggregate=prototype", "select.prototype_mass=1.0", "select.row_mass=1.0"]),
+        quiet=True)  # the paper's mona
     pipe = pq.read_table(tmp_path / "run" / "scores.parquet").to_pydict()
     only_default = ["selectors=[mona]", "mona.representations=[sae]", "mona.poolings=[mean]",
                     "mona.similarities=[jaccard]", "mona.excludes=[special]", "mona.hookpoints=[layers.2]", "mona.ks=[]",

@@ -181,6 +181,7 @@ class SelectConfig:
     # (one ranking per target row, interleaved, as RDS+)
     aggregate: str = one_of("clusters", "prototype", "round_robin")  # the first is the default
     prototype_mass: float = fraction(0.65)  # < 1: each prototype keeps its top latents carrying this share of its L1
+    row_mass: float = fraction(1.0)  # < 1: each scored row (SAE codes) keeps its top latents carrying this share of its L1
     cluster_seed: int = 0
     max_clusters: Optional[int] = positive(None)  # null: up to half the target rows (at most 64)
     # settings of a baseline selector (its constructor's arguments), e.g. select.bm25={aggregate: max}
@@ -247,9 +248,10 @@ class MonaVariantsConfig:
     hookpoints: List[str] = field(default_factory=lambda: ["layers.15", "layers.28"])  # blocks with an SAE
     ks: List[int] = positive([16, 32, 128])  # sae/mean/jaccard with these K instead of the SAE's own
     # sae/mean at sae.hookpoint (and at each of hookpoints) aggregated over the target examples:
-    # "<prototype|clusters|round_robin>/<similarity>/<prototype mass>", e.g. clusters/jaccard/0.65
+    # "<prototype|clusters|round_robin>/<similarity>/<prototype mass>[/<row mass>]", e.g. clusters/jaccard/0.65/0.75
     aggregations: List[str] = field(default_factory=lambda: [
-        "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/cosine/1.0",
+        "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/jaccard/0.65/0.75",
+        "clusters/cosine/1.0",
         "round_robin/jaccard/1.0", "round_robin/cosine/1.0"])
     aggregation_hookpoints: List[str] = field(default_factory=lambda: ["layers.15", "layers.28"])
     cluster_seed: int = 0

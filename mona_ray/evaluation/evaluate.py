@@ -236,19 +236,20 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             r = Readout("sae", r.block, r.exclude, k=int(v["k"]), sae=r.sae)
         kept.append(v)
         readout_of[variant_name(v, cfg, sae_k)] = r
-    agg = []  # (name, readout, aggregate, similarity, mass)
+    agg = []  # (name, readout, aggregate, similarity, prototype mass, row mass)
     if "mona" in wanted:
         for h in dict.fromkeys([cfg.sae.hookpoint, *cfg.mona.aggregation_hookpoints]):
             if not sae_available(cfg.sae.path, h):
                 continue
             r = representation_readout("sae", h, cfg.pool.exclude, ref(h))
             for spec in cfg.mona.aggregations:
-                a, sim, mass = _aggregation(spec)
+                a, sim, mass, row_mass = _aggregation(spec)
                 agg.append((f"mona:sae/mean/{sim}" + (f"@{h}" if h != cfg.sae.hookpoint else "") + f"/{a}"
-                            + (f"/mass={mass:g}" if mass < 1 else ""), r, a, sim, mass))
+                            + (f"/mass={mass:g}" if mass < 1 else "") + (f"/row_mass={row_mass:g}" if row_mass < 1 else ""),
+                            r, a, sim, mass, row_mass))
     if cfg.mona.rds and "mona" in wanted:
         agg.append(("rds", Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position"),
-                    "round_robin", "cosine", 1.0))
+                    "round_robin", "cosine", 1.0, 1.0))
     nait = None
     if "nait" in wanted:
         last = parse_hookpoint(cfg.sae.hookpoint)
@@ -308,13 +309,14 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             sc = np.full(len(pool_hash), -np.inf)
             sc[live] = score_rows(pool_tab[r.name], proto, v["similarity"], not r.sparse, v["pooling"])
             scores[t][name] = sc
-    for name, r, a, sim, mass in agg:
+    for name, r, a, sim, mass, row_mass in agg:
         if r.name not in pool_tab:
             pool_tab[r.name] = stores[r.name].read_ordered(live_hash, cols)
         for t in targets:
             sc = np.full(len(pool_hash), -np.inf)
             sc[live], info = aggregated_scores(pool_tab[r.name], stores[r.name].read_ordered(tgt_hash[t], cols),
-                                               widths[r.name], not r.sparse, a, sim, mass, int(cfg.mona.cluster_seed))
+                                               widths[r.name], not r.sparse, a, sim, mass, int(cfg.mona.cluster_seed),
+                                               row_mass)
             scores[t][name] = sc
             aggregation_info.setdefault(t, {})[name] = info
     if nait is not None:
@@ -346,39 +348,47 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
     return doc, profiles
 
 
-def _aggregation(spec: str) -> tuple[str, str, float]:
-    """``"clusters/jaccard/0.65"`` -> (aggregate, similarity, prototype mass)."""
+def _aggregation(spec: str) -> tuple[str, str, float, float]:
+    """``"clusters/jaccard/0.65[/0.75]"`` -> (aggregate, similarity, prototype mass, row mass (1.0 if absent))."""
     parts = str(spec).split("/")
-    if len(parts) != 3 or parts[0] not in ("prototype", "clusters", "round_robin"):
-        raise InputError(f"mona.aggregations: {spec!r} is not <prototype|clusters|round_robin>/<similarity>/<mass>")
-    try:
-        mass = float(parts[2])
-    except ValueError:
-        raise InputError(f"mona.aggregations: {spec!r}: the mass {parts[2]!r} is not a number in (0, 1]") from None
-    return parts[0], parts[1], mass
+    if len(parts) not in (3, 4) or parts[0] not in ("prototype", "clusters", "round_robin"):
+        raise InputError(f"mona.aggregations: {spec!r} is not "
+                         "<prototype|clusters|round_robin>/<similarity>/<prototype mass>[/<row mass>]")
+    masses = []
+    for m in parts[2:]:
+        try:
+            masses.append(float(m))
+        except ValueError:
+            raise InputError(f"mona.aggregations: {spec!r}: the mass {m!r} is not a number in (0, 1]") from None
+        if not 0 < masses[-1] <= 1:
+            raise InputError(f"mona.aggregations: {spec!r}: the mass {m!r} is not a number in (0, 1]")
+    return parts[0], parts[1], masses[0], masses[1] if len(masses) > 1 else 1.0
 
 
 def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, similarity: str, mass: float,
-                      seed: int) -> tuple[np.ndarray, dict]:
+                      seed: int, row_mass: float = 1.0) -> tuple[np.ndarray, dict]:
     """A full ranking of the pool (as scores) for one aggregation over the target rows ``tgt``
     (stored tables, targets in id order): ``prototype`` / ``clusters`` score each row by its best
     prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
-    per target row (RDS+), and a row's score is minus its position in the interleaving."""
+    per target row (RDS+), and a row's score is minus its position in the interleaving. Pool rows
+    are compared as the pipeline compares them (``scored_rows``: cut to ``row_mass``)."""
     from ..scoring.aggregate import candidates_from_scores, round_robin, similarities, sparsify_prototype
+    from ..scoring.table import scored_rows
 
     T = rows_of(tgt, dense)
     T = T if dense else T.to_dense(width)
     if aggregate == "round_robin":
-        X = rows_of(pool, dense)
+        X = scored_rows(pool, dense, row_mass=row_mass)
         P = np.stack([sparsify_prototype(t, mass) for t in T]) if mass < 1 else T
         S = similarities(X, P, similarity, dense)
         ids = np.asarray([f"{i:09d}" for i in range(S.shape[0])], dtype=object)  # ties: pool order
         order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids))
         out = np.empty(len(ids))
         out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
-        return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass}
+        return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass, "row_mass": row_mass}
     P, info = target_prototypes(T, aggregate, mass, seed, proto=prototype_of(tgt, width, dense))
-    return score_rows_against(pool, P, similarity, dense), {k: v for k, v in info.items() if k != "labels"}
+    return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass),
+            {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass})
 
 
 def _nait_deltas(table, n_blocks: int) -> np.ndarray:

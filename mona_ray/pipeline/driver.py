@@ -460,6 +460,8 @@ class Pipeline:
                     self.aggregation["members"] = [[i for i, q in zip(ids, labels) if q == c]
                                                    for c in range(len(self.protos))]
             del T
+        if not dense and sel.row_mass < 1:  # dense readouts are compared whole
+            self.aggregation["row_mass"] = float(sel.row_mass)
         save_file({"prototype": self.proto.astype(np.float32), "prototypes": self.protos.astype(np.float32)},
                   str(self.out / "prototype.safetensors"),
                   metadata={"rows": str(len(joined)), "embedding_fingerprint": self.embed_fp,
@@ -491,7 +493,8 @@ class Pipeline:
             stages.score_parts, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"protos": protos, "paths": paths, "similarity": self.similarity,
                        "pooling": self.cfg.pool.method, "batch_rows": self.cfg.select.score_batch_rows,
-                       "dense": not self.readout.sparse, "candidates": k if rr else 0},
+                       "dense": not self.readout.sparse, "candidates": k if rr else 0,
+                       "row_mass": float(self.cfg.select.row_mass)},
             num_cpus=self.cfg.ray.task_num_cpus)
         top = RunningTopK(k) if not rr else None
         per_target = [RunningTopK(k) for _ in range(len(self.protos))] if rr else None
@@ -628,8 +631,8 @@ class Pipeline:
         bounded by a part whatever the selection's size; with several prototypes, a row is
         explained against the one it scored best with."""
         from ..features.interpret import explain_row
-        from ..scoring import rows_of
         from ..scoring.aggregate import pairwise
+        from ..scoring.table import scored_rows
 
         sel = self._selected_of(self.scores)
         ranks: dict[str, list[int]] = {}  # content -> the ranks of the selected rows with it
@@ -639,7 +642,7 @@ class Pipeline:
         lines: list[str | None] = [None] * len(self.top_ids)
         many = len(self.protos) > 1
         for t in self.store.iter_read(sel.column("content_hash"), ["indices", "values"]):
-            X = rows_of(t, dense=False)  # the stored (mean-pooled) values, as explain_row reads them
+            X = scored_rows(t, False, row_mass=float(self.cfg.select.row_mass))  # the values as they were scored
             best = pairwise(X, self.protos, self.similarity).argmax(1) if many else np.zeros(len(t), np.int64)
             for j, h in enumerate(t.column("content_hash").to_pylist()):
                 a, b = X.indptr[j], X.indptr[j + 1]

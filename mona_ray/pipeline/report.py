@@ -120,6 +120,8 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
         how += f", {agg['aggregate']}" + (f" ({agg['clusters']} clusters)" if agg.get("aggregate") == "clusters" else "")
     if agg.get("mass", 1.0) < 1:
         how += f", prototype mass {agg['mass']:g}"
+    if agg.get("row_mass", 1.0) < 1:
+        how += f", row mass {agg['row_mass']:g}"
     lines = [
         "",
         ("MoNA selection finished" if method == "mona" else "RDS+ selection finished" if method == "rds"

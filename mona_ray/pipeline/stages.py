@@ -240,13 +240,14 @@ def explain_task(job: EngineJob, target_ids, target_masks, protos, groups) -> li
 
 
 def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, batch_rows: int,
-                dense: bool = False, candidates: int = 0) -> pa.Table:
+                dense: bool = False, candidates: int = 0, row_mass: float = 1.0) -> pa.Table:
     """Score this run's rows held by some store parts: ``batch`` is ``(id, row_at, content_hash,
     part)`` for the rows wanted (``row_at``: the row's position in the driver's index; ``part``
     numbers ``paths``). Returns ``(id, row_at, score, target)``: every row with ``target = -1``
     and its best score over the prototypes ``protos [c, L]``; with ``candidates = k``
     (round-robin) also, per prototype ``j``, its ``k`` best rows with ``target = j`` (``row_at = -1``).
-    Reads each part once, only the needed columns."""
+    ``row_mass < 1``: each row is cut to its largest latents carrying that share of its mass
+    before it is compared (``select.row_mass``). Reads each part once, only the needed columns."""
     import ray
 
     from ..scoring import topk
@@ -262,14 +263,14 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
         hashes.append(emb.column("content_hash"))
         if candidates:
             from ..scoring.aggregate import similarities
-            from ..scoring import rows_of
+            from ..scoring.table import scored_rows
 
-            X = rows_of(emb, dense, pooling)
+            X = scored_rows(emb, dense, pooling, row_mass)
             S = similarities(X, protos, similarity, dense)
             scores.append(S.max(axis=1))
             per.append(S)
         else:
-            scores.append(score_rows_against(emb, protos, similarity, dense, pooling, batch_rows))
+            scores.append(score_rows_against(emb, protos, similarity, dense, pooling, batch_rows, row_mass))
     h = pa.concat_arrays([c.combine_chunks() for c in hashes]) if hashes else pa.array([], pa.string())
     out = pa.table({"content_hash": h, "score": pa.array(np.concatenate(scores) if scores else [], pa.float64())})
     rows = batch.select(["id", "row_at", "content_hash"]).join(out, "content_hash").select(["id", "row_at", "score"])

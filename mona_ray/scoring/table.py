@@ -46,14 +46,26 @@ def prototype_of(table: pa.Table, width: int, dense: bool, pooling: str = "mean"
     return prototype(X, width)
 
 
+def scored_rows(table: pa.Table, dense: bool, pooling: str = "mean", row_mass: float = 1.0):
+    """:func:`rows_of` as a selection compares them: with ``row_mass < 1`` each sparse row keeps
+    its largest latents carrying that share of its L1 mass (``select.row_mass``, the row side of
+    the support-bias fix; dense readouts are compared whole)."""
+    X = rows_of(table, dense, pooling)
+    if dense or row_mass >= 1:
+        return X
+    from .aggregate import sparsify_rows
+
+    return sparsify_rows(X, row_mass)
+
+
 def score_rows(table: pa.Table, proto: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
-               batch_rows: int = 4096) -> np.ndarray:
+               batch_rows: int = 4096, row_mass: float = 1.0) -> np.ndarray:
     """Similarity of every stored row to ``proto``, in slices of ``batch_rows`` rows (a row's score
     never depends on its slice: per-row reductions only)."""
     out = []
     for start in range(0, len(table), batch_rows):
         blk = table.slice(start, batch_rows)
-        X = rows_of(blk, dense, pooling)
+        X = scored_rows(blk, dense, pooling, row_mass)
         # dense rows (hidden states) are signed: the sparse shortcuts assume z >= 0
         out.append(dense_similarity(X, proto, similarity) if dense else score(X, proto, similarity))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
@@ -90,16 +102,16 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
 
 
 def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
-                       batch_rows: int = 4096) -> np.ndarray:
+                       batch_rows: int = 4096, row_mass: float = 1.0) -> np.ndarray:
     """Each stored row's best similarity over the prototypes ``P [c, L]`` (c = 1: :func:`score_rows`,
     bit for bit)."""
     if len(P) == 1:
-        return score_rows(table, P[0], similarity, dense, pooling, batch_rows)
+        return score_rows(table, P[0], similarity, dense, pooling, batch_rows, row_mass)
     from .aggregate import similarities
 
     out = []
     for start in range(0, len(table), batch_rows):
-        X = rows_of(table.slice(start, batch_rows), dense, pooling)
+        X = scored_rows(table.slice(start, batch_rows), dense, pooling, row_mass)
         S = similarities(X, P, similarity, dense)
         out.append(S.max(axis=1))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
