@@ -89,6 +89,10 @@ def test_sparsify_rows_cuts_each_row_as_sparsify_prototype_cuts_a_prototype():
     for mass in (0.3, 0.65, 0.9):
         want = np.stack([ag.sparsify_prototype(d, mass) for d in dense.astype(np.float32).astype(np.float64)])
         np.testing.assert_array_equal(ag.sparsify_rows(rows, mass).to_dense(40), want)
+    wide = SparseRows(rows.indptr, rows.indices, np.concatenate([d[i] for d, i in zip(dense, idx)]))  # float64 values
+    for mass in (0.3, 0.65, 0.9):
+        want = np.stack([ag.sparsify_prototype(d, mass) for d in dense])
+        np.testing.assert_array_equal(ag.sparsify_rows(wide, mass).to_dense(40), want)
     with pytest.raises(ValueError):
         ag.sparsify_rows(rows, 0)
 

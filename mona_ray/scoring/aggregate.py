@@ -227,21 +227,24 @@ def sparsify_rows(rows: SparseRows, mass: float) -> SparseRows:
     of :func:`sparsify_prototype` applied to each row on its own (values ranked descending,
     ties by stored position, i.e. by latent in rows stored in latent order; the smallest set
     reaching ``mass * sum(row)`` kept). ``mass=1`` returns ``rows`` itself. The kept entries
-    stay in their stored order. One stable sort of the block's entries by a single 64-bit key
-    (row, then the value's float32 bits inverted: non-negative floats order as their bits), so
-    a row's cut never depends on the other rows of its block; no per-row Python loop."""
+    stay in their stored order. One stable sort of the block's entries, for float32/float16
+    values by a single 64-bit key (row, then the value's float32 bits inverted: non-negative
+    floats order as their bits), for wider values (sum pooling's float64) by (row, value), so a
+    row's cut never depends on the other rows of its block; no per-row Python loop."""
     if not 0 < mass <= 1:
         raise ValueError(f"mass={mass} must be in (0, 1]")
     if mass == 1 or len(rows) == 0:
         return rows
     lens = np.diff(rows.indptr)
     r = np.repeat(np.arange(len(rows)), lens)
-    v32 = np.ascontiguousarray(rows.values, dtype=np.float32)
-    if v32.size and float(v32.min()) < 0:
+    v = rows.values.astype(np.float64)
+    if v.size and float(v.min()) < 0:
         raise ValueError("sparsify_rows needs non-negative values (SAE codes)")
-    key = (r.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - v32.view(np.uint32).astype(np.uint64))
-    order = np.argsort(key, kind="stable")
-    v = v32.astype(np.float64)
+    if rows.values.dtype.itemsize <= 4:  # exact as float32
+        bits = np.ascontiguousarray(rows.values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        order = np.argsort((r.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - bits), kind="stable")
+    else:
+        order = np.lexsort((-v, r))  # stable: ties by stored position
     vs = v[order]
     cs = np.cumsum(vs)
     start_cs = np.concatenate([[0.0], cs])[rows.indptr[:-1]]  # the running sum where each row starts
