@@ -149,6 +149,41 @@ def test_evaluation_scores_equal_a_pipeline_run(eval_inputs, tmp_path):
     assert dict(zip(ev["id"], ev["math/mona:sae/mean/jaccard"])) == got
 
 
+
+@pytest.mark.parametrize("how, variant", [
+    (["select.method=rds"], "rds"),  # select.prototype_mass left at its 0.65: hidden states are compared whole
+    (["select.aggregate=clusters", "select.prototype_mass=0.65", "select.row_mass=0.75"],
+     "mona:sae/mean/jaccard/clusters/mass=0.65/row_mass=0.75"),
+])
+def test_the_evaluations_aggregations_equal_pipeline_runs(eval_inputs, tmp_path, how, variant):
+    """The aggregated variants the evaluation reports are the pipeline's selections: RDS+ (the
+    round-robin interleaving: the run's selected rows, in order, are the evaluation's top rows)
+    and the clusters with both masses (the run's scores.parquet, score for score)."""
+    from mona_ray.config import load_config
+    from mona_ray.evaluation.evaluate import evaluate
+    from mona_ray.pipeline.cli import run
+
+    inp = eval_inputs
+    m = run(load_config([f"source.paths=[{inp['pool']}]", f"target.paths=[{inp['math']}]", f"model.path={inp['lm']}",
+                         "model.dtype=float32", f"sae.path={inp['sae']}", "sae.hookpoint=layers.2",
+                         "render.max_length=64", f"run.output_dir={tmp_path / 'run'}", "report.explain=false",
+                         "embed.num_actors=1", "select.count=12", *how]), quiet=True)
+    evaluate(_cfg(inp, tmp_path / "e", "selectors=[mona]", "mona.representations=[sae]", "mona.poolings=[mean]",
+                  "mona.similarities=[jaccard]", "mona.excludes=[special]", "mona.hookpoints=[layers.2]", "mona.ks=[]",
+                  "mona.aggregation_hookpoints=[layers.2]", "mona.aggregations=[clusters/jaccard/0.65/0.75]",
+                  f"embed.store_dir={tmp_path / 'run' / 'embeddings'}"))
+    ev = pq.read_table(tmp_path / "e" / "scores.parquet").to_pydict()
+    got = dict(zip(ev["id"], ev[f"math/{variant}"]))
+    if variant == "rds":
+        chosen = [json.loads(x)["id"] for x in (tmp_path / "run" / "selected.jsonl").read_text().splitlines()]
+        assert chosen == sorted(got, key=lambda i: -got[i])[:12]
+        assert m["selection"]["aggregation"] == {"aggregate": "round_robin", "targets": 6, "mass": 1.0}
+    else:
+        assert m["selection"]["aggregation"]["mass"] == 0.65 and m["selection"]["aggregation"]["row_mass"] == 0.75
+        pipe = pq.read_table(tmp_path / "run" / "scores.parquet").to_pydict()
+        assert len(pipe["id"]) == len(got) == 80
+        assert all(got[i] == s for i, s in zip(pipe["id"], pipe["score"]))  # equal, not close
+
 def test_metrics_by_hand():
     rel = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
     assert average_precision(rel) == pytest.approx((1 / 1 + 2 / 3 + 3 / 6) / 3)

@@ -180,7 +180,7 @@ class SelectConfig:
     # cluster of target rows, silhouette picks their number; a row scores its best cluster) | round_robin
     # (one ranking per target row, interleaved, as RDS+)
     aggregate: str = one_of("clusters", "prototype", "round_robin")  # the first is the default
-    prototype_mass: float = fraction(0.65)  # < 1: each prototype keeps its top latents carrying this share of its L1
+    prototype_mass: float = fraction(0.65)  # < 1: each prototype (codes) keeps its top latents carrying this share of its L1
     row_mass: float = fraction(1.0)  # < 1: each scored row (SAE codes) keeps its top latents carrying this share of its L1
     cluster_seed: int = 0
     max_clusters: Optional[int] = positive(None)  # null: up to half the target rows (at most 64)

@@ -443,17 +443,19 @@ class Pipeline:
         except KeyError:
             raise RunError(f"target rows have no embedding in {self.store.root}; this is a bug, please report it") from None
         dense, sel = not self.readout.sparse, self.cfg.select
+        # the masses cut non-negative codes by their largest values; a dense (signed) readout, e.g. RDS+'s
+        # hidden states, has no such order and is compared whole, whatever select.prototype_mass says
+        mass = 1.0 if dense else float(sel.prototype_mass)
         self.proto = prototype_of(joined, self.width, dense, self.cfg.pool.method)
         self.protos, self.aggregation = self.proto[None, :], {"aggregate": "prototype", "clusters": 1}
-        if self.aggregate != "prototype" or sel.prototype_mass < 1:
+        if self.aggregate != "prototype" or mass < 1:
             T = rows_of(joined, dense, self.cfg.pool.method)
             T = T if dense else T.to_dense(self.width)  # [target rows, width]: the targets only
             if self.aggregate == "round_robin":
-                self.protos = T if sel.prototype_mass >= 1 else np.stack([sparsify_prototype(t, sel.prototype_mass)
-                                                                          for t in T])
-                self.aggregation = {"aggregate": "round_robin", "targets": len(T), "mass": float(sel.prototype_mass)}
+                self.protos = T if mass >= 1 else np.stack([sparsify_prototype(t, mass) for t in T])
+                self.aggregation = {"aggregate": "round_robin", "targets": len(T), "mass": mass}
             else:
-                self.protos, self.aggregation = target_prototypes(T, self.aggregate, sel.prototype_mass,
+                self.protos, self.aggregation = target_prototypes(T, self.aggregate, mass,
                                                                   sel.cluster_seed, sel.max_clusters, proto=self.proto)
                 labels, ids = self.aggregation.pop("labels"), tgt.column("id").to_pylist()
                 if len(self.protos) > 1:
