@@ -1,0 +1,245 @@
+"""A leave-task-out target suite (issue 23): ``python -m mona_ray.evaluation.suite --out DIR --seed 0``.
+
+From a labelled source pool (``id, instruction, input, output, source, category, domain``) and the
+scoring pool drawn from it (``pool_5k``), it writes ``DIR/suite.json`` and ``DIR/targets/*.parquet``:
+
+* **task targets**: for every category with at least ``n_rows`` rows outside the scoring pool whose
+  domain has another category in the scoring pool, ``n_rows`` of its rows that are NOT in the
+  scoring pool (by id and by text) are the target; the target's pool is the scoring pool with the
+  WHOLE category removed; relevant = the scoring pool's rows of the same domain (all from other
+  categories, since the category is gone). That is the user's situation: their task is not in the
+  pool, related data is.
+* **mixtures** (built like BBH): ``rows_per_task`` rows from each of 3-27 task targets' rows; every
+  category in the mixture is removed from its pool; relevant = the mixture's domains.
+* **public targets** (GSM8K, MBPP, MMLU, BBH with ``relevance.json``): the whole scoring pool.
+
+Each target records its rows file, excluded categories, relevant domains, notes on weak domain
+labels, and its half (``selection`` / ``confirmation``): the task targets and the mixtures are split
+stratified by domain with the seed, before any selector has scored them; the public four all go to
+the confirmation half (the old default was chosen on them, so they cannot be selection evidence).
+
+``python -m mona_ray.evaluate data.suite=DIR/suite.json`` runs the suite: each target is scored on
+its own pool (see ``mona_ray/evaluation/evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SUITE_VERSION = 1
+COLUMNS = ["id", "instruction", "input", "output", "source", "category", "domain"]
+DEFAULT_MIXTURE_SIZES = (3, 5, 7, 9, 12, 15, 20, 27)
+
+# Categories that are not one task: never a target, still pool rows (relevant to their domain).
+NOT_A_TASK = {
+    "seed_generation": "Self-Instruct seed tasks: 149 different tasks under one label",
+    "seed_classification": "Self-Instruct seed tasks: 26 different tasks under one label",
+    "lima_multiturn": "29 rows",
+}
+# Where a domain label is weak (written once per domain; every target of the domain carries it).
+DOMAIN_NOTES = {
+    "closed_qa": "two categories only (KILT HotpotQA, WikiQA); T0's WikiQA prompts are mostly answer-validation "
+                 "(yes/no) or question generation, not closed-book answering",
+    "code": "two categories (CodeAlpaca, GPTeacher codegen), both instruction -> code; the cleanest label",
+    "cot_reasoning": "FLAN CoT subsets; cot_ecqa and cot_qasc are multiple-choice questions with a rationale "
+                     "(mc_qa-like), and share their questions with mc_qa's t0/commonsense_qa and t0/qasc",
+    "data_to_text": "two categories that differ in kind: common_gen (concepts -> sentence) and wiki_bio (T0 "
+                    "prompts run both ways: infobox -> bio and bio -> facts)",
+    "extractive_qa": "adversarial_qa_{dbert,dbidaf,droberta} are one dataset split by adversary model and duorc "
+                     "ParaphraseRC/SelfRC share their plots (siblings stay relevant); ropes and wiki_hop need "
+                     "reasoning rather than extraction; T0 templates include question generation",
+    "general_chat": "a catch-all: Alpaca-GPT4 (general), LIMA, OASST1 and Self-Instruct user-oriented/seed rows; "
+                    "its rows ask for code, math, writing, anything; oasst1_first_turn and oasst1_followup_turn "
+                    "are one source",
+    "math": "two categories (FLAN CoT GSM8K, AQuA); AQuA is multiple-choice algebra",
+    "mc_qa": "T0 templates of these datasets include non-multiple-choice prompts (answer without options, "
+             "generate a question); commonsense_qa and qasc share questions with cot_reasoning's cot_ecqa and "
+             "cot_qasc, which are labelled cot_reasoning",
+    "paraphrase": "paraphrase identification (MRPC, QQP, PAWS); T0 templates also generate paraphrases",
+    "sentiment": "four polarity datasets with near-identical prompts: the easiest domain",
+    "summarization": "gigaword is headline generation; T0 templates include title generation",
+    "topic_classification": "two categories (AG News, DBpedia-14)",
+    "mixture": "relevant = every domain of the mixture's tasks: a broad label (a large share of the pool)",
+}
+SINGLE_CATEGORY = "leave-task-out gives no relevant rows (the domain has one category)"
+
+
+def _read(path) -> pa.Table:
+    t = pq.read_table(str(path))
+    missing = [c for c in COLUMNS if c not in t.column_names]
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing}; a suite pool needs {COLUMNS}")
+    return t.select(COLUMNS)
+
+
+def _text_key(instruction: str, inp: str, output: str) -> str:
+    return hashlib.blake2b("\x1f".join((instruction or "", inp or "", output or "")).encode(), digest_size=16).hexdigest()
+
+
+def _slug(category: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in category.replace("t0/", "t0_"))
+
+
+def _rng(seed: int, *what: str) -> np.random.Generator:
+    """One generator per purpose, so adding a target never moves another target's rows."""
+    h = hashlib.blake2b("/".join((str(seed),) + what).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(h, "little"))
+
+
+def split_halves(strata: dict[str, str], seed: int) -> dict[str, str]:
+    """``{target: stratum}`` -> ``{target: "selection" | "confirmation"}``: within each stratum the targets,
+    in a seeded order, alternate halves from a seeded start, so each stratum splits as evenly as it can and
+    odd strata do not all favour one half."""
+    out = {}
+    for stratum in sorted(set(strata.values())):
+        names = sorted(t for t, s in strata.items() if s == stratum)
+        rng = _rng(seed, "split", stratum)
+        order = [names[i] for i in rng.permutation(len(names))]
+        start = int(rng.integers(2))
+        for i, t in enumerate(order):
+            out[t] = ("selection", "confirmation")[(i + start) % 2]
+    return out
+
+
+def build_suite(source_pool, scoring_pool, out_dir, seed: int = 0, n_rows: int = 32,
+                mixture_sizes=DEFAULT_MIXTURE_SIZES, rows_per_task: int = 3,
+                public: dict[str, str] | None = None, relevance=None) -> dict:
+    """Write ``out_dir/suite.json`` and ``out_dir/targets/*.parquet``; returns the suite document.
+    ``public``: ``{name: target file}`` scored on the whole scoring pool with ``relevance`` (a JSON map)."""
+    out = Path(out_dir)
+    (out / "targets").mkdir(parents=True, exist_ok=True)
+    src, sp = _read(source_pool), _read(scoring_pool)
+    sp_ids = set(sp.column("id").to_pylist())
+    sp_text = {_text_key(*r) for r in zip(*(sp.column(c).to_pylist() for c in ("instruction", "input", "output")))}
+    cols = {c: src.column(c).to_pylist() for c in COLUMNS}
+    sp_dom = sp.column("domain").to_pylist()
+    sp_cat = sp.column("category").to_pylist()
+    cats_in_pool: dict[str, set[str]] = {}
+    for d, c in zip(sp_dom, sp_cat):
+        cats_in_pool.setdefault(d, set()).add(c)
+    # candidate rows: outside the scoring pool by id and by text
+    outside: dict[tuple[str, str], list[int]] = {}
+    for i, (rid, d, c) in enumerate(zip(cols["id"], cols["domain"], cols["category"])):
+        if rid in sp_ids or _text_key(cols["instruction"][i], cols["input"][i], cols["output"][i]) in sp_text:
+            continue
+        outside.setdefault((d, c), []).append(i)
+    all_cats = sorted({(d, c) for d, c in zip(cols["domain"], cols["category"])})
+    targets, skipped, held = {}, {}, {}
+    for d, c in all_cats:
+        if c in NOT_A_TASK:
+            skipped[c] = {"domain": d, "reason": NOT_A_TASK[c]}
+            continue
+        rows = outside.get((d, c), [])
+        if len(cats_in_pool.get(d, set()) - {c}) == 0:
+            skipped[c] = {"domain": d, "reason": SINGLE_CATEGORY}
+            continue
+        if len(rows) < n_rows:
+            skipped[c] = {"domain": d, "reason": f"{len(rows)} rows outside the scoring pool (< {n_rows})"}
+            continue
+        rng = _rng(seed, "rows", c)
+        pick = sorted(rows[i] for i in rng.choice(len(rows), n_rows, replace=False))
+        pick = [pick[i] for i in rng.permutation(len(pick))]  # seeded order: mixtures take the first rows
+        held[c] = pick
+        name = f"task:{_slug(c)}"
+        others = sorted(cats_in_pool[d] - {c})
+        targets[name] = {"kind": "task", "file": f"targets/{_slug(c)}.parquet", "rows": n_rows,
+                         "categories": [c], "exclude_categories": [c], "relevant_domains": [d], "domain": d,
+                         "relevant_categories_in_pool": others, "notes": [DOMAIN_NOTES.get(d, "")]}
+        _write_rows(cols, sorted(pick), out / targets[name]["file"])
+    task_cats = sorted(held)
+    domain_of = {t["categories"][0]: t["domain"] for t in targets.values()}
+    for j, size in enumerate(mixture_sizes):
+        size = min(int(size), len(task_cats))
+        rng = _rng(seed, "mixture", str(j), str(size))
+        cats = sorted(task_cats[i] for i in rng.choice(len(task_cats), size, replace=False))
+        rows = [i for c in cats for i in held[c][:rows_per_task]]
+        doms = sorted({domain_of[c] for c in cats})
+        name = f"mix:{j:02d}:{size}tasks"
+        targets[name] = {"kind": "mixture", "file": f"targets/mix_{j:02d}_{size}tasks.parquet",
+                         "rows": len(rows), "categories": cats, "exclude_categories": cats,
+                         "relevant_domains": doms, "domain": "mixture", "notes": [DOMAIN_NOTES["mixture"]]}
+        _write_rows(cols, sorted(rows), out / targets[name]["file"])
+    halves = split_halves({t: v["domain"] for t, v in targets.items()}, seed)
+    for t, h in halves.items():
+        targets[t]["half"] = h
+    rel = json.loads(Path(relevance).read_text()) if relevance else {}
+    for name, path in (public or {}).items():
+        dest = out / "targets" / f"public_{name}.parquet"
+        shutil.copyfile(path, dest)
+        n = pq.read_metadata(str(dest)).num_rows
+        doms = rel[name] if isinstance(rel[name], list) else [rel[name]]
+        weak = {"mmlu": "weak label: MMLU questions look like several pool domains (cot_reasoning's multiple-choice rows too)",
+                "bbh": "weak label: 27 BBH tasks, relevant = cot_reasoning"}.get(name, "")
+        targets[name] = {"kind": "public", "file": f"targets/public_{name}.parquet", "rows": n, "categories": [],
+                         "exclude_categories": [], "relevant_domains": sorted(doms), "domain": f"public:{name}",
+                         "notes": [weak] if weak else [], "half": "confirmation"}
+    for t in targets.values():
+        t["notes"] = [n for n in t["notes"] if n]
+    doc = {"version": SUITE_VERSION, "seed": int(seed), "n_rows": int(n_rows), "rows_per_task": int(rows_per_task),
+           "mixture_sizes": [int(s) for s in mixture_sizes],
+           "source_pool": str(Path(source_pool).resolve()), "pool": str(Path(scoring_pool).resolve()),
+           "split": "task targets and mixtures: stratified by domain (mixtures one stratum), seeded, alternating "
+                    "halves within each stratum; public targets: all confirmation",
+           "targets": dict(sorted(targets.items())), "skipped": skipped, "domain_notes": DOMAIN_NOTES}
+    (out / "suite.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def _write_rows(cols: dict, rows: list[int], path: Path) -> None:
+    pq.write_table(pa.table({c: pa.array([cols[c][i] for i in rows], pa.string()) for c in COLUMNS}), str(path),
+                   compression="zstd")
+
+
+def load_suite(path) -> dict:
+    """The suite document with every target's ``file`` resolved against the suite's folder."""
+    p = Path(str(path)).expanduser()
+    doc = json.loads(p.read_text())
+    if doc.get("version") != SUITE_VERSION:
+        raise ValueError(f"{p}: suite version {doc.get('version')!r}, this code reads {SUITE_VERSION}")
+    for t in doc["targets"].values():
+        t["path"] = str((p.parent / t["file"]).resolve())
+    return doc
+
+
+def main(argv=None) -> None:
+    data = Path("/work/shared/data")
+    ap = argparse.ArgumentParser(prog="python -m mona_ray.evaluation.suite", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for suite.json and targets/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source-pool", default=str(data / "pool.parquet"))
+    ap.add_argument("--pool", default=str(data / "pool_5k.parquet"), help="the scoring pool")
+    ap.add_argument("--rows", type=int, default=32, help="target rows per task")
+    ap.add_argument("--mixtures", default=",".join(map(str, DEFAULT_MIXTURE_SIZES)),
+                    help="tasks per mixture, comma-separated ('' for none)")
+    ap.add_argument("--public", default=str(data / "targets"), help="folder of gsm8k/mbpp/mmlu/bbh.parquet ('' for none)")
+    ap.add_argument("--relevance", default=str(data / "relevance.json"))
+    a = ap.parse_args(argv)
+    public = {}
+    if a.public:
+        public = {n: str(Path(a.public) / f"{n}.parquet") for n in ("gsm8k", "mbpp", "mmlu", "bbh")
+                  if (Path(a.public) / f"{n}.parquet").exists()}
+    sizes = [int(s) for s in a.mixtures.split(",") if s.strip()]
+    doc = build_suite(a.source_pool, a.pool, a.out, a.seed, a.rows, sizes, public=public,
+                      relevance=a.relevance if public else None)
+    by = {}
+    for t in doc["targets"].values():
+        by.setdefault(t["half"], []).append(t)
+    print(f"suite: {len(doc['targets'])} targets -> {Path(a.out) / 'suite.json'}")
+    for h, ts in sorted(by.items()):
+        print(f"  {h}: {len(ts)} targets ({sum(t['kind'] == 'task' for t in ts)} tasks, "
+              f"{sum(t['kind'] == 'mixture' for t in ts)} mixtures, {sum(t['kind'] == 'public' for t in ts)} public)")
+    for c, s in doc["skipped"].items():
+        if "outside" not in s["reason"]:
+            print(f"  skipped {c} ({s['domain']}): {s['reason']}")
+
+
+if __name__ == "__main__":
+    main()
