@@ -184,6 +184,10 @@ class SelectConfig:
     row_mass: float = fraction(1.0)  # < 1: each scored row (SAE codes) keeps its top latents carrying this share of its L1
     cluster_seed: int = 0
     max_clusters: Optional[int] = positive(None)  # null: up to half the target rows (at most 64)
+    # method=rds: published (Ivison et al. 2025's code: hidden_states[-1], the last block through the final norm;
+    # targets in file order, a target whose next row is taken spends its turn) | hooked_block (before issue 23:
+    # sae.hookpoint's block without the final norm; targets in id order, a turn skips to the next free row)
+    rds_variant: str = one_of("published", "hooked_block")
     # settings of a baseline selector (its constructor's arguments), e.g. select.bm25={aggregate: max}
     random: Dict[str, Any] = field(default_factory=dict)
     bm25: Dict[str, Any] = field(default_factory=dict)
@@ -255,7 +259,7 @@ class MonaVariantsConfig:
         "round_robin/jaccard/1.0", "round_robin/cosine/1.0"])
     aggregation_hookpoints: List[str] = field(default_factory=lambda: ["layers.15", "layers.28"])
     cluster_seed: int = 0
-    rds: bool = True  # the RDS+ baseline: position-weighted mean hidden states at sae.hookpoint, cosine, round-robin
+    rds: bool = True  # the RDS+ baseline as published (select.rds_variant=published): the last layer after the final norm
 
 
 @dataclass

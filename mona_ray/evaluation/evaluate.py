@@ -247,9 +247,11 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
                 agg.append((f"mona:sae/mean/{sim}" + (f"@{h}" if h != cfg.sae.hookpoint else "") + f"/{a}"
                             + (f"/mass={mass:g}" if mass < 1 else "") + (f"/row_mass={row_mass:g}" if row_mass < 1 else ""),
                             r, a, sim, mass, row_mass))
-    if cfg.mona.rds and "mona" in wanted:
-        agg.append(("rds", Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position"),
-                    "round_robin", "cosine", 1.0, 1.0))
+    if cfg.mona.rds and "mona" in wanted:  # RDS+ as published: hidden_states[-1] (the final norm), aggregate "rds"
+        from ..features.readouts import rds_readout  # (targets in file order, a taken row spends the target's turn)
+        from ..features.spec import num_layers
+
+        agg.append(("rds", rds_readout(num_layers(model_dir, bool(cfg.model.trust_remote_code))), "rds", "cosine", 1.0, 1.0))
     nait = None
     if "nait" in wanted:
         last = parse_hookpoint(cfg.sae.hookpoint)
@@ -286,10 +288,11 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
     if not live.all():
         notes.append(f"{int((~live).sum())} pool rows got no model features (they score lowest)")
     live_hash = [h for h, ok in zip(pool_hash, live) if ok]
-    tgt_hash = {}
+    tgt_hash, tgt_file_hash = {}, {}
     for t, ts in targets.items():
         order = sorted(range(len(ts)), key=lambda i: ts.ids[i])  # the pipeline's prototype order: by id
         tgt_hash[t] = [content_hash(ts.messages[i]) for i in order if content_hash(ts.messages[i]) not in rej]
+        tgt_file_hash[t] = [h for h in map(content_hash, ts.messages) if h not in rej]  # published RDS+'s order
         if not tgt_hash[t]:
             raise InputError(f"target {t}: no row has model features")
     cols = ["n_pooled", "indices", "values"]
@@ -314,7 +317,8 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             pool_tab[r.name] = stores[r.name].read_ordered(live_hash, cols)
         for t in targets:
             sc = np.full(len(pool_hash), -np.inf)
-            sc[live], info = aggregated_scores(pool_tab[r.name], stores[r.name].read_ordered(tgt_hash[t], cols),
+            sc[live], info = aggregated_scores(pool_tab[r.name],
+                                               stores[r.name].read_ordered((tgt_file_hash if a == "rds" else tgt_hash)[t], cols),
                                                widths[r.name], not r.sparse, a, sim, mass, int(cfg.mona.cluster_seed),
                                                row_mass)
             scores[t][name] = sc
@@ -377,12 +381,12 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
 
     T = rows_of(tgt, dense)
     T = T if dense else T.to_dense(width)
-    if aggregate == "round_robin":
+    if aggregate in ("round_robin", "rds"):  # rds: the published rule, a taken row spends the target's turn
         X = scored_rows(pool, dense, row_mass=row_mass)
         P = np.stack([sparsify_prototype(t, mass) for t in T]) if mass < 1 else T
         S = similarities(X, P, similarity, dense)
         ids = np.asarray([f"{i:09d}" for i in range(S.shape[0])], dtype=object)  # ties: pool order
-        order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids))
+        order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids), skip_taken=aggregate != "rds")
         out = np.empty(len(ids))
         out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
         return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass, "row_mass": row_mass}

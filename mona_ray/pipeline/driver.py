@@ -47,8 +47,8 @@ from ..core.records import InputError
 from ..core.sae import SAEError, to_sparsify_hookpoint
 from ..features.engine import Batching
 from ..features.local import Rendering
-from ..features.readouts import Readout
-from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
+from ..features.readouts import Readout, rds_readout
+from ..features.spec import EngineJob, num_layers, readout_width, representation_readout, sae_ref
 from ..features.store import FeatureStore, embedding_fingerprint, first_per_key, groups_of
 from . import report, stages
 
@@ -166,8 +166,12 @@ class Pipeline:
         self.rendering = Rendering.of(cfg.render)
         render = self.rendering.spec()
         self.prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": self.model_fp, **render, "exclude": cfg.pool.exclude})
-        if cfg.select.method == "rds":  # RDS+: position-weighted mean hidden states, cosine, round-robin
-            self.readout = Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position")
+        # RDS+: position-weighted mean hidden states, cosine, round-robin; select.rds_variant=published reads
+        # hidden_states[-1] and interleaves as the authors' code does (targets in file order, a taken row spends the turn)
+        self.rds_published = cfg.select.method == "rds" and cfg.select.rds_variant == "published"
+        if cfg.select.method == "rds":
+            self.readout = (rds_readout(num_layers(self.model_dir, cfg.model.trust_remote_code)) if self.rds_published
+                            else Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position"))
             self.similarity, self.aggregate = "cosine", "round_robin"
         else:
             self.readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude,
@@ -437,7 +441,8 @@ class Pipeline:
 
         t0 = time.perf_counter()
         # one prototype entry per target row (duplicated content counts twice), in id order
-        tgt = self.index["target"].select(["id", "content_hash"]).sort_by("id")
+        tgt = self.index["target"].select(["id", "content_hash", "part", "pos"]).sort_by(
+            [("part", "ascending"), ("pos", "ascending")] if self.rds_published else "id")  # published RDS+: file order
         try:
             joined = self.store.read_ordered(tgt.column("content_hash").to_pylist(), ["n_pooled", "indices", "values"])
         except KeyError:
@@ -519,7 +524,7 @@ class Pipeline:
         if rr:
             from ..scoring.aggregate import round_robin
 
-            ids, _, sc = round_robin([t.result() for t in per_target], k)
+            ids, _, sc = round_robin([t.result() for t in per_target], k, skip_taken=not self.rds_published)
             self.top_scores, self.top_ids = sc, ids
         else:
             self.top_scores, self.top_ids = top.result()
