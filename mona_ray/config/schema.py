@@ -155,8 +155,10 @@ class EmbedConfig:
 @dataclass
 class RunSection:
     output_dir: str = "outputs/demo"  # one folder per run; re-running the same command resumes it
-    overwrite: bool = False  # true: redo a finished run in place (the embedding store is kept)
+    overwrite: bool = False  # true: redo a finished run (published atomically; the old one stays readable till then)
     max_rejected_fraction: float = fraction(0.5, zero=True)  # fail when more of a set's rows are rejected
+    keep_runs: int = positive(2)  # finished runs kept under output_dir/runs/ (the published one included)
+    lock_stale_s: int = positive(300)  # a lease on output_dir without a heartbeat this long is broken
 
 
 @dataclass
@@ -234,9 +236,12 @@ class RunConfig:
 
 @dataclass
 class EvalDataConfig:
-    pool: str = MISSING  # labelled pool: .parquet / .jsonl / .json
-    targets: Any = MISSING  # {name: path, ...}, or a list of paths (each named by its file stem)
-    relevance: str = MISSING  # JSON object: target name -> list of pool domains counted as relevant
+    pool: Optional[str] = None  # labelled pool: .parquet / .jsonl / .json
+    targets: Any = None  # {name: path, ...}, or a list of paths (each named by its file stem)
+    relevance: Optional[str] = None  # JSON object: target name -> list of pool domains counted as relevant
+    # a suite (python -m mona_ray.evaluation.suite) instead of the three above: its pool, targets, relevance and,
+    # per target, the pool categories left out of that target's ranking
+    suite: Optional[str] = None
     domain_column: str = "domain"
     id_column: str = "id"
 

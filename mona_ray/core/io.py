@@ -3,15 +3,26 @@
 Every file mona_ray writes goes through :func:`atomic_path`: written to a unique temporary
 name next to its destination, then renamed into place (``os.replace`` is atomic on POSIX),
 so a reader sees the old file or the whole new one, and a retried task rewrites the same
-name with the same bytes.
+name with the same bytes. A write that fails on the filesystem (disk full, permission
+denied, read-only or vanished mount) raises an ``OSError`` that names the destination.
+
+Files a later run trusts without rebuilding (store parts, prepared parts, staged copies) are
+*recorded*: :func:`record` writes a sidecar ``<file>.ok`` with the row count and byte size
+they were written with, and :func:`check_recorded` compares them cheaply (a ``stat`` and the
+Parquet footer) before the file is reused. Rename is not atomic on every shared filesystem,
+and disks and copies fail: a file that does not check is moved aside by :func:`quarantine`
+and rebuilt, never read.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +42,11 @@ def atomic_path(dest: str | Path):
     try:
         yield tmp
         os.replace(tmp, dest)
+    except OSError as e:
+        code = os_errno(e)
+        if code is None or getattr(e, "filename", None):
+            raise
+        raise OSError(code, os.strerror(code), str(dest)) from e  # pyarrow's write errors name no file
     finally:
         if tmp.exists():
             if tmp.is_dir():
@@ -74,3 +90,143 @@ def write_parquet(table, path: str | Path, row_group_size: int = 1024) -> None:
 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The errno of an OS-level failure: ``e.errno``, or the ``[errno N]`` pyarrow writes into its messages."""
+    code = getattr(e, "errno", None)
+    if isinstance(code, int):
+        return code
+    m = re.search(r"\[errno (\d+)\]", str(e), re.IGNORECASE)
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------- recorded files
+
+OK_SUFFIX = ".ok"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + OK_SUFFIX)
+
+
+def record(path: str | Path, rows: int | None = None) -> None:
+    """Record a finished file's byte size (and row count) in its sidecar ``<file>.ok``."""
+    path = Path(path)
+    write_text(json.dumps({"bytes": path.stat().st_size, "rows": rows}) + "\n", _sidecar(path))
+
+
+def write_part(table, path: str | Path, row_group_size: int = 1024) -> None:
+    """:func:`write_parquet`, then :func:`record` the part (a part a later run reuses)."""
+    write_parquet(table, path, row_group_size)
+    record(path, len(table))
+
+
+def check_recorded(path: str | Path) -> str | None:
+    """Why a recorded file cannot be trusted, or None when it checks: its size and (Parquet)
+    row count equal the sidecar's, and a Parquet file's footer reads. A file without a sidecar
+    (written by an older version, or a writer stopped between the file and its sidecar) is
+    trusted when its footer reads; a non-Parquet file without one is not."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    try:
+        rec = json.loads(_sidecar(path).read_text())
+    except FileNotFoundError:
+        rec = None
+    except (OSError, ValueError):
+        return f"its record {_sidecar(path).name} cannot be read"
+    if rec is not None and rec.get("bytes") != size:
+        return f"{size:,} bytes on disk, {rec.get('bytes'):,} written"
+    if path.suffix != ".parquet":
+        return None if rec is not None else "no record of its size (written by an older version)"
+    try:
+        with pq.ParquetFile(path) as f:
+            rows = f.metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - any footer that does not read: pyarrow's ArrowInvalid, OSError
+        return f"not a readable Parquet file ({str(e).splitlines()[0][:200]})"
+    if rec is not None and rec.get("rows") is not None and rec["rows"] != rows:
+        return f"{rows:,} rows on disk, {rec['rows']:,} written"
+    return None
+
+
+def quarantine(path: str | Path, folder: str | Path) -> Path | None:
+    """Move a damaged file (and its sidecar) into ``folder``, under a name that never collides;
+    None if it was already gone (another run sharing the folder moved it first)."""
+    path, folder = Path(path), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    try:
+        os.replace(_sidecar(path), dest.with_name(dest.name + OK_SUFFIX))
+    except FileNotFoundError:
+        pass
+    return dest
+
+
+def reusable(path: str | Path, quarantine_dir: str | Path, what: str, log: list | None = None) -> bool:
+    """True when the recorded file at ``path`` can be reused; a damaged one is quarantined with a
+    warning naming it (and appended to ``log``; the caller then rebuilds it), a missing one is
+    simply not reusable."""
+    problem = check_recorded(path)
+    if problem is None:
+        return True
+    if problem != "missing":
+        moved = quarantine(path, quarantine_dir)
+        warn(f"{what} {path} is damaged ({problem})" + (f"; moved to {moved}" if moved else "")
+             + "; it is rebuilt")
+        if log is not None:
+            log.append({"part": str(path), "reason": problem, "moved_to": str(moved) if moved else None})
+    return False
+
+
+def warn(msg: str) -> None:
+    import sys
+
+    print(f"mona_ray: warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- operator-facing failures
+
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system", errno.ENOENT: "no such file or folder (a vanished mount?)",
+           errno.ESTALE: "stale file handle (the shared filesystem went away)", errno.EIO: "input/output error",
+           errno.ENOTCONN: "transport endpoint is not connected (the mount went away)"}
+_FIXES = {errno.ENOSPC: "free space there, or point run.output_dir / embed.store_dir elsewhere",
+          errno.EDQUOT: "free space there, or point run.output_dir / embed.store_dir elsewhere",
+          errno.EACCES: "give this user write access there, or point run.output_dir / embed.store_dir elsewhere",
+          errno.EPERM: "give this user write access there, or point run.output_dir / embed.store_dir elsewhere",
+          errno.EROFS: "remount it read-write, or point run.output_dir / embed.store_dir elsewhere"}
+
+
+def filesystem_failure(exc: BaseException) -> str | None:
+    """One line for an operator if ``exc`` (or what caused it, across Ray's task and actor
+    wrappers) is a filesystem failure: the path, the cause and what to do; else None."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        code = os_errno(e) if isinstance(e, OSError) or "errno" in str(e).lower() else None
+        if code in _CAUSES:
+            path = getattr(e, "filename", None) or _path_in(str(e))
+            where = f"{path}: " if path else ""
+            fix = _FIXES.get(code, "check the mount and the path")
+            return f"{where}{_CAUSES[code]}. {fix.capitalize()}, then run the same command again to resume."
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _path_in(text: str) -> str | None:
+    m = re.search(r"'(/[^']+)'", text)
+    return m.group(1) if m else None

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io import atomic_path
+from .io import atomic_path, record, reusable
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -335,12 +335,14 @@ def _staged_name(f: Path, *extra) -> str:
 
 
 def _stage_once(dest: Path, write) -> Path:
-    """``write(tmp)`` once into ``dest`` via a temporary file and an atomic rename; an existing
-    ``dest`` is reused (it is named after its input, so it is never stale)."""
-    if dest.exists():
+    """``write(tmp)`` once into ``dest`` via a temporary file and an atomic rename, recorded
+    (``io.record``); an existing ``dest`` is reused when it checks (it is named after its input,
+    so it is never stale), and a damaged one is moved to ``quarantine/`` and written again."""
+    if reusable(dest, dest.parent / "quarantine", "staged copy"):
         return dest
     with atomic_path(dest) as tmp:
         write(tmp)
+    record(dest)
     return dest
 
 

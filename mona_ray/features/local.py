@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import records
-from ..core.io import sha, write_parquet
+from ..core.io import sha
 from .spec import EngineJob, load_engine
-from .store import FeatureStore, embedding_fingerprint, rows_table
+from .store import FeatureStore, embedding_fingerprint, rows_table, write_store_part
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,10 @@ def embed_unit(engine, tok, job: EngineJob, rendering: Rendering, unit: dict, st
     rejected.update({hashes[ok[j]]: why for j, why in res.rejected.items()})
     good = [j for j in range(len(ok)) if j not in res.rejected]
     for r in job.readouts:  # written, not indexed: the caller records the new parts once
-        write_parquet(rows_table([hashes[ok[j]] for j in good], [res.n_tokens[j] for j in good],
-                                 [res.n_pooled[r.name][j] for j in good], [res.outputs[r.name][j] for j in good],
-                                 job.batching.value_dtype),
-                      FeatureStore(Path(store_roots[r.name])).part_path(unit["key"]), row_group_size=512)
+        write_store_part(rows_table([hashes[ok[j]] for j in good], [res.n_tokens[j] for j in good],
+                                    [res.n_pooled[r.name][j] for j in good], [res.outputs[r.name][j] for j in good],
+                                    job.batching.value_dtype),
+                         FeatureStore(Path(store_roots[r.name])).part_path(unit["key"]))
     return {"rejected": rejected, "rows": len(good), "tokens": res.real_tokens, "forward_seconds": res.forward_seconds}
 
 

@@ -15,6 +15,11 @@ The driver never converts the store to Python: :meth:`FeatureStore.index` is one
 ``(content_hash, part)`` read once per run (``part`` numbers :attr:`FeatureStore.paths`, so
 no path is repeated per row), and :meth:`FeatureStore.read` opens only the parts that hold
 the requested rows and keeps only those rows, counting what it read in ``last_read``.
+
+Every part is recorded when written (``core.io.write_part``: its row count and byte size in a
+sidecar) and checked when the index is built: a part that does not check (cut short, damaged,
+not Parquet) is moved to ``<store>/quarantine/`` with a warning naming it, and its rows are
+simply missing from the index, so the run embeds them again (:attr:`FeatureStore.quarantined`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.io import read_parquet, sha, write_parquet
+from ..core.io import check_recorded, quarantine, read_parquet, sha, warn, write_part
 
 EMBEDDING_SCHEMA = pa.schema([
     ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_pooled", pa.int32()),
@@ -95,12 +100,18 @@ def rows_table(hashes, n_tokens, n_pooled, outputs, value_dtype: str = "float32"
     })
 
 
+def write_store_part(table: pa.Table, path: str | Path) -> None:
+    """A store part as every writer writes it (the pipeline's actors, the local executor)."""
+    write_part(table, path, row_group_size=512)
+
+
 class FeatureStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._index: pa.Table | None = None
         self.paths: list[str] = []
         self.last_read = {"parts": 0, "rows": 0}
+        self.quarantined: list[dict] = []  # parts moved aside by this object: {part, reason, moved_to}
 
     def part_path(self, key: str) -> Path:
         return self.root / f"part-{key}.parquet"
@@ -120,6 +131,17 @@ class FeatureStore:
         """Record parts (written this run) without re-reading the others."""
         old = self.index()  # the parts already in the folder are read first
         new_paths = sorted({str(p) for p in paths} - set(self.paths))
+        hashes = {}
+        for f in new_paths:
+            problem = check_recorded(f)
+            if problem is None:
+                try:
+                    hashes[f] = read_parquet(f, ["content_hash"]).column("content_hash")
+                except Exception as e:  # noqa: BLE001 - a footer that reads over a damaged column chunk
+                    problem = f"its rows cannot be read ({str(e).splitlines()[0][:200]})"
+            if problem is not None and problem != "missing":
+                self._quarantine(f, problem)
+        new_paths = [f for f in new_paths if f in hashes]
         if not new_paths:
             return
         merged = sorted(self.paths + new_paths)
@@ -127,15 +149,21 @@ class FeatureStore:
         remap = np.asarray([pos[p] for p in self.paths], dtype=np.int32)
         tabs = [old.set_column(1, "part", pa.array(remap[old.column("part").to_numpy()], pa.int32()))] if len(old) else []
         for f in new_paths:
-            h = read_parquet(f, ["content_hash"]).column("content_hash")
+            h = hashes[f]
             tabs.append(pa.table({"content_hash": h, "part": pa.array(np.full(len(h), pos[f], np.int32))}))
         self.paths = merged
         self._index = first_per_key(pa.concat_tables(tabs), "content_hash", "part") if tabs else INDEX_SCHEMA.empty_table()
 
+    def _quarantine(self, path: str, problem: str) -> None:
+        moved = quarantine(path, self.root / "quarantine")
+        warn(f"feature store part {path} is damaged ({problem})" + (f"; moved to {moved}" if moved else "")
+             + "; its rows are embedded again")
+        self.quarantined.append({"part": str(path), "reason": problem, "moved_to": str(moved) if moved else None})
+
     def write(self, key: str, table: pa.Table) -> Path:
-        """Write one part (atomically) and record it."""
+        """Write one part (atomically, recorded) and index it."""
         path = self.part_path(key)
-        write_parquet(table, path, row_group_size=512)
+        write_store_part(table, path)
         self.add_parts([path])
         return path
 

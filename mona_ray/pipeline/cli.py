@@ -9,18 +9,29 @@ Examples::
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # registers resolver and schemas
+from ..core.io import filesystem_failure
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
+from .publish import OutputBusy
 from ..core.records import InputError
 from ..core.sae import SAEError
 
-USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError)
+USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError, OutputBusy)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, Kubernetes, Slurm), handled like Ctrl-C: the run stops cleanly."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def run(cfg: DictConfig | RunConfig, quiet: bool = False) -> dict:
@@ -37,14 +48,25 @@ def run(cfg: DictConfig | RunConfig, quiet: bool = False) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         run(validate(cfg))
     except USER_ERRORS as e:
         print(f"mona_ray: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("mona_ray: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM during the clean-up changes nothing
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"mona_ray: {what}; run the same command again to resume", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except Exception as e:  # noqa: BLE001 - a full disk or a vanished mount: one line, not a traceback
+        line = filesystem_failure(e)
+        if line is None:
+            raise
+        print(f"mona_ray: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

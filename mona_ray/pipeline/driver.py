@@ -14,6 +14,13 @@
 The driver holds O(rows) Arrow columns (ids, hashes, scores), never the records or the
 embeddings themselves.
 
+Where it writes (``publish.py``): each attempt writes its outputs into
+``<output_dir>/runs/<run id>/`` under the folder's lease, and a complete run is published by
+one atomic rename of ``<output_dir>/current``; readers of ``<output_dir>/selected.jsonl`` see
+the previous selection until then. Prepared parts, staged copies and the embedding store
+live beside the attempts and are checked before reuse (a damaged one is quarantined and
+rebuilt).
+
 Resume and refresh come from one mechanism: every part file is named after its input
 unit (prepare) or its content (embed) and written atomically, and the embedding store
 is keyed by the content hash of each row under a fingerprint of everything that
@@ -28,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -41,7 +47,7 @@ import pyarrow.compute as pc
 from ..config import RunConfig
 from ..core import procmem, records
 from ..core.io import sha as _sha
-from ..core.io import read_parquet, write_json, write_parquet
+from ..core.io import read_parquet, reusable, write_json, write_parquet
 from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
 from ..core.records import InputError
 from ..core.sae import SAEError, to_sparsify_hookpoint
@@ -50,7 +56,7 @@ from ..features.local import Rendering
 from ..features.readouts import Readout, rds_readout
 from ..features.spec import EngineJob, num_layers, readout_width, representation_readout, sae_ref
 from ..features.store import FeatureStore, embedding_fingerprint, first_per_key, groups_of
-from . import report, stages
+from . import publish, report, stages
 
 FINGERPRINT_VERSION = 2
 # summed over the embedding actor's per-unit reports (unit_seconds: read + embed + write)
@@ -80,17 +86,12 @@ def resolve_sae(cfg):
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        status = json.loads(manifest.read_text()).get("status")
-        if status == "complete" and not overwrite:
-            raise RunError(f"run.output_dir={str(out)!r} already holds a finished run. Pass run.overwrite=true "
-                           "to redo it (the embedding store is kept and reused), or choose another run.output_dir.")
-    if overwrite and out.exists():
-        for child in out.iterdir():
-            if child.name == "embeddings":
-                continue  # content-addressed: never stale, always reusable
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    """Refuse to redo a finished run unless asked. Nothing is deleted: a redo writes a new
+    attempt and the finished selection stays published until the new one replaces it."""
+    if (publish.published_manifest(out) or {}).get("status") == "complete" and not overwrite:
+        raise RunError(f"run.output_dir={str(out)!r} already holds a finished run. Pass run.overwrite=true "
+                       "to redo it (the finished selection stays readable until the new one replaces it; "
+                       "prepared rows and embeddings are reused), or choose another run.output_dir.")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -103,7 +104,11 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, cfg_dict: dict):
         self.cfg = cfg
         self.cfg_dict = cfg_dict
-        self.out = Path(cfg.run.output_dir).expanduser().resolve()
+        self.root = Path(cfg.run.output_dir).expanduser().resolve()  # what readers see (publish.py)
+        self.run_id = publish.new_run_id()
+        self.out = self.root / publish.RUNS / self.run_id  # this attempt's outputs, published at the end
+        self.lock: publish.OutputLock | None = None
+        self.quarantined: list[dict] = []  # damaged parts moved aside this run (store and prepared)
         self.timings: dict[str, float] = {}
         self.counts: dict = {}
         self.units = {"prepare": 0, "embed": 0}
@@ -144,9 +149,12 @@ class Pipeline:
                                  f"(or .jsonl.gz/.json.gz) file matched; set {role}.paths=[...]")
         self.model_dir, self.sae_info = model_dir, sae_info
         self.tokenizer_check()
-        check_output_dir(self.out, cfg.run.overwrite)
+        check_output_dir(self.root, cfg.run.overwrite)
+        self.lock = publish.OutputLock(self.root, self.run_id, cfg.run.lock_stale_s).acquire()
+        check_output_dir(self.root, cfg.run.overwrite)  # again under the lease: a run may have finished meanwhile
+        publish.prune(self.root, int(cfg.run.keep_runs))  # unfinished attempts; their parts stay for reuse
         self.out.mkdir(parents=True, exist_ok=True)
-        staging = self.out / "staged"
+        staging = self.root / "staged"
         self.source_units = records.plan_units(files["source"], cfg.embed.rows_per_unit, staging_dir=staging)
         self.target_units = records.plan_units(files["target"], cfg.embed.rows_per_unit, staging_dir=staging)
         for role, units in (("source", self.source_units), ("target", self.target_units)):
@@ -183,8 +191,8 @@ class Pipeline:
                                               self.batching.pad_multiple, self.batching.sae_chunk_tokens,
                                               self.batching.value_dtype)
         self.width = readout_width(self.readout, self.model_dir, self.sae_info, cfg.model.trust_remote_code)
-        self.prepared_dir = self.out / "prepared" / self.prep_fp
-        store = cfg.embed.store_dir or str(self.out / "embeddings")
+        self.prepared_dir = self.root / "prepared" / self.prep_fp
+        store = cfg.embed.store_dir or str(self.root / "embeddings")
         self.store = FeatureStore(Path(store).expanduser().resolve() / self.embed_fp)
         self.store.root.mkdir(parents=True, exist_ok=True)
         (self.store.root / "fingerprint.json").write_text(json.dumps({
@@ -249,7 +257,7 @@ class Pipeline:
                 rej = self.prepared_dir / role / f"{key}.rejected.parquet"
                 u_info = {"role": role, "unit": u, "part": part, "rejected": rej}
                 (self.source_parts if role == "source" else self.target_parts).append(u_info)
-                if not (part.exists() and rej.exists()):
+                if not all([reusable(f, self.prepared_dir / "quarantine", "prepared part", self.quarantined) for f in (part, rej)]):
                     todo.append(u_info)
         self.units["prepare"] = len(todo)
         if todo:
@@ -715,12 +723,21 @@ class Pipeline:
     # -------------------------------------------------------------- all
 
     def run(self) -> dict:
-        import ray
-
         self.source_parts, self.target_parts = [], []
         mem = procmem.StageMemory().start()  # the driver's peak memory per stage, in the manifest
-        self.plan()  # before Ray starts: a bad path or setting fails in seconds, with nothing written
-        mem.mark("plan")
+        try:
+            self.plan()  # before Ray starts: a bad path or setting fails in seconds, with nothing written
+            mem.mark("plan")
+            manifest = self._run_stages(mem)
+        finally:
+            mem.stop()
+            if self.lock is not None:
+                self.lock.release()
+        return manifest
+
+    def _run_stages(self, mem) -> dict:
+        import ray
+
         started_here = _init_ray(self.cfg)
         try:
             self.fingerprint()
@@ -738,11 +755,18 @@ class Pipeline:
                 manifest["files"]["explain"] = "explain.md"
                 manifest["explain_read"] = self.explain_read
             manifest["driver_memory_mb"] = mem.stages
+            self.quarantined += self.store.quarantined
+            manifest["quarantined"] = self.quarantined
             # written last: "complete" means every output above is in place
             write_json(manifest, self.out / "manifest.json")
+            if self.lock.lost:
+                raise RunError(f"another run took the lease of run.output_dir={str(self.root)!r} while this one ran "
+                               f"(no heartbeat for run.lock_stale_s={self.cfg.run.lock_stale_s:g} s?); this run's "
+                               f"selection is in {self.out} and was not published")
+            publish.publish(self.root, self.out)  # one rename: readers switch to this run's selection
+            publish.prune(self.root, int(self.cfg.run.keep_runs), active=self.out)
             return manifest
         finally:
-            mem.stop()
             if started_here:
                 ray.shutdown()
 
@@ -862,7 +886,12 @@ def _init_ray(cfg) -> bool:
     kw = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=cfg.ray.log_to_driver,
               logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, **kw)
+        check_reachable(address)  # ray.init retries an unreachable address for minutes
+        try:
+            ray.init(address=address, **kw)
+        except (ConnectionError, TimeoutError) as e:
+            raise RunError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}. Start it "
+                           "(ray start --head) or set ray.address / RAY_ADDRESS to a running cluster") from None
     else:
         # "local": always a fresh instance for this run, never a stray `ray start` cluster on this machine
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
@@ -871,3 +900,20 @@ def _init_ray(cfg) -> bool:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the address and the cause, when a ``host:port`` or ``ray://host:port``
+    Ray address does not accept connections (``auto`` is left to Ray, which fails fast)."""
+    import socket
+
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+        raise RunError(f"cannot reach the Ray cluster at {address!r} ({why}). Start it (ray start --head) or set "
+                       "ray.address / RAY_ADDRESS to a running cluster's address") from None

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core import records
-from ..core.io import read_parquet, write_parquet
+from ..core.io import read_parquet, write_part
 from ..features.local import Rendering
 from ..features.spec import EngineJob, load_engine
-from ..features.store import first_per_key, read_wanted, rows_table
+from ..features.store import first_per_key, read_wanted, rows_table, write_store_part
 
 PREPARED_SCHEMA = pa.schema([
     ("id", pa.string()), ("content_hash", pa.string()), ("file", pa.string()), ("row", pa.int64()),
@@ -155,8 +155,8 @@ def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, reje
         else:
             bad.append({"file": unit.path, "row": r["row"], "id": safe_text(r["id"]), "stage": "validate",
                         "reason": f"cannot tokenize: {_reason(err)}"})
-    write_parquet(pa.Table.from_pylist(ok, schema=PREPARED_SCHEMA), out_path, row_group_size=256)
-    write_parquet(rejected_table(bad), rejected_path)
+    write_part(pa.Table.from_pylist(ok, schema=PREPARED_SCHEMA), out_path, row_group_size=256)
+    write_part(rejected_table(bad), rejected_path)  # last: a unit is done when both parts check
     return {"unit": unit.key, "rows_ok": len(ok), "rows_rejected": len(bad)}
 
 
@@ -200,9 +200,9 @@ class EmbedActor:
         good = [i for i in range(len(ids)) if i not in res.rejected]
         hashes = table.column("content_hash").to_pylist()
         for r in self.job.readouts:
-            write_parquet(rows_table([hashes[i] for i in good], [res.n_tokens[i] for i in good],
-                                     [res.n_pooled[r.name][i] for i in good], [res.outputs[r.name][i] for i in good],
-                                     self.job.batching.value_dtype), unit["out"][r.name], row_group_size=512)
+            write_store_part(rows_table([hashes[i] for i in good], [res.n_tokens[i] for i in good],
+                                        [res.n_pooled[r.name][i] for i in good], [res.outputs[r.name][i] for i in good],
+                                        self.job.batching.value_dtype), unit["out"][r.name])
         files, rows, rids = (table.column(c).to_pylist() for c in ("file", "row", "id"))
         rejected = [{"file": files[i], "row": rows[i], "id": rids[i], "stage": "embed", "reason": r}
                     for i, r in sorted(res.rejected.items())]
