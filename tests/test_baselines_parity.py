@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_random_sae
+
 from mona_ray.core.model import load_truncated
 from mona_ray.features.engine import Batching, FeatureEngine
-from mona_ray.features.readouts import Readout, rds_readout
+from mona_ray.features.readouts import Readout
 
 
 # ----------------------------------------------------------------------------- RDS+ readout
@@ -55,6 +57,8 @@ def published_pooling(full, ids: list[int]) -> np.ndarray:
 def test_final_norm_readout_is_hf_last_hidden_state_pooled_with_rds_weights(normed_lm):
     from transformers import AutoModelForCausalLM
 
+    from mona_ray.features.readouts import rds_readout
+
     full = AutoModelForCausalLM.from_pretrained(normed_lm, dtype=torch.float32).eval()
     n_layers = full.config.num_hidden_layers
     r = rds_readout(n_layers)
@@ -82,3 +86,147 @@ def test_final_norm_is_in_the_name_and_fingerprint_only_when_set():
     assert a.name != b.name and b.name.startswith("hidden@layers.3+norm")
     with pytest.raises(ValueError, match="hidden readouts only"):
         Readout("sae", 3, sae="s", final_norm=True)
+
+
+# ----------------------------------------------------------------------------- RDS+ selection
+
+
+def authors_round_robin(influences: dict, output_size: int) -> tuple[list, list]:
+    """get_top_influences.py, ``--selection_method max``, transliterated: ``influences`` is
+    {test index: {train index: cosine}} with the test examples in file order. Each round every
+    test example pops its best remaining train row; a row already saved is dropped again (the
+    turn is spent); train rows of equal score keep their index order (a stable sort)."""
+    ranked = {t: sorted(inf.items(), key=lambda x: x[1], reverse=True) for t, inf in influences.items()}
+    saved, scores = [], []
+    while len(saved) < output_size:
+        for t in ranked:
+            inst, score = ranked[t].pop(0)
+            if inst not in saved:
+                saved.append(inst)
+                scores.append(score)
+    return saved[:output_size], scores[:output_size]
+
+
+# A hand-made score matrix: rows r0..r4 against three targets, given in FILE order z, a, m (so the
+# id order is a, m, z). Worked by hand for k = 4:
+#   published (file order, a taken row spends the turn): z r0 | a r0 taken | m r1 | z r1 taken | a r2 |
+#       m r0 taken | z r4                                                              -> r0 r1 r2 r4
+#   skip to the next free row, file order:  z r0 | a r2 | m r1 | z r4                  -> r0 r2 r1 r4
+#   spend the turn, id order (a, m, z):     a r0 | m r1 | z - | a r2 | m - | z - | a - | m r3 -> r0 r1 r2 r3
+#   skip, id order (the variant before issue 23): a r0 | m r1 | z r4 | a r2            -> r0 r1 r4 r2
+HAND_IDS = ["r0", "r1", "r2", "r3", "r4"]
+HAND_TARGETS = ["z", "a", "m"]  # file order
+HAND_S = np.array([[0.90, 0.95, 0.85],
+                   [0.80, 0.60, 0.90],
+                   [0.10, 0.70, 0.05],
+                   [0.20, 0.50, 0.80],
+                   [0.30, 0.40, 0.10]])
+
+
+def test_round_robin_rule_and_target_order_on_a_hand_made_matrix():
+    from mona_ray.scoring.aggregate import PerTargetTopK, round_robin
+
+    def ours(cols, skip):  # as the pipeline does it: per-target top-k lists, then the interleaving
+        top = PerTargetTopK(len(cols), 4)
+        top.add(HAND_S[:, cols], np.asarray(HAND_IDS, dtype=object))
+        return list(round_robin(top.result(), 4, skip_taken=skip)[0])
+
+    file_order, id_order = [0, 1, 2], sorted(range(3), key=lambda j: HAND_TARGETS[j])
+    want, want_scores = authors_round_robin({t: dict(zip(HAND_IDS, HAND_S[:, j])) for t, j in enumerate(file_order)}, 4)
+    assert want == ["r0", "r1", "r2", "r4"] and want_scores == [0.90, 0.90, 0.70, 0.30]  # by hand, above
+    top = PerTargetTopK(3, 4)
+    top.add(HAND_S, np.asarray(HAND_IDS, dtype=object))
+    ids, _, sc = round_robin(top.result(), 4, skip_taken=False)
+    assert list(ids) == want and list(sc) == want_scores
+    # the input tells the rules apart: each other variant picks differently
+    assert ours(file_order, True) == ["r0", "r2", "r1", "r4"]
+    assert ours(id_order, False) == ["r0", "r1", "r2", "r3"]
+    assert ours(id_order, True) == ["r0", "r1", "r4", "r2"]
+
+
+def _chat_rows(n: int, seed: int, prefix: str) -> list[dict]:
+    from _tiny_lm import WORDS
+
+    rnd = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        w = list(rnd.choice(WORDS, size=int(rnd.integers(3, 14))))
+        a = list(rnd.choice(WORDS, size=int(rnd.integers(2, 10))))
+        rows.append({"id": f"{prefix}{i}", "messages": [{"role": "user", "content": " ".join(w)},
+                                                        {"role": "assistant", "content": " ".join(a)}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rds_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rds_parity")
+    source = _chat_rows(40, 11, "s")
+    targets = _chat_rows(6, 12, "t")
+    for r, new in zip(targets, ["t5", "t10", "t0", "t3", "t21", "t1"]):  # file order is not id order
+        r["id"] = new
+    (d / "source.jsonl").write_text("".join(json.dumps(r) + "\n" for r in source))
+    (d / "target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in targets))
+    # RDS+ reads no SAE, but a run checks sae.path at sae.hookpoint whatever the method (see the report)
+    sae = make_random_sae(d / "sae", d_in=32, latents=64, k=4, hookpoint="layers.2")
+    return {"dir": d, "source": source, "targets": targets, "sae": sae}
+
+
+def published_rds(model_dir, source: list[dict], targets: list[dict], k: int, max_length: int = 64):
+    """RDS+ end to end as the authors' code computes it: each conversation rendered with the
+    model's chat template, hidden_states[-1] pooled with (t + 1) weights, unit-normalised,
+    cosines, their round robin over the targets in file order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def emb(rows):
+        out = []
+        for r in rows:
+            text = tok.apply_chat_template(r["messages"], tokenize=False)
+            ids = tok(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+            out.append(published_pooling(full, ids))
+        X = np.stack(out).astype(np.float64)
+        return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+    S = emb(targets) @ emb(source).T  # [targets, source rows]
+    influences = {t: {j: float(S[t, j]) for j in range(len(source))} for t in range(len(targets))}
+    saved, scores = authors_round_robin(influences, k)
+    return [source[j]["id"] for j in saved], scores, S
+
+
+def test_rds_run_selects_what_the_published_algorithm_selects(ray_local, normed_lm, rds_inputs, tmp_path):
+    """``select.method=rds`` (defaults) through the real pipeline on files equals the authors'
+    algorithm reimplemented above: the same rows in the same order, with the same cosines. On
+    this input the published order differs from skipping taken rows and from taking the targets
+    in id order, so the rule and the order are both checked, not only the readout."""
+    from mona_ray.config import load_config
+    from mona_ray.pipeline.cli import run
+    from mona_ray.scoring.aggregate import candidates_from_scores, round_robin
+
+    k = 8
+    want, want_scores, S = published_rds(normed_lm, rds_inputs["source"], rds_inputs["targets"], k)
+    sids = np.asarray([r["id"] for r in rds_inputs["source"]], dtype=object)
+    by_id = sorted(range(len(rds_inputs["targets"])), key=lambda t: rds_inputs["targets"][t]["id"])
+    assert list(round_robin(candidates_from_scores(S.T, sids, k), k, skip_taken=True)[0]) != want
+    assert authors_round_robin({t: dict(enumerate(S[j])) for t, j in enumerate(by_id)}, k)[0] != \
+        [sids.tolist().index(i) for i in want]
+
+    d = rds_inputs["dir"]
+    run(load_config([f"source.paths=[{d / 'source.jsonl'}]", f"target.paths=[{d / 'target.jsonl'}]",
+                     f"model.path={normed_lm}", "model.dtype=float32", "render.max_length=64", "select.method=rds",
+                     f"sae.path={rds_inputs['sae']}", "sae.hookpoint=layers.2",  # the last block: the variant
+                     # before issue 23 read it without the final norm
+                     f"run.output_dir={tmp_path / 'out'}", f"select.count={k}", "embed.num_actors=1"]), quiet=True)
+    sel = [json.loads(x) for x in (tmp_path / "out" / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in sel] == want
+    np.testing.assert_allclose([r["score"] for r in sel], want_scores, rtol=1e-5, atol=1e-6)
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["readout"]["final_norm"] is True and man["readout"]["block"] == 2
+    # the variant before issue 23 stays one setting away, and selects differently here
+    m = run(load_config([f"source.paths=[{d / 'source.jsonl'}]", f"target.paths=[{d / 'target.jsonl'}]",
+                         f"model.path={normed_lm}", "model.dtype=float32", "render.max_length=64", "select.method=rds",
+                         f"sae.path={rds_inputs['sae']}", "sae.hookpoint=layers.2", "select.rds_variant=hooked_block",
+                         f"run.output_dir={tmp_path / 'old'}", f"select.count={k}", "embed.num_actors=1"]), quiet=True)
+    assert "final_norm" not in m["readout"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "old" / "selected.jsonl").read_text().splitlines()] != want
