@@ -27,6 +27,12 @@ class RowSet:
     def __len__(self) -> int:
         return len(self.messages)
 
+    def subset(self, keep) -> "RowSet":
+        """The rows where the boolean mask ``keep`` is true, in order (rejections kept as they are)."""
+        idx = [i for i, k in enumerate(keep) if k]
+        return RowSet(self.path, [self.messages[i] for i in idx], [self.ids[i] for i in idx],
+                      [self.domains[i] for i in idx] if self.domains else [], list(self.rejected))
+
 
 def read_rows(path: str | Path, role: str, id_column: str = "id", domain_column: str | None = None) -> RowSet:
     """Rows of ``path`` (.parquet / .jsonl / .json) as conversations. ``role`` names the input in errors."""

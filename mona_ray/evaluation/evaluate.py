@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 
 from . import plots, report
 from .data import read_relevance, read_rows, target_paths
+from .suite import load_suite, pool_masks, suite_relevance, suite_report
 from .metrics import evaluate_ranking
 from ..core.io import write_parquet
 from ..config import CONF_DIR, EvalConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # importing it registers the ${mona_ray.asset:...} resolver
@@ -120,26 +121,102 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
 
-    # inputs
-    pool = timer.run("read inputs", read_rows, cfg.data.pool, "data.pool", cfg.data.id_column, cfg.data.domain_column)
-    tpaths = target_paths(cfg.data.targets)
+    # inputs: a pool, targets and a relevance map, or a suite (mona_ray.evaluation.suite) that names all three
+    # and, per target, the pool categories left out of its ranking
+    suite = load_suite(cfg.data.suite) if cfg.data.suite else None
+    if not suite:
+        for key in ("pool", "targets", "relevance"):
+            if getattr(cfg.data, key) in (None, ""):
+                raise InputError(f"data.{key} is not set: give data.pool, data.targets and data.relevance, "
+                                 "or data.suite=DIR/suite.json (python -m mona_ray.evaluation.suite)")
+    pool_path = suite["pool"] if suite else cfg.data.pool
+    pool = timer.run("read inputs", read_rows, pool_path, "data.pool", cfg.data.id_column, cfg.data.domain_column)
+    tpaths = {t: v["path"] for t, v in suite["targets"].items()} if suite else target_paths(cfg.data.targets)
     targets = {t: timer.run("read inputs", read_rows, p, f"data.targets.{t}", cfg.data.id_column) for t, p in tpaths.items()}
-    relevance, rel_notes = read_relevance(cfg.data.relevance, list(targets), set(pool.domains))
-    notes += rel_notes
+    if suite:
+        relevance = suite_relevance(suite, set(pool.domains))
+    else:
+        relevance, rel_notes = read_relevance(cfg.data.relevance, list(targets), set(pool.domains))
+        notes += rel_notes
     if pool.rejected:
         notes.append(f"{len(pool.rejected)} pool rows could not be read and were left out (first: "
                      f"{pool.rejected[0]['row']}: {pool.rejected[0]['reason']})")
     for t, ts in targets.items():
         if ts.rejected:
             notes.append(f"target {t}: {len(ts.rejected)} rows could not be read and were left out")
-    _log(f"pool {cfg.data.pool}: {len(pool)} rows; targets: " + ", ".join(f"{t} ({len(v)})" for t, v in targets.items()))
-    domains = np.asarray(pool.domains, dtype=object)
-    scores: dict[str, dict[str, np.ndarray]] = {t: {} for t in targets}
+    _log(f"pool {pool_path}: {len(pool)} rows; targets: " + ", ".join(f"{t} ({len(v)})" for t, v in targets.items()))
     wanted = list(cfg.selectors)
     unknown = sorted(set(wanted) - set(TEXT_SELECTORS) - {"mona", "nait"})
     if unknown:
         raise InputError(f"selectors: unknown {unknown}; use any of {', '.join(TEXT_SELECTORS + ('mona', 'nait'))}")
 
+    # every target is ranked over ITS pool: the whole pool, or (a suite) the pool without the target's
+    # excluded categories. Targets that share a pool share one pass of each selector over it, and every
+    # selector sees exactly that pool (BM25's and DSIR's pool statistics included), so nothing is approximate.
+    keep = pool_masks(suite, pool, cfg.data.id_column) if suite else {t: None for t in targets}
+    groups: dict = {}
+    for t in targets:
+        groups.setdefault(None if keep[t] is None else keep[t].tobytes(), []).append(t)
+    scores: dict[str, dict[str, np.ndarray]] = {t: {} for t in targets}
+    results, features_doc, profiles = {}, {}, None
+    for g, names in enumerate(groups.values()):
+        mask = keep[names[0]]
+        sub = pool if mask is None else pool.subset(mask)
+        if len(groups) > 1:
+            _log(f"pool {g + 1}/{len(groups)}: {len(sub)} rows for {', '.join(names)}")
+        got = {t: {} for t in names}
+        fdoc, prof = score_selectors(cfg, sub, {t: targets[t] for t in names}, got, timer, notes, wanted)
+        features_doc = features_doc or fdoc
+        profiles = profiles or (prof if mask is None else None)
+        sub_domains = np.asarray(sub.domains, dtype=object)
+        for t in names:
+            rel = relevance[t]
+            n_rel = int(np.isin(sub_domains, list(rel)).sum())
+            res = {"relevant": sorted(rel), "n_target": len(targets[t]), "n_relevant": n_rel, "pool_rows": len(sub),
+                   "base_rate": n_rel / len(sub), "selectors": {}}
+            if suite:
+                res["suite"] = {k: suite["targets"][t][k] for k in ("kind", "domain", "half", "exclude_categories")}
+            for s, sc in got[t].items():
+                res["selectors"][s] = evaluate_ranking(sc, sub.ids, sub_domains, rel, list(cfg.k), cfg.share_at,
+                                                       cfg.curve_max)
+                full = np.full(len(pool), np.nan)  # scores.parquet: excluded rows are NaN
+                full[slice(None) if mask is None else mask] = sc
+                scores[t][s] = full
+            results[t] = res
+    results = {t: results[t] for t in targets}
+
+    doc = {"inputs": {"pool": str(pool_path), "pool_rows": len(pool), "pool_rejected": pool.rejected[:50],
+                      "targets": tpaths, "relevance": str(cfg.data.suite or cfg.data.relevance)},
+           "settings": settings_doc, "model": features_doc, "notes": notes,
+           "results": results, "timings": dict(timer)}
+    doc["settings"]["k"] = list(cfg.k)
+    plot_sel = [s for s in cfg.plot_selectors if any(s in results[t]["selectors"] for t in results)]
+    plotted = {t: r for t, r in results.items() if not suite or not suite["targets"][t]["exclude_categories"]}
+    plots.precision_curves(plotted or results, plot_sel, out_dir / "precision_at_k.png", title=f"pool: {Path(str(pool_path)).name}")
+    if profiles:
+        pair = tuple(cfg.figure4.targets) if cfg.figure4.targets else tuple(list(targets)[:2])
+        missing = [t for t in pair if t not in next(iter(profiles.values()))]  # (a suite: whole-pool targets only)
+        if missing or len(pair) != 2:
+            notes.append(f"figure4.targets={list(pair)}: needs two of the evaluated targets ({', '.join(targets)}); skipped")
+        else:
+            cos = plots.figure4(profiles, pair, int(cfg.figure4.latents), out_dir / "figure4.png")
+            doc["figure4"] = {"pair": list(pair), "cosine": cos, "latents": int(cfg.figure4.latents)}
+    write_parquet(pa.table({"id": pa.array(pool.ids, pa.string()),
+                            **{f"{t}/{name}": pa.array(np.asarray(sc, np.float64)) for t in scores
+                               for name, sc in scores[t].items()}}), out_dir / "scores.parquet")
+    report.write_json(doc, out_dir / "results.json")
+    report.write_csv(results, out_dir / "results.csv")
+    report.write_markdown(doc, out_dir / "results.md")
+    if suite:
+        doc["suite"] = {k: v for k, v in suite.items() if k != "targets"}
+        (out_dir / "suite.md").write_text(suite_report(doc, suite))
+        report.write_json(doc, out_dir / "results.json")
+    return doc
+
+
+def score_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[dict, dict | None]:
+    """Every wanted selector's scores of ``pool`` for each of ``targets`` into ``scores[target][selector]``;
+    returns the model features' document and the prototypes for Figure 4 (``model_selectors``)."""
     # text selectors: one source pass each, then every target
     for name in [s for s in wanted if s in TEXT_SELECTORS]:
         settings = dict(cfg.text_selectors.get(name) or {})
@@ -153,46 +230,10 @@ def evaluate(cfg: DictConfig) -> dict:
         for t, ts in targets.items():
             scores[t][name] = timer.run(f"{name}: targets", sel.score_prepared, state, ts.messages)
         del state
-
     # model-based selectors: one forward pass over the pool for every variant
-    features_doc = {}
-    profiles = None
     if "mona" in wanted or "nait" in wanted:
-        features_doc, profiles = model_selectors(cfg, pool, targets, scores, timer, notes, wanted)
-
-    # metrics
-    results = {}
-    for t, ts in targets.items():
-        rel = relevance[t]
-        n_rel = int(np.isin(domains, list(rel)).sum())
-        res = {"relevant": sorted(rel), "n_target": len(ts), "n_relevant": n_rel, "base_rate": n_rel / len(pool),
-               "selectors": {}}
-        for s, sc in scores[t].items():
-            res["selectors"][s] = evaluate_ranking(sc, pool.ids, domains, rel, list(cfg.k), cfg.share_at, cfg.curve_max)
-        results[t] = res
-
-    doc = {"inputs": {"pool": str(cfg.data.pool), "pool_rows": len(pool), "pool_rejected": pool.rejected[:50],
-                      "targets": tpaths, "relevance": str(cfg.data.relevance)},
-           "settings": settings_doc, "model": features_doc, "notes": notes,
-           "results": results, "timings": dict(timer)}
-    doc["settings"]["k"] = list(cfg.k)
-    plot_sel = [s for s in cfg.plot_selectors if any(s in results[t]["selectors"] for t in results)]
-    plots.precision_curves(results, plot_sel, out_dir / "precision_at_k.png", title=f"pool: {Path(str(cfg.data.pool)).name}")
-    if profiles:
-        pair = tuple(cfg.figure4.targets) if cfg.figure4.targets else tuple(list(targets)[:2])
-        missing = [t for t in pair if t not in targets]
-        if missing or len(pair) != 2:
-            notes.append(f"figure4.targets={list(pair)}: needs two of the evaluated targets ({', '.join(targets)}); skipped")
-        else:
-            cos = plots.figure4(profiles, pair, int(cfg.figure4.latents), out_dir / "figure4.png")
-            doc["figure4"] = {"pair": list(pair), "cosine": cos, "latents": int(cfg.figure4.latents)}
-    write_parquet(pa.table({"id": pa.array(pool.ids, pa.string()),
-                            **{f"{t}/{name}": pa.array(np.asarray(sc, np.float64)) for t in scores
-                               for name, sc in scores[t].items()}}), out_dir / "scores.parquet")
-    report.write_json(doc, out_dir / "results.json")
-    report.write_csv(results, out_dir / "results.csv")
-    report.write_markdown(doc, out_dir / "results.md")
-    return doc
+        return model_selectors(cfg, pool, targets, scores, timer, notes, wanted)
+    return {}, None
 
 
 def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[dict, dict | None]:
@@ -238,15 +279,16 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
         readout_of[variant_name(v, cfg, sae_k)] = r
     agg = []  # (name, readout, aggregate, similarity, prototype mass, row mass)
     if "mona" in wanted:
-        for h in dict.fromkeys([cfg.sae.hookpoint, *cfg.mona.aggregation_hookpoints]):
+        for h, k in dict.fromkeys([(cfg.sae.hookpoint, None), *map(_hookpoint_k, cfg.mona.aggregation_hookpoints)]):
             if not sae_available(cfg.sae.path, h):
                 continue
             r = representation_readout("sae", h, cfg.pool.exclude, ref(h))
             for spec in cfg.mona.aggregations:
                 a, sim, mass, row_mass = _aggregation(spec)
-                agg.append((f"mona:sae/mean/{sim}" + (f"@{h}" if h != cfg.sae.hookpoint else "") + f"/{a}"
-                            + (f"/mass={mass:g}" if mass < 1 else "") + (f"/row_mass={row_mass:g}" if row_mass < 1 else ""),
-                            r, a, sim, mass, row_mass))
+                agg.append((f"mona:sae/mean/{sim}" + (f"@{h}" if h != cfg.sae.hookpoint else "")
+                            + (f"/k={k}" if k else "") + f"/{a}" + _mass_name(mass)
+                            + (f"/row_mass={row_mass:g}" if row_mass < 1 else ""),
+                            r if not k else Readout("sae", r.block, r.exclude, k=int(k), sae=r.sae), a, sim, mass, row_mass))
     if cfg.mona.rds and "mona" in wanted:  # RDS+ as published: hidden_states[-1] (the final norm), aggregate "rds"
         from ..features.readouts import rds_readout  # (targets in file order, a taken row spends the target's turn)
         from ..features.spec import num_layers
@@ -352,21 +394,61 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
     return doc, profiles
 
 
-def _aggregation(spec: str) -> tuple[str, str, float, float]:
-    """``"clusters/jaccard/0.65[/0.75]"`` -> (aggregate, similarity, prototype mass, row mass (1.0 if absent))."""
+def _hookpoint_k(spec: str) -> tuple[str, int | None]:
+    """``"layers.15"`` -> ("layers.15", None); ``"layers.15/k=16"`` -> ("layers.15", 16): the SAE at that K."""
+    h, _, k = str(spec).partition("/k=")
+    if k and not k.isdigit():
+        raise InputError(f"mona.aggregation_hookpoints: {spec!r} is not layers.N[/k=K]")
+    return h, int(k) if k else None
+
+
+def _mass_name(mass) -> str:
+    if isinstance(mass, str):
+        return f"/mass={mass}"
+    return f"/mass={mass:g}" if mass < 1 else ""
+
+
+def _aggregation(spec: str) -> tuple[str, str, float | str, float]:
+    """``"clusters/jaccard/0.65[/0.75]"`` -> (aggregate, similarity, prototype mass, row mass (1.0 if absent)).
+
+    The aggregate may carry a silhouette threshold (``clusters@0.4``: one cluster below it) and the
+    prototype mass may be a rule decided from the target rows (``scoring.table.cut_prototypes``):
+    ``structure:0.65`` (cut to 0.65 only when the target splits into clusters) or ``support``
+    (each prototype as sparse as its median member row); a rule is returned as its spec string."""
     parts = str(spec).split("/")
-    if len(parts) not in (3, 4) or parts[0] not in ("prototype", "clusters", "round_robin"):
-        raise InputError(f"mona.aggregations: {spec!r} is not "
-                         "<prototype|clusters|round_robin>/<similarity>/<prototype mass>[/<row mass>]")
-    masses = []
-    for m in parts[2:]:
-        try:
-            masses.append(float(m))
-        except ValueError:
-            raise InputError(f"mona.aggregations: {spec!r}: the mass {m!r} is not a number in (0, 1]") from None
-        if not 0 < masses[-1] <= 1:
+    agg, _, sil = parts[0].partition("@")
+    if (len(parts) not in (3, 4) or agg not in ("prototype", "clusters", "round_robin")
+            or (sil and (agg != "clusters" or not _is_share(sil, zero=True)))):
+        raise InputError(f"mona.aggregations: {spec!r} is not <prototype|clusters[@<silhouette>]|round_robin>/"
+                         "<similarity>/<prototype mass | structure:<mass> | support>[/<row mass>]")
+    mass = parts[2]
+    rule, _, value = mass.partition(":") if ":" in mass else ("", "", mass)
+    if mass == "support" or rule == "structure":
+        if agg == "round_robin" or (rule and not _is_share(value)):
+            raise InputError(f"mona.aggregations: {spec!r}: the rule {mass!r} applies to prototype/clusters "
+                             "(structure:<mass in (0, 1]> or support)")
+    for m in ([] if mass == "support" or rule == "structure" else [mass]) + parts[3:]:
+        if not _is_share(m):
             raise InputError(f"mona.aggregations: {spec!r}: the mass {m!r} is not a number in (0, 1]")
-    return parts[0], parts[1], masses[0], masses[1] if len(masses) > 1 else 1.0
+    return (parts[0], parts[1], mass if (mass == "support" or rule) else float(mass),
+            float(parts[3]) if len(parts) > 3 else 1.0)
+
+
+def _is_share(x: str, zero: bool = False) -> bool:
+    try:
+        v = float(x)
+    except ValueError:
+        return False
+    return (0 <= v if zero else 0 < v) and v <= 1
+
+
+def _cut_settings(aggregate: str, mass) -> tuple[str, float, str, float]:
+    """An aggregation's (aggregate, mass, mass rule, min silhouette) from its spec's parts."""
+    agg, _, sil = aggregate.partition("@")
+    if isinstance(mass, str):
+        rule, _, value = mass.partition(":")
+        return agg, float(value) if value else 1.0, rule, float(sil) if sil else 0.25
+    return agg, float(mass), "fixed", float(sil) if sil else 0.25
 
 
 def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, similarity: str, mass: float,
@@ -390,7 +472,9 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
         out = np.empty(len(ids))
         out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
         return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass, "row_mass": row_mass}
-    P, info = target_prototypes(T, aggregate, mass, seed, proto=prototype_of(tgt, width, dense))
+    aggregate, mass, rule, min_sil = _cut_settings(aggregate, mass)
+    P, info = target_prototypes(T, aggregate, mass, seed, proto=prototype_of(tgt, width, dense), mass_rule=rule,
+                                min_silhouette=min_sil)
     return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass),
             {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass})
 

@@ -209,6 +209,92 @@ def load_suite(path) -> dict:
     return doc
 
 
+def suite_relevance(suite: dict, pool_domains: set[str]) -> dict[str, set[str]]:
+    """``{target: relevant domains}`` from the suite, each domain checked against the pool's."""
+    out = {}
+    for t, v in suite["targets"].items():
+        unknown = sorted(set(v["relevant_domains"]) - pool_domains)
+        if unknown:
+            raise ValueError(f"suite target {t!r}: relevant domain(s) {unknown} that no pool row has")
+        out[t] = set(v["relevant_domains"])
+    return out
+
+
+def pool_masks(suite: dict, pool, id_column: str = "id") -> dict[str, np.ndarray | None]:
+    """Per target, which rows of ``pool`` (a ``RowSet`` of the suite's pool) it is ranked over: the
+    rows whose category it does not exclude (``None``: all of them)."""
+    t = pq.read_table(suite["pool"], columns=[id_column, "category"])
+    cat = dict(zip(t.column(id_column).to_pylist(), t.column("category").to_pylist()))
+    cats = np.asarray([cat.get(i, "") for i in pool.ids], dtype=object)
+    out = {}
+    for name, v in suite["targets"].items():
+        ex = list(v["exclude_categories"])
+        out[name] = ~np.isin(cats, ex) if ex else None
+    return out
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def half_table(results: dict, targets: list[str], selectors: list[str]) -> list[str]:
+    """Markdown rows: per selector, mean AP over ``targets`` (sorted best first), per domain (task
+    targets), mixtures, public targets, and the targets whose AP is below the base rate."""
+    kinds = {t: results[t]["suite"] for t in targets}
+    domains = sorted({k["domain"] for k in kinds.values() if k["kind"] == "task"})
+    public = [t for t in targets if kinds[t]["kind"] == "public"]
+    mixes = [t for t in targets if kinds[t]["kind"] == "mixture"]
+    tasks = [t for t in targets if kinds[t]["kind"] == "task"]
+    head = (["selector", "mean AP", "tasks", "mixtures"] + [f"{d} ({sum(kinds[t]['domain'] == d for t in tasks)})"
+                                                            for d in domains]
+            + public + ["< base rate"])
+    rows = []
+    for s in selectors:
+        if not all(s in results[t]["selectors"] for t in targets):
+            continue
+        ap = {t: results[t]["selectors"][s]["ap"] for t in targets}
+        below = [t for t in targets if ap[t] < results[t]["base_rate"]]
+        rows.append((_mean(ap.values()), s, [_mean(ap[t] for t in tasks), _mean(ap[t] for t in mixes)]
+                     + [_mean(ap[t] for t in tasks if kinds[t]["domain"] == d) for d in domains]
+                     + [ap[t] for t in public], len(below)))
+    rows.sort(key=lambda r: -r[0])
+    best = [max(r[2][j] for r in rows) for j in range(len(head) - 3)] if rows else []
+    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m, s, cells, nb in rows:
+        out.append(f"| {s} | **{m:.3f}** | " + " | ".join(("**%.3f**" if c == b else "%.3f") % c
+                                                       for c, b in zip(cells, best)) + f" | {nb} |")
+    return out
+
+
+def suite_report(doc: dict, suite: dict) -> str:
+    """``suite.md``: each half's table (every selector), the per-target APs and the suite's notes."""
+    results = doc["results"]
+    selectors = list(dict.fromkeys(s for r in results.values() for s in r["selectors"]))
+    halves = {h: [t for t in results if results[t]["suite"]["half"] == h] for h in ("selection", "confirmation")}
+    out = [f"# Leave-task-out suite (seed {suite['seed']}): {len(results)} targets", "",
+           f"Pool: `{doc['inputs']['pool']}` ({doc['inputs']['pool_rows']} rows); each target is ranked over the pool "
+           "without its excluded categories. AP = average precision over the target's pool; `< base rate` = targets "
+           "whose AP is below the share of relevant rows in their pool (a random ranking's expected AP). Split: "
+           + suite["split"] + ".", ""]
+    for h, ts in halves.items():
+        if not ts:
+            continue
+        out += [f"## {h} half: {len(ts)} targets (sorted by mean AP over all of them)", ""]
+        out += half_table(results, ts, selectors) + [""]
+        fresh = [t for t in ts if results[t]["suite"]["kind"] != "public"]
+        if len(fresh) != len(ts):
+            out += [f"### {h} half without the public targets ({len(fresh)} targets)", ""]
+            out += half_table(results, fresh, selectors) + [""]
+    out += ["## AP per target", "", "| target | half | pool rows | base rate | "
+            + " | ".join(selectors) + " |", "|---" * (len(selectors) + 4) + "|"]
+    for t, r in results.items():
+        out.append(f"| {t} | {r['suite']['half']} | {r['pool_rows']} | {r['base_rate']:.3f} | "
+                   + " | ".join(f"{r['selectors'][s]['ap']:.3f}" if s in r["selectors"] else "" for s in selectors) + " |")
+    out += ["", "## Domain labels", ""] + [f"- {d}: {n}" for d, n in suite["domain_notes"].items()]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     data = Path("/work/shared/data")
     ap = argparse.ArgumentParser(prog="python -m mona_ray.evaluation.suite", description=__doc__.split("\n\n")[0])

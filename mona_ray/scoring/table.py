@@ -72,22 +72,57 @@ def score_rows(table: pa.Table, proto: np.ndarray, similarity: str, dense: bool,
 
 
 AGGREGATES = ("prototype", "clusters")
+# How each prototype is cut (issue 23: rules that decide from the target rows alone):
+#   fixed     - every prototype keeps its largest latents carrying ``mass`` of its L1 (1.0: the paper's formula)
+#   structure - the same, but only when the target rows split into clusters; a target without cluster
+#               structure (one broad format) keeps its one full prototype, the paper's formula
+#   support   - each prototype keeps as many latents as its median member row has (no tuned share):
+#               a prototype as sparse as the rows it stands for, so Jaccard's max-sum cannot reward breadth
+MASS_RULES = ("fixed", "structure", "support")
+
+
+def cut_to_support(proto: np.ndarray, n: int) -> np.ndarray:
+    """``proto`` restricted to its ``n`` largest entries (ties by latent index); the rest set to 0."""
+    p = np.asarray(proto, dtype=np.float64)
+    n = int(max(0, min(n, int((p > 0).sum()))))
+    order = np.lexsort((np.arange(len(p)), -p))[:n]
+    out = np.zeros_like(p)
+    out[order] = p[order]
+    return out
+
+
+def cut_prototypes(P: np.ndarray, T: np.ndarray, labels: np.ndarray, mass: float, rule: str = "fixed") -> np.ndarray:
+    """Each prototype of ``P [c, L]`` (cluster ``q`` = the target rows ``T[labels == q]``) cut by
+    ``rule`` (:data:`MASS_RULES`) from the target rows alone."""
+    from .aggregate import sparsify_prototype
+
+    if rule not in MASS_RULES:
+        raise ValueError(f"select.mass_rule={rule!r}: use one of {', '.join(MASS_RULES)}")
+    if rule == "support":
+        nnz = (np.asarray(T) > 0).sum(1)
+        return np.stack([cut_to_support(p, int(np.median(nnz[labels == q]))) for q, p in enumerate(P)])
+    if mass >= 1 or (rule == "structure" and len(P) == 1):
+        return np.asarray(P, dtype=np.float64)
+    return np.stack([sparsify_prototype(p, mass) for p in P])
 
 
 def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float = 1.0, seed: int = 0,
-                      max_clusters: int | None = None, proto: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                      max_clusters: int | None = None, proto: np.ndarray | None = None,
+                      mass_rule: str = "fixed", min_silhouette: float = 0.25) -> tuple[np.ndarray, dict]:
     """The prototypes a selection scores against, from the target rows ``T`` (dense ``[m, L]``,
     in id order): ``prototype`` (the paper: their mean, ``proto`` when the caller has it) or
     ``clusters`` (one mean per cluster of target rows, their number chosen by silhouette;
-    one cluster when the targets have no structure, which is exactly ``prototype``). With
-    ``mass < 1`` each prototype keeps only its largest latents carrying that share of its L1
+    one cluster when the best silhouette is below ``min_silhouette``, which is exactly
+    ``prototype``). Each prototype is then cut by ``mass_rule`` (:func:`cut_prototypes`): with
+    ``fixed`` and ``mass < 1`` it keeps only its largest latents carrying that share of its L1
     mass (the support-bias fix; 1 = the paper's formula). Returns ``(P [c, L], info)``."""
-    from .aggregate import choose_clusters, cluster_prototypes, sparsify_prototype
+    from .aggregate import choose_clusters, cluster_prototypes
 
     if aggregate not in AGGREGATES:
         raise ValueError(f"select.aggregate={aggregate!r}: use one of {', '.join(AGGREGATES)}")
     if aggregate == "clusters" and len(T) >= 4:
-        labels = choose_clusters(np.asarray(T, dtype=np.float64), seed=seed, max_k=max_clusters)
+        labels = choose_clusters(np.asarray(T, dtype=np.float64), seed=seed, max_k=max_clusters,
+                                 min_silhouette=min_silhouette)
     else:
         labels = np.zeros(len(T), dtype=np.int64)
     if labels.max(initial=0) == 0:
@@ -95,10 +130,10 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
         sizes = np.asarray([len(T)])
     else:
         P, sizes = cluster_prototypes(T, labels)
-    if mass < 1:
-        P = np.stack([sparsify_prototype(p, mass) for p in P])
+    P = cut_prototypes(P, T, labels, mass, mass_rule)
     return P, {"aggregate": aggregate, "clusters": int(len(P)), "sizes": sizes.tolist(), "labels": labels.tolist(),
-               "mass": float(mass), "seed": int(seed)}
+               "mass": float(mass), "mass_rule": mass_rule, "min_silhouette": float(min_silhouette),
+               "support": [int((p > 0).sum()) for p in P], "seed": int(seed)}
 
 
 def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",

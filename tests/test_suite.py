@@ -1,0 +1,243 @@
+"""The leave-task-out suite (issue 23): the builder's invariants on a made-up labelled pool, the
+evaluation of a suite with a tiny random Llama (every target ranked over its own pool, exactly),
+and the prototype-cut rules that decide from the target rows alone."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_lm import WORDS  # noqa: E402
+from conftest import make_random_sae  # noqa: E402
+
+from mona_ray.evaluation.suite import build_suite, load_suite, pool_masks, split_halves  # noqa: E402
+
+# domain -> category -> words: categories of a domain share half their words
+VOCAB = {"math": {"m_add": WORDS[9:16], "m_mul": WORDS[12:20]},
+         "code": {"c_py": WORDS[20:25], "c_js": WORDS[22:27]},
+         "animals": {"a_cat": WORDS[0:5], "a_dog": WORDS[2:7], "a_bird": WORDS[4:9]},
+         "poems": {"p_only": WORDS[27:]}}
+CATS = {c: d for d, cs in VOCAB.items() for c in cs}
+
+
+def _source_rows(per_category: int = 16, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    rows = []
+    for d, cs in VOCAB.items():
+        for c, w in cs.items():
+            for i in range(per_category):
+                rows.append({"id": f"{c}-{i}", "instruction": " ".join(rnd.choices(w, k=rnd.randint(4, 9))),
+                             "input": "", "output": f"{i} " + " ".join(rnd.choices(w, k=rnd.randint(5, 12))),
+                             "source": "made-up", "category": c, "domain": d})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def suite_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("suite_data")
+    rows = _source_rows()
+    src = _write(d / "pool.parquet", rows)
+    scoring = _write(d / "pool_small.parquet", [r for r in rows if int(r["id"].split("-")[1]) % 2 == 0])
+    pub = _write(d / "pub.parquet", [{"id": f"q{i}", "instruction": "add two and three", "input": "",
+                                      "output": f"five {i}"} for i in range(5)])
+    (d / "relevance.json").write_text(json.dumps({"pub": ["math"]}))
+    return {"dir": d, "src": src, "scoring": scoring, "public": {"pub": str(pub)}, "relevance": d / "relevance.json"}
+
+
+def _build(sd, out, seed=0, **kw):
+    kw = {"n_rows": 4, "mixture_sizes": (3, 4), "rows_per_task": 2, "public": sd["public"],
+          "relevance": sd["relevance"], **kw}
+    return build_suite(sd["src"], sd["scoring"], out, seed, **kw)
+
+
+def test_builder_leave_task_out_invariants(suite_data, tmp_path):
+    doc = _build(suite_data, tmp_path / "s")
+    suite = load_suite(tmp_path / "s" / "suite.json")
+    pool = pq.read_table(suite_data["scoring"]).to_pylist()
+    pool_ids = {r["id"] for r in pool}
+    pool_text = {(r["instruction"], r["input"], r["output"]) for r in pool}
+    tasks = {t: v for t, v in suite["targets"].items() if v["kind"] == "task"}
+    # every category of a domain with another category is a target; the one-category domain is not
+    assert sorted(v["categories"][0] for v in tasks.values()) == sorted(c for c in CATS if c != "p_only")
+    assert "one category" in doc["skipped"]["p_only"]["reason"]
+    for t, v in suite["targets"].items():
+        rows = pq.read_table(v["path"]).to_pylist()
+        assert len(rows) == v["rows"]
+        if v["kind"] == "public":
+            assert v["exclude_categories"] == [] and v["half"] == "confirmation" and v["relevant_domains"] == ["math"]
+            continue
+        # no target row is in the scoring pool, by id or by text
+        assert not {r["id"] for r in rows} & pool_ids
+        assert not {(r["instruction"], r["input"], r["output"]) for r in rows} & pool_text
+        assert {r["category"] for r in rows} == set(v["exclude_categories"]) == set(v["categories"])
+        assert set(v["relevant_domains"]) == {CATS[c] for c in v["categories"]}
+        if v["kind"] == "task":
+            assert len(rows) == 4 and v["relevant_domains"] == [v["domain"]]
+        else:  # a mixture: rows_per_task rows of each task, the task targets' own held-out rows
+            assert len(rows) == 2 * len(v["categories"])
+            for c in v["categories"]:
+                task_ids = {r["id"] for r in pq.read_table(tasks[f"task:{c}"]["path"]).to_pylist()}
+                assert sum(r["id"] in task_ids for r in rows if r["category"] == c) == 2
+    # each target's pool: the excluded categories are gone, and its relevant rows are exactly the pool rows
+    # of its domains from other categories
+    from mona_ray.evaluation.data import read_rows
+
+    ps = read_rows(suite["pool"], "pool", "id", "domain")
+    masks = pool_masks(suite, ps)
+    cats = [CATS_BY_ID(i) for i in ps.ids]
+    for t, v in suite["targets"].items():
+        m = masks[t]
+        kept = [c for c, k in zip(cats, m if m is not None else [True] * len(cats)) if k]
+        assert not set(kept) & set(v["exclude_categories"])
+        relevant = {c for c in kept if CATS[c] in v["relevant_domains"]}
+        assert relevant == {c for c in CATS if CATS[c] in v["relevant_domains"]} - set(v["exclude_categories"])
+        if v["kind"] == "task":
+            assert relevant and v["categories"][0] not in relevant
+
+
+def CATS_BY_ID(i: str) -> str:
+    return i.rsplit("-", 1)[0]
+
+
+def test_builder_is_deterministic_and_split_is_stratified(suite_data, tmp_path):
+    a = _build(suite_data, tmp_path / "a", seed=3)
+    b = _build(suite_data, tmp_path / "b", seed=3)
+    c = _build(suite_data, tmp_path / "c", seed=4)
+    strip = lambda d: {t: {k: v for k, v in x.items()} for t, x in d["targets"].items()}  # noqa: E731
+    assert strip(a) == strip(b)
+    for t, v in a["targets"].items():
+        assert pq.read_table(tmp_path / "a" / v["file"]).equals(pq.read_table(tmp_path / "b" / v["file"]))
+    ids = lambda root, d: {t: sorted(pq.read_table(root / v["file"]).column("id").to_pylist())  # noqa: E731
+                           for t, v in d["targets"].items()}
+    assert ids(tmp_path / "a", a) != ids(tmp_path / "c", c)  # another seed, other rows
+    # stratified: within each domain (and among the mixtures) the halves differ by at most one target
+    for stratum in {v["domain"] for v in a["targets"].values() if v["kind"] != "public"}:
+        halves = [v["half"] for v in a["targets"].values() if v["domain"] == stratum]
+        assert abs(halves.count("selection") - halves.count("confirmation")) <= 1, stratum
+    # the split function itself on a larger stratum set: even halves, seeded, and not all odd strata one way
+    strata = {f"t{i}": f"d{i % 5}" for i in range(33)}
+    h = split_halves(strata, 0)
+    assert h == split_halves(strata, 0) and h != split_halves(strata, 1)
+    for d in set(strata.values()):
+        got = [h[t] for t in strata if strata[t] == d]
+        assert abs(got.count("selection") - got.count("confirmation")) <= 1
+
+
+def _eval_cfg(suite_json, store, out, lm, sae, *extra):
+    from hydra import compose, initialize_config_dir
+
+    from mona_ray.config import CONF_DIR
+
+    ov = [f"data.suite={suite_json}", f"output_dir={out}", f"model.path={lm}", "model.dtype=float32",
+          f"sae.path={sae}", "sae.hookpoint=layers.2", "render.max_length=64", "progress=false",
+          "embed.rows_per_unit=32", f"embed.store_dir={store}", "k=[5,'10%']", "share_at='10%'", "curve_max='50%'",
+          "selectors=[random,bm25,dsir,mona]", "mona.representations=[sae]", "mona.poolings=[mean]",
+          "mona.similarities=[jaccard]", "mona.excludes=[special]", "mona.hookpoints=[layers.2]", "mona.ks=[]",
+          "mona.aggregation_hookpoints=[layers.2,'layers.2/k=4']", "mona.rds=false",
+          "mona.aggregations=[prototype/jaccard/1.0,clusters/jaccard/structure:0.65,clusters@0.1/jaccard/support,"
+          "round_robin/jaccard/1.0]", *extra]
+    with initialize_config_dir(config_dir=str(CONF_DIR / "eval"), version_base=None):
+        from hydra import compose as _c  # noqa: F401
+        return compose(config_name="default", overrides=ov)
+
+
+def test_suite_evaluation_ranks_each_target_over_its_own_pool(suite_data, tmp_path, tiny_lm):
+    """A suite run equals, for a leave-task-out target, a plain evaluation over a pool file without
+    the target's category: every selector (BM25's and DSIR's pool statistics, the round robin's
+    interleaving) sees exactly that pool. Excluded rows are NaN in scores.parquet."""
+    from mona_ray.evaluation.evaluate import evaluate
+
+    sae = make_random_sae(tmp_path / "sae", d_in=32, latents=128, k=8, hookpoint="layers.2", seed=0)
+    _build(suite_data, tmp_path / "s")
+    suite = load_suite(tmp_path / "s" / "suite.json")
+    store = tmp_path / "store"
+    doc = evaluate(_eval_cfg(tmp_path / "s" / "suite.json", store, tmp_path / "e", tiny_lm, sae))
+    res = doc["results"]
+    assert set(res) == set(suite["targets"])
+    names = set(res["task:m_add"]["selectors"])
+    assert {"random", "bm25", "dsir", "mona:sae/mean/jaccard/prototype", "mona:sae/mean/jaccard/k=4/prototype",
+            "mona:sae/mean/jaccard/clusters/mass=structure:0.65", "mona:sae/mean/jaccard/clusters@0.1/mass=support",
+            "mona:sae/mean/jaccard/round_robin"} <= names
+    pool = pq.read_table(suite_data["scoring"]).to_pylist()
+    scores = pq.read_table(tmp_path / "e" / "scores.parquet").to_pydict()
+    for t, v in suite["targets"].items():
+        kept = [r for r in pool if r["category"] not in v["exclude_categories"]]
+        assert res[t]["pool_rows"] == len(kept)
+        assert res[t]["n_relevant"] == sum(r["domain"] in v["relevant_domains"] for r in kept)
+        col = np.asarray(scores[f"{t}/bm25"])
+        excluded = np.isin([CATS_BY_ID(i) for i in scores["id"]], v["exclude_categories"])
+        assert np.isnan(col[excluded]).all() and np.isfinite(col[~excluded]).all()
+        assert res[t]["suite"]["half"] == v["half"]
+    # the same target as a plain evaluation over a pool file without its category: identical metrics
+    t = "task:m_add"
+    reduced = _write(tmp_path / "reduced.parquet", [r for r in pool if r["category"] != "m_add"])
+    (tmp_path / "rel.json").write_text(json.dumps({"m_add": ["math"]}))
+    plain = evaluate(_eval_cfg("null", store, tmp_path / "p", tiny_lm, sae, f"data.pool={reduced}",
+                               f"data.targets={{m_add: {suite['targets'][t]['path']}}}",
+                               f"data.relevance={tmp_path / 'rel.json'}"))
+    assert plain["model"]["pool_pass"]["rows_embedded"] == 0  # the suite run's store serves it
+    for s, m in plain["results"]["m_add"]["selectors"].items():
+        got = res[t]["selectors"][s]
+        assert got["ap"] == m["ap"] and got["precision"] == m["precision"], s
+    report = (tmp_path / "e" / "suite.md").read_text()
+    assert "## selection half" in report and "## confirmation half" in report and "task:m_add" in report
+
+
+def test_prototype_cut_rules_decide_from_the_target_rows():
+    from mona_ray.scoring.aggregate import sparsify_prototype
+    from mona_ray.scoring.table import cut_prototypes, target_prototypes
+
+    rng = np.random.default_rng(0)
+    L = 64
+    # two tasks on disjoint latents: clear cluster structure
+    a = np.zeros((6, L)); a[:, :16] = rng.random((6, 16)) + 0.1
+    b = np.zeros((6, L)); b[:, 32:48] = rng.random((6, 16)) + 0.1
+    a[:, 16:20] = 0.01  # a thin tail a cut removes
+    T2 = np.vstack([a, b])
+    P, info = target_prototypes(T2, "clusters", 0.65, mass_rule="structure")
+    assert info["clusters"] == 2
+    labels = np.asarray(info["labels"])
+    full = np.stack([T2[labels == q].mean(0) for q in range(2)])
+    assert np.array_equal(P, np.stack([sparsify_prototype(p, 0.65) for p in full]))
+    # one broad task: no structure, so "structure" keeps the one full prototype (the paper's formula)
+    T1 = rng.random((12, L))
+    P1, info1 = target_prototypes(T1, "clusters", 0.65, mass_rule="structure")
+    assert info1["clusters"] == 1 and np.array_equal(P1, T1.mean(0, keepdims=True))
+    fixed, _ = target_prototypes(T1, "clusters", 0.65)
+    assert (fixed > 0).sum() < (P1 > 0).sum()
+    # support: each prototype keeps as many latents as its median member row has, the largest ones
+    S = np.zeros((5, L))
+    for i, n in enumerate([3, 5, 7, 9, 11]):
+        S[i, :n] = 1.0 + np.arange(n)[::-1]
+    Ps = cut_prototypes(S.mean(0, keepdims=True), S, np.zeros(5, dtype=int), 1.0, "support")
+    assert (Ps > 0).sum() == 7 and np.array_equal(np.flatnonzero(Ps[0]), np.arange(7))
+    with pytest.raises(ValueError):
+        cut_prototypes(S.mean(0, keepdims=True), S, np.zeros(5, dtype=int), 1.0, "shape")
+
+
+@pytest.mark.parametrize("spec,ok", [("clusters/jaccard/0.65", True), ("clusters@0.4/jaccard/structure:0.5", True),
+                                     ("prototype/jaccard/support", True), ("round_robin/jaccard/support", False),
+                                     ("prototype@0.4/jaccard/1.0", False), ("clusters/jaccard/structure:1.5", False),
+                                     ("clusters/jaccard/0", False), ("clusters/jaccard/shape", False)])
+def test_aggregation_specs(spec, ok):
+    from mona_ray.core.records import InputError
+    from mona_ray.evaluation.evaluate import _aggregation
+
+    if ok:
+        _aggregation(spec)
+    else:
+        with pytest.raises(InputError):
+            _aggregation(spec)
