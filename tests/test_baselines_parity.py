@@ -12,7 +12,9 @@ reimplementation of the authors' algorithm, written here from their code in plai
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -230,3 +232,120 @@ def test_rds_run_selects_what_the_published_algorithm_selects(ray_local, normed_
                          f"run.output_dir={tmp_path / 'old'}", f"select.count={k}", "embed.num_actors=1"]), quiet=True)
     assert "final_norm" not in m["readout"]
     assert [json.loads(x)["id"] for x in (tmp_path / "old" / "selected.jsonl").read_text().splitlines()] != want
+
+
+# ----------------------------------------------------------------------------- DSIR
+
+
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")  # nltk's WordPunctTokenizer pattern, which data-selection uses
+
+
+def sha256_bucket(s: str, num_buckets: int) -> int:  # data-selection's hash_buckets
+    return int(hashlib.sha256(s.encode("utf-8")).hexdigest(), 16) % num_buckets
+
+
+def blake2b_bucket(s: str, num_buckets: int) -> int:  # mona_ray's choice (documented in selectors/dsir.py)
+    return int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little") % num_buckets
+
+
+def package_dsir(raw: list[str], target: list[str], k: int, bucket, num_buckets: int = 10000, n: int = 2,
+                 min_example_length: int = 100):
+    """data-selection 1.0.3's HashedNgramDSIR, top_k=True, reimplemented: get_ngram_counts,
+    fit_importance_estimator (raw probabilities from every raw row, target from all its rows),
+    importance = log_diff . features, the length filter from get_perexample_metadata and
+    perexample_metadata_filter, then top-k among the rows that pass. Returns (log weights,
+    mask of rows that pass, chosen row indices)."""
+    def counts(line):
+        words = _WORDPUNCT.findall(line.lower())
+        c = np.zeros(num_buckets, dtype=np.int64)
+        for w in words:
+            c[bucket(w, num_buckets)] += 1
+        for i in range(2, n + 1):
+            for ng in zip(*[words[j:] for j in range(i)]):
+                c[bucket(" ".join(ng), num_buckets)] += 1
+        return c
+
+    F = np.stack([counts(t) for t in raw])
+    raw_probs = F.sum(0) / F.sum()
+    tc = sum(counts(t) for t in target)
+    log_diff = np.log(tc / tc.sum() + 1e-8) - np.log(raw_probs + 1e-8)
+    w = F @ log_diff
+    length = (F.sum(1) + n * (n - 1) / 2) // n
+    mask = length >= min_example_length
+    kept = np.where(mask)[0]
+    chosen = kept[np.argpartition(-w[mask], k)[:k]]
+    return w, mask, set(chosen.tolist())
+
+
+CAT = ["the cat sat on the mat .", "a cat naps in the sun .", "my cat likes warm milk ."]  # 20 words
+ENGINE = ["the engine needs new oil .", "a truck has four big wheels .", "my van burns cheap diesel fuel ."]
+
+
+def dsir_rows() -> tuple[list[dict], list[dict]]:
+    """Three target rows about a cat; a pool of long cat rows (the three cat sentences five times
+    and two engine sentences: 113-114 words), short cat rows (the cat sentences once: 20 words, every
+    n-gram a target n-gram) and long engine rows. The known answer at k = 3: with the length
+    filter, the long cat rows; without it, the short ones (the engine n-grams sink the long cat rows)."""
+    target = [{"id": f"t{i}", "messages": [{"role": "user", "content": " ".join(CAT[i:] + CAT[:i] + CAT)}]}
+              for i in range(3)]
+    pool = ([{"id": f"L{i}", "messages": [{"role": "user", "content": " ".join(CAT * 5 + ENGINE[i:i + 2])}]} for i in range(2)]
+            + [{"id": "L2", "messages": [{"role": "user", "content": " ".join(CAT * 5 + ENGINE[:1] + ENGINE[2:])}]}]
+            + [{"id": f"S{i}", "messages": [{"role": "user", "content": " ".join(CAT[i:] + CAT[:i])}]} for i in range(3)]
+            + [{"id": f"D{i}", "messages": [{"role": "user", "content": " ".join((ENGINE[i % 3:] + ENGINE[:i % 3]) * 6)}]}
+               for i in range(6)])
+    order = [3, 6, 0, 9, 4, 1, 10, 7, 2, 11, 5, 8]  # file order mixes them
+    return [pool[i] for i in order], target
+
+
+def test_dsir_run_selects_what_the_package_selects(ray_local, tiny_lm, tiny_sae, tmp_path):
+    """``select.method=dsir`` through the pipeline on files (defaults: the package's length filter
+    at 100 words) against data-selection reimplemented: the same chosen rows under either hash,
+    the same log weights where the hash is the same (ours), the filtered rows scored -inf and
+    recorded; with the filter off (+select.dsir.min_example_length=0) the short rows win."""
+    import pyarrow.parquet as pq
+
+    from mona_ray.config import load_config
+    from mona_ray.pipeline.cli import run
+
+    pool, target = dsir_rows()
+    texts = [r["messages"][0]["content"] for r in pool]
+    t_texts = [r["messages"][0]["content"] for r in target]
+    ids = [r["id"] for r in pool]
+    words = [len(_WORDPUNCT.findall(t)) for t in texts]
+    assert {i: w for i, w in zip(ids, words) if i[0] != "D"} == {"L0": 113, "L1": 114, "L2": 113, "S0": 20, "S1": 20, "S2": 20}
+    long_cat, short_cat = {"L0", "L1", "L2"}, {"S0", "S1", "S2"}
+    for bucket in (sha256_bucket, blake2b_bucket):  # the known answer holds under the package's hash and ours
+        assert {ids[j] for j in package_dsir(texts, t_texts, 3, bucket)[2]} == long_cat
+        assert {ids[j] for j in package_dsir(texts, t_texts, 3, bucket, min_example_length=0)[2]} == short_cat
+    w, mask, _ = package_dsir(texts, t_texts, 3, blake2b_bucket)
+
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
+    (tmp_path / "target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in target))
+
+    def go(out, *extra):
+        return run(load_config([f"source.paths=[{tmp_path / 'pool.jsonl'}]", f"target.paths=[{tmp_path / 'target.jsonl'}]",
+                                f"model.path={tiny_lm}", "model.dtype=float32", f"sae.path={tiny_sae}",
+                                "sae.hookpoint=layers.2", "select.method=dsir", "select.count=3",
+                                f"run.output_dir={tmp_path / out}", *extra]), quiet=True)
+
+    m = go("on")
+    sel = [json.loads(x)["id"] for x in (tmp_path / "on" / "selected.jsonl").read_text().splitlines()]
+    assert set(sel) == long_cat
+    sc = dict(zip(*pq.read_table(tmp_path / "on" / "scores.parquet", columns=["id", "score"]).to_pydict().values()))
+    assert len(sc) == len(pool)  # no row dropped: the filtered ones are scored, lowest
+    for i, j in zip(ids, range(len(ids))):
+        if mask[j]:
+            assert sc[i] == pytest.approx(w[j], rel=1e-12, abs=1e-9)
+        else:
+            assert sc[i] == -np.inf
+    filt = m["selection"]["filter"]
+    assert filt["rows"] == 3 and "fewer than 100 words" in filt["reason"]
+    from mona_ray.pipeline.report import summary
+
+    recs = [json.loads(x) for x in (tmp_path / "on" / "selected.jsonl").read_text().splitlines()]
+    assert "  filtered                     3   scored -inf: fewer than 100 words" in summary(m, recs)
+    assert m["counts"]["source"]["rows_scored"] == len(pool) and m["invariant_rows_in_eq_scored_plus_rejected"]
+
+    m = go("off", "+select.dsir.min_example_length=0")
+    assert {json.loads(x)["id"] for x in (tmp_path / "off" / "selected.jsonl").read_text().splitlines()} == short_cat
+    assert "filter" not in m["selection"]

@@ -77,7 +77,9 @@ def _cfg(inp, out: Path, *extra):
           "render.max_length=64", "mona.hookpoints=[layers.1,layers.2]", "mona.ks=[4]", "k=[5,10,'10%']",
           "share_at='10%'", "curve_max='50%'", "figure4.latents=16", "progress=false", "embed.rows_per_unit=32",
           f"embed.store_dir={inp['dir'] / 'store'}",
-          f"+text_selectors.dense.model_path={inp['bert']}", *extra]
+          f"+text_selectors.dense.model_path={inp['bert']}",
+          "text_selectors.dsir.min_example_length=0",  # every made-up row is under the package's 100 words
+          *extra]
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         return compose(config_name="default", overrides=ov)
 

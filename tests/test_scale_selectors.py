@@ -73,7 +73,7 @@ def pool(tmp_path_factory):
     return {"parts": parts, "ids": ids, "msgs": msgs, "target": target}
 
 
-def _check(pool, method, opts, exact=True, **kw):
+def _check(pool, method, opts, exact=True, spread=True, **kw):
     info = {}
     got = score_distributed(method, opts, pool["parts"], pool["target"], progress=False, info=info, **kw)
     assert got.schema == pa.schema([("id", pa.string()), ("score", pa.float64())])
@@ -84,7 +84,7 @@ def _check(pool, method, opts, exact=True, **kw):
         np.testing.assert_array_equal(s, want)
     else:
         np.testing.assert_allclose(s, want, rtol=1e-6, atol=1e-6)
-    assert np.ptp(want) > 0  # the comparison is not between constants
+    assert not spread or np.ptp(want) > 0  # the comparison is not between constants
     return info, s
 
 
@@ -106,9 +106,16 @@ def test_bm25_equals_driver_other_variants(ray_local, pool, opts):
     _check(pool, "bm25", opts)
 
 
-@pytest.mark.parametrize("opts", [{}, {"num_buckets": 257, "ngrams": 1}, {"gumbel": True, "seed": 3}])
+@pytest.mark.parametrize("opts", [{}, {"min_example_length": 0}, {"num_buckets": 257, "ngrams": 1, "min_example_length": 20},
+                                  {"gumbel": True, "seed": 3, "min_example_length": 30}])
 def test_dsir_equals_driver(ray_local, pool, opts):
-    _check(pool, "dsir", opts)
+    """With the length filter (default 100 words: every row of this pool; 20 / 30: some), the
+    rows it takes out score -inf in both paths, and ``info`` says how many and why."""
+    m = opts.get("min_example_length", 100)
+    info, s = _check(pool, "dsir", opts, spread=m != 100)
+    n = int(np.isneginf(s).sum())
+    assert (n == len(s)) if m == 100 else (0 < n < len(s)) if m else n == 0
+    assert info.get("filter", {}).get("rows", 0) == n and (not n or f"fewer than {m} words" in info["filter"]["reason"])
 
 
 def test_dense_equals_driver_tiny_encoder(ray_local, pool, tmp_path):

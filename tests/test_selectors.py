@@ -93,15 +93,20 @@ def test_dsir_log_weights_match_hand_computation():
     eps = 1e-8
     expected = [sum(math.log(p_t.get(g, 0) + eps) - math.log(p_r.get(g, 0) + eps) for g in grams(t)) for t in src]
 
-    sel = get_selector("dsir", num_buckets=nb)
+    sel = get_selector("dsir", num_buckets=nb, min_example_length=0)  # 3-word rows: no length filter
     got = sel.score([conv(t) for t in src], [conv(t) for t in tgt], ["1", "2", "3"])
     np.testing.assert_allclose(got, expected, rtol=1e-9)
     assert got.argmax() == 0 and got.argmin() == 2
     # Gumbel-top-k resampling: seeded, reproducible, and a perturbation of the same weights
-    g1 = get_selector("dsir", num_buckets=nb, gumbel=True, seed=1).score([conv(t) for t in src], [conv(t) for t in tgt], list("123"))
-    g2 = get_selector("dsir", num_buckets=nb, gumbel=True, seed=1).score([conv(t) for t in src], [conv(t) for t in tgt], list("123"))
+    g1, g2 = (get_selector("dsir", num_buckets=nb, gumbel=True, seed=1, min_example_length=0).score(
+        [conv(t) for t in src], [conv(t) for t in tgt], list("123")) for _ in range(2))
     np.testing.assert_array_equal(g1, g2)
     assert not np.allclose(g1, got)
+    # the package's length filter: rows under min_example_length words score -inf ("b c" under 3; all under 100, the default)
+    np.testing.assert_array_equal(get_selector("dsir", num_buckets=nb, min_example_length=3).score(
+        [conv(t) for t in src], [conv(t) for t in tgt], list("123")), [got[0], -np.inf, got[2]])
+    assert np.isneginf(get_selector("dsir", num_buckets=nb).score([conv(t) for t in src], [conv(t) for t in tgt],
+                                                                   list("123"))).all()
 
 
 def test_wordpunct_tokenizer():

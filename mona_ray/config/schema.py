@@ -281,7 +281,7 @@ class Figure4Config:
 
 def _text_selectors() -> Dict[str, Dict[str, Any]]:
     return {"random": {"seed": 0}, "bm25": {"aggregate": "mean", "progress": True},
-            "dsir": {"num_buckets": 10000, "gumbel": False, "progress": True},
+            "dsir": {"num_buckets": 10000, "gumbel": False, "progress": True, "min_example_length": 100},
             "dense": {"max_length": 256, "batch_size": 64, "dtype": "bfloat16"}}
 
 

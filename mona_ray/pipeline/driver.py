@@ -579,7 +579,9 @@ class Pipeline:
             parts = [(str(self.source_parts[pi]["part"]), positions)
                      for pi, positions in _positions_by_part(self.index["source"])]
             opts = dict(getattr(self.cfg.select, method))
-            by_id = score_distributed(method, opts, parts, tgt, task_num_cpus=self.cfg.ray.task_num_cpus)
+            info: dict = {}
+            by_id = score_distributed(method, opts, parts, tgt, task_num_cpus=self.cfg.ray.task_num_cpus, info=info)
+            self.selection_filter = info.get("filter")  # rows a baseline scored lowest on purpose, and why (dsir)
         else:
             from ..selectors import selector_from_config
 

@@ -64,6 +64,7 @@ def manifest(p, selected: list[dict]) -> dict:
                       "similarity": getattr(p, "similarity", p.cfg.select.similarity),
                       "aggregation": {k: v for k, v in getattr(p, "aggregation", {"aggregate": "prototype"}).items()
                                       if k not in ("labels",)},
+                      **({"filter": p.selection_filter} if getattr(p, "selection_filter", None) else {}),
                       "top_score": float(p.top_scores[0]) if len(selected) else None,
                       "cutoff_score": float(p.top_scores[-1]) if len(selected) else None},
         "fingerprints": {"model": p.model_fp, "sae": p.sae_info.fingerprint if p.sae_info else None,
@@ -136,6 +137,9 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
         f"cutoff score {m['selection']['cutoff_score']:.4f})" if selected else "  selected: none",
         f"  embedded this run   {c['embedded_now']:>10,}   reused from the store {c['reused_from_store']:,}",
     ]
+    filt = m["selection"].get("filter")
+    if filt:  # rows a baseline scored lowest on purpose (dsir's length filter)
+        lines.insert(4, f"  filtered            {filt['rows']:>10,}   scored {filt['score']}: {filt['reason']}")
     if thr["tokens_per_s_forward"]:
         lines.append(f"  throughput          {thr['tokens_per_s_stage']:>10,.0f} tokens/s (model+SAE {thr['tokens_per_s_forward']:,.0f}), "
                      f"padding {thr['padding_fraction']:.1%}")

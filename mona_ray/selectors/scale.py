@@ -54,6 +54,8 @@ What runs where, per method (``parts`` is a list of ``(parquet path, row positio
        buckets halves the CPU (hashing is nearly all of it) against re-hashing in pass 2.
        ``gumbel=True``: the noise is drawn on the driver over the concatenated log weights,
        in ``parts`` order, exactly as ``DSIRSelector`` draws it over its input order.
+       Rows under ``min_example_length`` words score ``-inf`` (``dsir.length_filter``, from
+       the stored offsets), counted in ``info["filter"]``.
 
 ``dense``
     the target embeddings in one Ray task, then a Ray Data actor pool over the parts, one
@@ -458,15 +460,18 @@ def dsir_count_part(path: str, positions: np.ndarray, num_buckets: int, ngrams: 
             {"ids": ids, "flat": flat.astype(dtype), "offsets": offsets})
 
 
-def dsir_score_part(buckets: dict, p_target: np.ndarray, p_raw: np.ndarray, eps: float) -> tuple[pa.Array, np.ndarray]:
-    """Pass 2 on one part, from its stored buckets: ``(ids, log importance weights)``."""
-    from .dsir import log_importance_weights
+def dsir_score_part(buckets: dict, p_target: np.ndarray, p_raw: np.ndarray, eps: float, ngrams: int,
+                    min_length: int) -> tuple[pa.Array, np.ndarray]:
+    """Pass 2 on one part, from its stored buckets: ``(ids, log importance weights)``, the rows
+    under ``min_length`` words at ``-inf``."""
+    from .dsir import length_filter, log_importance_weights
 
-    return buckets["ids"], log_importance_weights(buckets["flat"], buckets["offsets"], p_target, p_raw, eps)
+    log_w = log_importance_weights(buckets["flat"], buckets["offsets"], p_target, p_raw, eps)
+    return buckets["ids"], length_filter(log_w, buckets["offsets"], ngrams, min_length)
 
 
 def _dsir(sel, jobs, target, passes: _Passes) -> pa.Table:
-    from .dsir import bow_probs, counts_probs, gumbel_perturb
+    from .dsir import bow_probs, counts_probs, filter_note, gumbel_perturb
 
     nb, ng = sel.hasher.num_buckets, sel.hasher.ngrams
     counts = np.zeros(nb, dtype=np.int64)
@@ -480,9 +485,13 @@ def _dsir(sel, jobs, target, passes: _Passes) -> pa.Table:
     p_target = bow_probs(t_flat, nb)
     jobs2 = [(i, refs[i]) for i, *_ in jobs]
     try:
-        out = _table(dict(passes.run("score", dsir_score_part, jobs2, (p_target, p_raw, sel.eps))), jobs)
+        out = _table(dict(passes.run("score", dsir_score_part, jobs2,
+                                     (p_target, p_raw, sel.eps, ng, sel.min_example_length))), jobs)
     finally:
         del refs, jobs2
+    note = filter_note(out.column("score").to_numpy(), sel.min_example_length)
+    if note:
+        passes.info["filter"] = note
     if sel.gumbel:
         s = gumbel_perturb(out.column("score").to_numpy(), sel.seed)
         out = out.set_column(1, "score", pa.array(s, pa.float64()))
