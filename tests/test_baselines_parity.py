@@ -215,21 +215,23 @@ def test_rds_run_selects_what_the_published_algorithm_selects(ray_local, normed_
         [sids.tolist().index(i) for i in want]
 
     d = rds_inputs["dir"]
-    run(load_config([f"source.paths=[{d / 'source.jsonl'}]", f"target.paths=[{d / 'target.jsonl'}]",
-                     f"model.path={normed_lm}", "model.dtype=float32", "render.max_length=64", "select.method=rds",
-                     f"sae.path={rds_inputs['sae']}", "sae.hookpoint=layers.2",  # the last block: the variant
-                     # before issue 23 read it without the final norm
-                     f"run.output_dir={tmp_path / 'out'}", f"select.count={k}", "embed.num_actors=1"]), quiet=True)
+
+    def go(out, *extra):
+        return run(load_config([f"source.paths=[{d / 'source.jsonl'}]", f"target.paths=[{d / 'target.jsonl'}]",
+                                f"model.path={normed_lm}", "model.dtype=float32", "render.max_length=64",
+                                "select.method=rds", f"sae.path={rds_inputs['sae']}",
+                                "sae.hookpoint=layers.2",  # the last block: the variant before read it without the norm
+                                f"run.output_dir={tmp_path / out}", f"select.count={k}", "embed.num_actors=1", *extra]),
+                   quiet=True)
+
+    go("out")
     sel = [json.loads(x) for x in (tmp_path / "out" / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in sel] == want
     np.testing.assert_allclose([r["score"] for r in sel], want_scores, rtol=1e-5, atol=1e-6)
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["readout"]["final_norm"] is True and man["readout"]["block"] == 2
     # the variant before issue 23 stays one setting away, and selects differently here
-    m = run(load_config([f"source.paths=[{d / 'source.jsonl'}]", f"target.paths=[{d / 'target.jsonl'}]",
-                         f"model.path={normed_lm}", "model.dtype=float32", "render.max_length=64", "select.method=rds",
-                         f"sae.path={rds_inputs['sae']}", "sae.hookpoint=layers.2", "select.rds_variant=hooked_block",
-                         f"run.output_dir={tmp_path / 'old'}", f"select.count={k}", "embed.num_actors=1"]), quiet=True)
+    m = go("old", "select.rds_variant=hooked_block")
     assert "final_norm" not in m["readout"]
     assert [json.loads(x)["id"] for x in (tmp_path / "old" / "selected.jsonl").read_text().splitlines()] != want
 
