@@ -241,3 +241,33 @@ def test_aggregation_specs(spec, ok):
     else:
         with pytest.raises(InputError):
             _aggregation(spec)
+
+
+@pytest.mark.parametrize("rule, variant", [("structure", "mona:sae/mean/jaccard/clusters/mass=structure:0.65"),
+                                           ("support", "mona:sae/mean/jaccard/clusters/mass=support")])
+def test_pipeline_runs_the_cut_rules_as_the_evaluation_scores_them(suite_data, tmp_path, tiny_lm, rule, variant):
+    """select.mass_rule reaches the pipeline: its scores.parquet equals the evaluation's variant, score for score."""
+    from mona_ray.config import load_config
+    from mona_ray.evaluation.evaluate import evaluate
+    from mona_ray.pipeline.cli import run
+
+    sae = make_random_sae(tmp_path / "sae", d_in=32, latents=128, k=8, hookpoint="layers.2", seed=0)
+    _build(suite_data, tmp_path / "s")
+    target = load_suite(tmp_path / "s" / "suite.json")["targets"]["mix:01:4tasks"]["path"]
+    m = run(load_config([f"source.paths=[{suite_data['scoring']}]", f"target.paths=[{target}]", f"model.path={tiny_lm}",
+                         "model.dtype=float32", f"sae.path={sae}", "sae.hookpoint=layers.2", "render.max_length=64",
+                         f"run.output_dir={tmp_path / 'run'}", "report.explain=false", "embed.num_actors=1",
+                         "select.aggregate=clusters", "select.prototype_mass=0.65", f"select.mass_rule={rule}"]),
+            quiet=True)
+    assert m["selection"]["aggregation"]["mass_rule"] == rule
+    (tmp_path / "rel.json").write_text(json.dumps({"mix": ["math"]}))
+    evaluate(_eval_cfg("null", tmp_path / "run" / "embeddings", tmp_path / "e", tiny_lm, sae,
+                       f"data.pool={suite_data['scoring']}", f"data.targets={{mix: {target}}}",
+                       f"data.relevance={tmp_path / 'rel.json'}", "selectors=[mona]",
+                       "mona.aggregation_hookpoints=[layers.2]",
+                       "mona.aggregations=[clusters/jaccard/structure:0.65,clusters/jaccard/support]"))
+    ev = pq.read_table(tmp_path / "e" / "scores.parquet").to_pydict()
+    got = dict(zip(ev["id"], ev[f"mix/{variant}"]))
+    pipe = pq.read_table(tmp_path / "run" / "scores.parquet").to_pydict()
+    assert len(pipe["id"]) == len(got) > 0
+    assert all(got[i] == s for i, s in zip(pipe["id"], pipe["score"]))  # equal, not close

@@ -186,6 +186,11 @@ class SelectConfig:
     row_mass: float = fraction(1.0)  # < 1: each scored row (SAE codes) keeps its top latents carrying this share of its L1
     cluster_seed: int = 0
     max_clusters: Optional[int] = positive(None)  # null: up to half the target rows (at most 64)
+    # how each prototype is cut, from the target rows alone (scoring.table.cut_prototypes): fixed (prototype_mass,
+    # always) | structure (prototype_mass only when the target rows split into clusters; a target without cluster
+    # structure keeps its full prototype) | support (each prototype keeps as many latents as its median member row)
+    mass_rule: str = one_of("fixed", "structure", "support")
+    min_silhouette: float = fraction(0.25, zero=True)  # clusters: a best silhouette below this means one cluster
     # method=rds: published (Ivison et al. 2025's code: hidden_states[-1], the last block through the final norm;
     # targets in file order, a target whose next row is taken spends its turn) | hooked_block (before issue 23:
     # sae.hookpoint's block without the final norm; targets in id order, a turn skips to the next free row)

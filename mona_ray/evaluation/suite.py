@@ -267,8 +267,83 @@ def half_table(results: dict, targets: list[str], selectors: list[str]) -> list[
     return out
 
 
+def block_of(selector: str, hookpoint: str) -> str | None:
+    """The block a MoNA selector reads (``@layers.N`` in its name, else the evaluation's ``sae.hookpoint``);
+    None for a baseline."""
+    if not selector.startswith("mona:"):
+        return None
+    tail = selector.split("@", 1)[1] if "@layers." in selector else ""
+    return tail.split("/", 1)[0] if tail else hookpoint
+
+
+def paper_formula(block: str, hookpoint: str) -> str:
+    """The name of the paper's MoNA (one prototype, Jaccard, mass 1.0, the SAE's K) at ``block``."""
+    return "mona:sae/mean/jaccard" + ("" if block == hookpoint else f"@{block}") + "/prototype"
+
+
+def choose_default(results: dict, hookpoint: str) -> dict:
+    """The rule that picks the default, fixed before any result was seen: among the MoNA settings
+    (SAE codes, ``mona:sae/...``), the best mean AP over the SELECTION half's targets (every target
+    weighs the same); then, on the CONFIRMATION half, issue 23's checks: its mean AP against every
+    other selector at the same block (baselines included), per domain against the paper's formula at
+    that block (within 0.03 AP), targets below random (AP under the base rate), and BBH's P@5%."""
+    half = {h: [t for t in results if results[t]["suite"]["half"] == h] for h in ("selection", "confirmation")}
+    every = [s for s in dict.fromkeys(s for r in results.values() for s in r["selectors"])
+             if all(s in results[t]["selectors"] for t in results)]
+    mean = {h: {s: _mean(results[t]["selectors"][s]["ap"] for t in ts) for s in every} for h, ts in half.items()}
+    cands = [s for s in every if s.startswith("mona:sae/")]
+    if not cands or not half["selection"] or not half["confirmation"]:
+        return {}
+    chosen = max(cands, key=lambda s: (mean["selection"][s], s))
+    blk = block_of(chosen, hookpoint)
+    conf = half["confirmation"]
+    rivals = [s for s in every if s != chosen and block_of(s, hookpoint) in (None, blk)]
+    beaten_by = {s: mean["confirmation"][s] - mean["confirmation"][chosen] for s in rivals
+                 if mean["confirmation"][s] > mean["confirmation"][chosen]}
+    paper = paper_formula(blk, hookpoint)
+    domains = sorted({results[t]["suite"]["domain"] for t in conf})
+    per_domain = {}
+    if paper in every:
+        for d in domains:
+            ts = [t for t in conf if results[t]["suite"]["domain"] == d]
+            per_domain[d] = _mean(results[t]["selectors"][chosen]["ap"] - results[t]["selectors"][paper]["ap"] for t in ts)
+    below = [t for t in conf if results[t]["selectors"][chosen]["ap"] < results[t]["base_rate"]]
+    below_random = [t for t in conf if "random" in results[t]["selectors"]
+                    and results[t]["selectors"][chosen]["ap"] < results[t]["selectors"]["random"]["ap"]]
+    bbh = results.get("bbh", {}).get("selectors", {}).get(chosen, {}).get("precision", {}).get("5%")
+    return {"chosen": chosen, "block": blk, "selection_mean_ap": mean["selection"][chosen],
+            "selection_ranking": sorted(cands, key=lambda s: -mean["selection"][s])[:10],
+            "confirmation_mean_ap": mean["confirmation"][chosen], "paper": paper,
+            "confirmation_beaten_by": dict(sorted(beaten_by.items(), key=lambda kv: -kv[1])),
+            "per_domain_vs_paper": per_domain, "below_base_rate": below, "below_random_selector": below_random,
+            "bbh_p_at_5pct": bbh, "means": mean}
+
+
+def choice_lines(choice: dict) -> list[str]:
+    if not choice:
+        return []
+    c = choice
+    worst = min(c["per_domain_vs_paper"].items(), key=lambda kv: kv[1]) if c["per_domain_vs_paper"] else None
+    out = ["## The default chosen on the selection half", "",
+           f"- rule: among the MoNA settings, the best mean AP over the selection half's targets -> `{c['chosen']}` "
+           f"(selection {c['selection_mean_ap']:.3f}); runners-up: "
+           + ", ".join(f"`{s}` {c['means']['selection'][s]:.3f}" for s in c["selection_ranking"][1:5]),
+           f"- confirmation half: mean AP {c['confirmation_mean_ap']:.3f}; the paper's formula at {c['block']} "
+           f"(`{c['paper']}`) {c['means']['confirmation'].get(c['paper'], float('nan')):.3f}",
+           "- selectors at the same block (or baselines) above it on the confirmation half: "
+           + (", ".join(f"`{s}` +{d:.3f}" for s, d in c["confirmation_beaten_by"].items()) or "none"),
+           "- per domain against the paper's formula (confirmation half; issue: >= -0.03): "
+           + ", ".join(f"{d} {v:+.3f}" for d, v in c["per_domain_vs_paper"].items())
+           + (f" (worst: {worst[0]} {worst[1]:+.3f})" if worst else ""),
+           f"- confirmation targets below the base rate: {len(c['below_base_rate'])} {c['below_base_rate']}; "
+           f"below the random selector's AP: {len(c['below_random_selector'])} {c['below_random_selector']}",
+           f"- BBH P@5%: {c['bbh_p_at_5pct']}" if c["bbh_p_at_5pct"] is not None else "- BBH: not in the suite", ""]
+    return out
+
+
 def suite_report(doc: dict, suite: dict) -> str:
-    """``suite.md``: each half's table (every selector), the per-target APs and the suite's notes."""
+    """``suite.md``: the default's choice, each half's table (every selector), the per-target APs and the
+    suite's notes."""
     results = doc["results"]
     selectors = list(dict.fromkeys(s for r in results.values() for s in r["selectors"]))
     halves = {h: [t for t in results if results[t]["suite"]["half"] == h] for h in ("selection", "confirmation")}
@@ -277,6 +352,7 @@ def suite_report(doc: dict, suite: dict) -> str:
            "without its excluded categories. AP = average precision over the target's pool; `< base rate` = targets "
            "whose AP is below the share of relevant rows in their pool (a random ranking's expected AP). Split: "
            + suite["split"] + ".", ""]
+    out += choice_lines(choose_default(results, str(doc["settings"]["sae"]["hookpoint"])))
     for h, ts in halves.items():
         if not ts:
             continue

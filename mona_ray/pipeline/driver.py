@@ -461,15 +461,16 @@ class Pipeline:
         mass = 1.0 if dense else float(sel.prototype_mass)
         self.proto = prototype_of(joined, self.width, dense, self.cfg.pool.method)
         self.protos, self.aggregation = self.proto[None, :], {"aggregate": "prototype", "clusters": 1}
-        if self.aggregate != "prototype" or mass < 1:
+        if self.aggregate != "prototype" or mass < 1 or (sel.mass_rule == "support" and not dense):
             T = rows_of(joined, dense, self.cfg.pool.method)
             T = T if dense else T.to_dense(self.width)  # [target rows, width]: the targets only
             if self.aggregate == "round_robin":
                 self.protos = T if mass >= 1 else np.stack([sparsify_prototype(t, mass) for t in T])
                 self.aggregation = {"aggregate": "round_robin", "targets": len(T), "mass": mass}
             else:
-                self.protos, self.aggregation = target_prototypes(T, self.aggregate, mass,
-                                                                  sel.cluster_seed, sel.max_clusters, proto=self.proto)
+                self.protos, self.aggregation = target_prototypes(
+                    T, self.aggregate, mass, sel.cluster_seed, sel.max_clusters, proto=self.proto,
+                    mass_rule=sel.mass_rule if not dense else "fixed", min_silhouette=sel.min_silhouette)
                 labels, ids = self.aggregation.pop("labels"), tgt.column("id").to_pylist()
                 if len(self.protos) > 1:
                     self.aggregation["members"] = [[i for i, q in zip(ids, labels) if q == c]

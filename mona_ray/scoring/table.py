@@ -131,8 +131,9 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
     else:
         P, sizes = cluster_prototypes(T, labels)
     P = cut_prototypes(P, T, labels, mass, mass_rule)
+    applied = 1.0 if mass_rule == "support" or (mass_rule == "structure" and len(P) == 1) else mass
     return P, {"aggregate": aggregate, "clusters": int(len(P)), "sizes": sizes.tolist(), "labels": labels.tolist(),
-               "mass": float(mass), "mass_rule": mass_rule, "min_silhouette": float(min_silhouette),
+               "mass": float(applied), "mass_rule": mass_rule, "min_silhouette": float(min_silhouette),
                "support": [int((p > 0).sum()) for p in P], "seed": int(seed)}
 
 
