@@ -138,7 +138,9 @@ class FeatureEngine:
                 raise ValueError(f"readout {r.name} reads block {r.block}, after layers.{lm.layer} where the model is cut")
             if r.final_norm and (lm.final_norm is None or r.block != lm.num_layers - 1):
                 raise ValueError(f"readout {r.name} reads through the final norm, which follows only the last block "
-                                 f"(layers.{lm.num_layers - 1}); the model is cut after layers.{lm.layer}")
+                                 f"(layers.{lm.num_layers - 1}); " + (
+                                     f"the model is cut after layers.{lm.layer}" if lm.layer != lm.num_layers - 1
+                                     else "this model has no final norm at model.norm"))
             if r.kind == "sae" and r.sae not in self.saes:
                 raise ValueError(f"readout {r.name} needs the SAE {r.sae!r}, which was not loaded")
         self.excludes = sorted({r.exclude for r in self.readouts} | ({"special"} if self._has("nait") else set()))
