@@ -48,7 +48,9 @@ def test_sigkill_mid_embedding_then_resume(reference, tiny_lm, tiny_sae, tiny_da
     time.sleep(1)
     done_before = store_rows(out)
     assert 12 <= done_before < 102
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert not (out / "manifest.json").exists()  # nothing published yet; the attempt's own manifest says running
+    (attempt,) = (out / "runs").iterdir()
+    assert json.loads((attempt / "manifest.json").read_text())["status"] == "running"
 
     again = subprocess.run([sys.executable, "-m", "mona_ray.run", *args], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr

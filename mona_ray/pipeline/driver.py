@@ -879,10 +879,31 @@ def _positions_by_part(idx: pa.Table) -> list[tuple[int, list[int]]]:
 
 
 def _init_ray(cfg) -> bool:
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
         return False
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        _connect_ray(cfg)
+    finally:  # ray.init installs a native SIGTERM handler that aborts the driver; the CLI's own comes back
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
+    ctx.print_on_execution_start = False
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
+
+
+def _connect_ray(cfg) -> None:
+    import ray
+
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     import logging
 
@@ -898,11 +919,6 @@ def _init_ray(cfg) -> bool:
     else:
         # "local": always a fresh instance for this run, never a stray `ray start` cluster on this machine
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return True
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
