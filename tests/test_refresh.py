@@ -214,6 +214,26 @@ def test_permission_denied_then_resume(reference, args_for, tmp_path):
     same_selection(out, reference)
 
 
+def test_vanished_mount_mid_run_then_resume(reference, args_for, tmpfs):
+    disk = tmpfs("16m")
+    out = disk / "out"
+    proc = start(args_for(out))
+    deadline = time.time() + 300
+    while store_rows(out) < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before its mount went away:\n" + proc.stdout.read()
+    subprocess.run(["umount", "-l", str(disk)], check=True)  # the mount goes away under the running job
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
+    (line,) = [x for x in text.splitlines() if x.startswith("mona_ray: error:")]
+    # an actor that reads a part first names that file; the driver's check between stages names the folder
+    assert str(out) in line and ("went away while the run was writing it" in line or "a vanished mount?" in line), line
+    shutil.rmtree(out, ignore_errors=True)  # what the run wrote onto the disk beneath the mount point
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)  # mounted again
+    ok(cli(args_for(out)))
+    same_selection(out, reference)
+
+
 def test_unreachable_ray_cluster_is_one_line(args_for, tmp_path):
     t0 = time.time()
     p = cli(args_for(tmp_path / "out", "ray.address=127.0.0.1:9"), timeout=120)

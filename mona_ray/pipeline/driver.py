@@ -195,6 +195,9 @@ class Pipeline:
         store = cfg.embed.store_dir or str(self.root / "embeddings")
         self.store = FeatureStore(Path(store).expanduser().resolve() / self.embed_fp)
         self.store.root.mkdir(parents=True, exist_ok=True)
+        # the folders a run writes, as they are now: a mount that goes away mid-run is noticed
+        self.folders = {"run.output_dir": (self.root, publish.identity(self.root)),
+                        "the embedding store": (self.store.root, publish.identity(self.store.root))}
         (self.store.root / "fingerprint.json").write_text(json.dumps({
             "model": str(cfg.model.path), "model_fingerprint": self.model_fp,
             "sae": asdict(self.sae_info) if sae_fp else None, "readout": self.readout.spec(),
@@ -597,6 +600,14 @@ class Pipeline:
         self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         self.timings["score"] = time.perf_counter() - t0
 
+    def _check_folders(self) -> None:
+        """Stop with one line when a folder the run writes is no longer the one it started with
+        (its mount went away or was replaced: writes would land on the disk beneath it)."""
+        for what, (path, ident) in self.folders.items():
+            if publish.identity(path) != ident:
+                raise RunError(f"{what} {path} went away while the run was writing it (an unmounted or remounted "
+                               "filesystem?). Mount it again, then run the same command again to resume")
+
     def _messages(self, role: str) -> tuple[list[list[dict]], list[str]]:
         """The usable rows of a set as conversations, in file order, read back from the prepared parts."""
         msgs, ids = [], []
@@ -749,6 +760,7 @@ class Pipeline:
                                                        else (self.score_with_selector,))):
                 stage()
                 mem.mark(stage.__name__)
+                self._check_folders()
             manifest = self.write_outputs()
             mem.mark("write")
             if self.cfg.select.method == "mona" and self.cfg.report.explain and self.readout.kind == "sae":
@@ -766,6 +778,7 @@ class Pipeline:
                 raise RunError(f"another run took the lease of run.output_dir={str(self.root)!r} while this one ran "
                                f"(no heartbeat for run.lock_stale_s={self.cfg.run.lock_stale_s:g} s?); this run's "
                                f"selection is in {self.out} and was not published")
+            self._check_folders()
             publish.publish(self.root, self.out)  # one rename: readers switch to this run's selection
             publish.prune(self.root, int(self.cfg.run.keep_runs), active=self.out)
             return manifest

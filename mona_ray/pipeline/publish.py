@@ -187,6 +187,17 @@ def _busy_message(root: Path, holder: dict | None) -> str:
 # ----------------------------------------------------------------------------- attempts and publishing
 
 
+def identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of a folder, or None when it is gone: the same path on another mount differs."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:  # ESTALE, ENOTCONN: a network mount that went away
+        return (-1, e.errno or -1)
+    return st.st_dev, st.st_ino
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
