@@ -88,7 +88,10 @@ def args_for(tiny_lm, tiny_sae, tiny_data):
 @pytest.fixture(scope="module")
 def reference(args_for, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
-    ok(cli(args_for(out)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default, as a user has it
+    p = cli(args_for(out), env=env)
+    ok(p)
+    (out.parent / "stderr.txt").write_text(p.stderr)
     return out
 
 
@@ -123,6 +126,8 @@ def test_layout_published_by_one_link(reference):
     m = json.loads((reference / "manifest.json").read_text())
     assert m["status"] == "complete" and m["quarantined"] == [] and m["run_dir"] == str(cur.resolve())
     assert not (reference / ".lock").exists()  # released
+    said = (reference.parent / "stderr.txt").read_text()  # a quiet start: no Ray lines that mean nothing to a user
+    assert "Token authentication is enabled" not in said and "Progress bars disabled" not in said, said[:2000]
     # every part a later run reuses is recorded
     for part in [*store_parts(reference), *reference.glob("prepared/*/*/*.parquet")]:
         rec = json.loads(part.with_name(part.name + ".ok").read_text())

@@ -914,9 +914,32 @@ def _init_ray(cfg) -> bool:
     return True
 
 
+class _QuietRay:
+    """Drops Ray's start-up lines that mean nothing to a user of this job: token authentication
+    is on (Ray's default for the instance it starts: nothing to do) and Ray Data's progress bars
+    are off (the job draws its own, per stage, in rows and tokens)."""
+
+    MUTED = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+
+    def filter(self, record) -> bool:
+        return not any(m in str(record.msg) for m in self.MUTED)
+
+
+def _quiet_ray_logs() -> None:
+    import logging
+
+    import ray.data  # noqa: F401 - configures the "ray" and "ray.data" loggers and their handlers
+
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _QuietRay) for f in handler.filters):
+                handler.addFilter(_QuietRay())
+
+
 def _connect_ray(cfg) -> None:
     import ray
 
+    _quiet_ray_logs()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     import logging
 
