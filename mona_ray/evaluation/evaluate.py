@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    _SEARCHES.clear()
 
     # inputs: a pool, targets and a relevance map, or a suite (mona_ray.evaluation.suite) that names all three
     # and, per target, the pool categories left out of its ranking
@@ -451,6 +453,9 @@ def _cut_settings(aggregate: str, mass) -> tuple[str, float, str, float]:
     return agg, float(mass), "fixed", float(sil) if sil else 0.25
 
 
+_SEARCHES: dict = {}  # the silhouette search per target rows (content digest): the same for every setting
+
+
 def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, similarity: str, mass: float,
                       seed: int, row_mass: float = 1.0) -> tuple[np.ndarray, dict]:
     """A full ranking of the pool (as scores) for one aggregation over the target rows ``tgt``
@@ -458,7 +463,7 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
     per target row (RDS+), and a row's score is minus its position in the interleaving. Pool rows
     are compared as the pipeline compares them (``scored_rows``: cut to ``row_mass``)."""
-    from ..scoring.aggregate import candidates_from_scores, round_robin, similarities, sparsify_prototype
+    from ..scoring.aggregate import best_clusters, candidates_from_scores, round_robin, similarities, sparsify_prototype
     from ..scoring.table import scored_rows
 
     T = rows_of(tgt, dense)
@@ -473,8 +478,14 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
         out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
         return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass, "row_mass": row_mass}
     aggregate, mass, rule, min_sil = _cut_settings(aggregate, mass)
+    search = None
+    if aggregate == "clusters" and len(T) >= 4:  # one silhouette search per target rows, for every setting
+        key = (hashlib.blake2b(np.ascontiguousarray(T).tobytes(), digest_size=16).hexdigest(), T.shape, seed)
+        if key not in _SEARCHES:
+            _SEARCHES[key] = best_clusters(np.asarray(T, dtype=np.float64), seed)
+        search = _SEARCHES[key]
     P, info = target_prototypes(T, aggregate, mass, seed, proto=prototype_of(tgt, width, dense), mass_rule=rule,
-                                min_silhouette=min_sil)
+                                min_silhouette=min_sil, search=search)
     return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass),
             {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass})
 

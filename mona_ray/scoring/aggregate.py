@@ -474,16 +474,9 @@ def silhouette(X: np.ndarray, labels: np.ndarray) -> float:
     return _silhouette_gram(_gram(X), np.asarray(labels))
 
 
-def choose_clusters(X: np.ndarray, seed: int = 0, max_k: int | None = None,
-                    min_silhouette: float = 0.25) -> np.ndarray:
-    """Cluster labels of the target rows ``X`` (dense ``[m, L]``), the number chosen by silhouette.
-
-    Spherical k-means for every k in ``2..max_k`` (default ``m // 2``, at most 64), each
-    seeded from ``default_rng(seed)``; the k with the best cosine silhouette wins, unless that
-    silhouette is below ``min_silhouette`` (0.25: "no substantial structure", Kaufman &
-    Rousseeuw 1990), in which case all rows form one cluster and ``clusters`` is exactly
-    ``prototype``. Deterministic for a seed; works on the ``[m, m]`` Gram matrix (cost
-    O(m^2 L) once, then O(m^2 k) per k)."""
+def best_clusters(X: np.ndarray, seed: int = 0, max_k: int | None = None) -> tuple[np.ndarray, float]:
+    """The silhouette search behind :func:`choose_clusters`: ``(labels, silhouette)`` of the best k
+    (all zeros and -inf when no k splits the rows)."""
     m = len(X)
     G = _gram(X)
     hi = min(m - 1, 64, m // 2 if max_k is None else max_k)
@@ -495,7 +488,21 @@ def choose_clusters(X: np.ndarray, seed: int = 0, max_k: int | None = None,
         s = _silhouette_gram(G, labels)
         if s > best_s + 1e-12:
             best, best_s = labels, s
-    return best if best_s >= min_silhouette else np.zeros(m, dtype=np.int64)
+    return best, float(best_s)
+
+
+def choose_clusters(X: np.ndarray, seed: int = 0, max_k: int | None = None,
+                    min_silhouette: float = 0.25) -> np.ndarray:
+    """Cluster labels of the target rows ``X`` (dense ``[m, L]``), the number chosen by silhouette.
+
+    Spherical k-means for every k in ``2..max_k`` (default ``m // 2``, at most 64), each
+    seeded from ``default_rng(seed)``; the k with the best cosine silhouette wins, unless that
+    silhouette is below ``min_silhouette`` (0.25: "no substantial structure", Kaufman &
+    Rousseeuw 1990), in which case all rows form one cluster and ``clusters`` is exactly
+    ``prototype``. Deterministic for a seed; works on the ``[m, m]`` Gram matrix (cost
+    O(m^2 L) once, then O(m^2 k) per k)."""
+    labels, s = best_clusters(X, seed, max_k)
+    return labels if s >= min_silhouette else np.zeros(len(X), dtype=np.int64)
 
 
 def cluster_prototypes(targets: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -108,21 +108,27 @@ def cut_prototypes(P: np.ndarray, T: np.ndarray, labels: np.ndarray, mass: float
 
 def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float = 1.0, seed: int = 0,
                       max_clusters: int | None = None, proto: np.ndarray | None = None,
-                      mass_rule: str = "fixed", min_silhouette: float = 0.25) -> tuple[np.ndarray, dict]:
+                      mass_rule: str = "fixed", min_silhouette: float = 0.25,
+                      search: tuple[np.ndarray, float] | None = None) -> tuple[np.ndarray, dict]:
     """The prototypes a selection scores against, from the target rows ``T`` (dense ``[m, L]``,
     in id order): ``prototype`` (the paper: their mean, ``proto`` when the caller has it) or
     ``clusters`` (one mean per cluster of target rows, their number chosen by silhouette;
     one cluster when the best silhouette is below ``min_silhouette``, which is exactly
     ``prototype``). Each prototype is then cut by ``mass_rule`` (:func:`cut_prototypes`): with
     ``fixed`` and ``mass < 1`` it keeps only its largest latents carrying that share of its L1
-    mass (the support-bias fix; 1 = the paper's formula). Returns ``(P [c, L], info)``."""
-    from .aggregate import choose_clusters, cluster_prototypes
+    mass (the support-bias fix; 1 = the paper's formula). ``search``: this ``T``'s
+    ``aggregate.best_clusters`` result when the caller has it (the evaluation scores many settings
+    of one target). Returns ``(P [c, L], info)``."""
+    from .aggregate import best_clusters, cluster_prototypes
 
     if aggregate not in AGGREGATES:
         raise ValueError(f"select.aggregate={aggregate!r}: use one of {', '.join(AGGREGATES)}")
+    sil = None
     if aggregate == "clusters" and len(T) >= 4:
-        labels = choose_clusters(np.asarray(T, dtype=np.float64), seed=seed, max_k=max_clusters,
-                                 min_silhouette=min_silhouette)
+        labels, sil = search if search is not None else best_clusters(np.asarray(T, dtype=np.float64), seed,
+                                                                      max_clusters)
+        if sil < min_silhouette:  # no substantial structure: one cluster, exactly ``prototype``
+            labels = np.zeros(len(T), dtype=np.int64)
     else:
         labels = np.zeros(len(T), dtype=np.int64)
     if labels.max(initial=0) == 0:
@@ -134,7 +140,8 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
     applied = 1.0 if mass_rule == "support" or (mass_rule == "structure" and len(P) == 1) else mass
     return P, {"aggregate": aggregate, "clusters": int(len(P)), "sizes": sizes.tolist(), "labels": labels.tolist(),
                "mass": float(applied), "mass_rule": mass_rule, "min_silhouette": float(min_silhouette),
-               "support": [int((p > 0).sum()) for p in P], "seed": int(seed)}
+               "support": [int((p > 0).sum()) for p in P], "seed": int(seed),
+               "silhouette": None if sil is None or not np.isfinite(sil) else float(sil)}
 
 
 def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
