@@ -335,11 +335,12 @@ def test_gzip_inputs_are_found_staged_once_and_reused(tmp_path):
         records.plan_units([d], 4)
     staging = tmp_path / "staged"
     first = records.plan_units([d], 4, staging_dir=staging)
-    staged = sorted(staging.iterdir())
+    staged = sorted(p for p in staging.iterdir() if p.suffix != ".ok")
     assert len(staged) == 2 and {p.suffix for p in staged} == {".json", ".jsonl"}
+    assert sorted(p.name for p in staging.iterdir() if p.suffix == ".ok") == sorted(p.name + ".ok" for p in staged)
     mtimes = [p.stat().st_mtime_ns for p in staged]
     again = records.plan_units([d], 4, staging_dir=staging)
-    assert again == first and [p.stat().st_mtime_ns for p in sorted(staging.iterdir())] == mtimes
+    assert again == first and [p.stat().st_mtime_ns for p in staged] == mtimes
     assert [(u.path, u.start, u.stop) for u in first] == [(str(b.resolve()), 0, 4), (str(b.resolve()), 4, 5),
                                                          (str(a.resolve()), 0, 4), (str(a.resolve()), 4, 8),
                                                          (str(a.resolve()), 8, 9)]

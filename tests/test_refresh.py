@@ -145,8 +145,24 @@ def test_truncated_store_part_is_quarantined_and_embedded_again(reference, args_
     assert f"feature store part {victim} is damaged" in p.stderr and "embedded again" in p.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert [q["part"] for q in m["quarantined"]] == [str(victim)]
-    assert Path(m["quarantined"][0]["moved_to"]).parent.name == "quarantine"
+    assert Path(m["quarantined"][0]["moved_to"]).parent == victim.parent / "quarantine"
     assert m["counts"]["embedded_now"] == lost
+    same_selection(out, reference)
+
+
+def test_damaged_page_in_a_store_part_is_one_line_then_rebuilt(reference, args_for, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out, symlinks=True)
+    victim = store_parts(out)[5]
+    col = pq.ParquetFile(victim).metadata.row_group(0).column(4)  # values: read when scoring, not when indexing
+    at = (col.dictionary_page_offset or col.data_page_offset) + col.total_compressed_size - 8
+    data = bytearray(victim.read_bytes())
+    data[at:at + 4] = bytes(4)  # same size, footer intact: only the read can tell
+    victim.write_bytes(bytes(data))
+    p = cli(args_for(out, "run.overwrite=true"))
+    line = one_line_error(p, str(victim), "is damaged", "run the same command again")
+    assert not victim.exists() and list((victim.parent / "quarantine").iterdir())
+    ok(cli(args_for(out, "run.overwrite=true")))
     same_selection(out, reference)
 
 
@@ -165,6 +181,26 @@ def test_truncated_prepared_part_is_quarantined_and_prepared_again(reference, ar
 
 
 # ----------------------------------------------------------------------------- the disk and the cluster
+
+
+def test_disk_full_before_the_run_then_resume(reference, args_for, tmpfs, tmp_path):
+    disk = tmpfs("64k")
+    out = disk / "out"
+    out.mkdir()
+    ballast = disk / "ballast"
+    with open(ballast, "wb") as fh:  # fill it up
+        try:
+            while True:
+                fh.write(b"x" * 4096)
+                fh.flush()
+        except OSError:
+            pass
+    p = cli(args_for(out, f"embed.store_dir={tmp_path / 'store'}"))
+    one_line_error(p, "no space left on device", str(out))
+    assert not (out / ".lock").exists()  # no empty lease left to refuse the next run
+    ballast.unlink()
+    ok(cli(args_for(out, f"embed.store_dir={tmp_path / 'store'}")))
+    same_selection(out, reference)
 
 
 def test_full_disk_during_prepare_then_resume(reference, args_for, tmpfs, tmp_path):
@@ -250,23 +286,24 @@ def test_unreachable_ray_cluster_is_one_line(args_for, tmp_path):
 # ----------------------------------------------------------------------------- the driver killed or stopped
 
 
-def _interrupt_mid_embedding(args, out: Path, sig: int) -> subprocess.Popen:
+def _interrupt_mid_embedding(args, out: Path, sig: int, group: bool = False) -> subprocess.Popen:
     proc = start(args)
     deadline = time.time() + 300
     while store_rows(out) < 12 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be stopped:\n" + proc.stdout.read()
-    if sig == signal.SIGKILL:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    if group:
+        os.killpg(proc.pid, sig)  # the driver and everything it started (Slurm, `ray job stop`, a terminal)
     else:
-        os.kill(proc.pid, sig)  # the driver alone, as Kubernetes and `ray job stop` do
+        os.kill(proc.pid, sig)  # the driver alone (Kubernetes signals a container's first process)
     return proc
 
 
-def test_sigterm_stops_cleanly_and_the_same_command_resumes(reference, args_for, tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["driver", "process-group"])
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(reference, args_for, tmp_path, group):
     out = tmp_path / "out"
     args = args_for(out)
-    proc = _interrupt_mid_embedding(args, out, signal.SIGTERM)
+    proc = _interrupt_mid_embedding(args, out, signal.SIGTERM, group)
     t0 = time.time()
     text, _ = proc.communicate(timeout=120)
     assert time.time() - t0 < 30, "SIGTERM took too long"
@@ -283,7 +320,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(reference, args_for,
 def test_sigkill_leaves_a_stale_lease_the_next_run_breaks(reference, args_for, tmp_path):
     out = tmp_path / "out"
     args = args_for(out)
-    proc = _interrupt_mid_embedding(args, out, signal.SIGKILL)
+    proc = _interrupt_mid_embedding(args, out, signal.SIGKILL, group=True)
     proc.wait()
     lease = json.loads((out / ".lock").read_text())
     assert lease["pid"] == proc.pid
@@ -329,14 +366,17 @@ def test_refresh_with_new_rows_while_a_reader_polls(args_for, tiny_data, tmp_pat
     def reader():
         while not stop.is_set():
             try:
-                sel = (out / "selected.jsonl").read_bytes()
-                man = json.loads((out / "manifest.json").read_text())
+                sel = (out / "selected.jsonl").read_bytes()  # as a training job reads it
+                run = Path(os.path.realpath(out / "current"))  # as a reader that wants files of one run
+                man = json.loads((run / "manifest.json").read_text())
+                same_run = (run / "selected.jsonl").read_bytes()
             except (OSError, ValueError) as e:
                 problems.append(repr(e))
                 continue
-            if man.get("status") != "complete" or len(sel.splitlines()) != 10:
-                problems.append(f"incomplete: {man.get('status')}, {len(sel.splitlines())} rows")
-            seen.add(sel)
+            if man.get("status") != "complete" or man.get("run_id") != run.name or len(sel.splitlines()) != 10:
+                problems.append(f"incomplete: {man.get('status')}, {man.get('run_id')} in {run.name}, "
+                                f"{len(sel.splitlines())} rows")
+            seen.update([sel, same_run])
             time.sleep(0.005)
 
     t = threading.Thread(target=reader)

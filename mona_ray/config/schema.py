@@ -159,6 +159,7 @@ class RunSection:
     max_rejected_fraction: float = fraction(0.5, zero=True)  # fail when more of a set's rows are rejected
     keep_runs: int = positive(2)  # finished runs kept under output_dir/runs/ (the published one included)
     lock_stale_s: int = positive(300)  # a lease on output_dir without a heartbeat this long is broken
+    lock_wait_s: int = positive(0, zero=True)  # wait this long for another run's lease (0: refuse at once)
 
 
 @dataclass

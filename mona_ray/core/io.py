@@ -80,16 +80,37 @@ def read_parquet(path: str | Path, columns: list[str] | None = None, rows=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as f:
-        table = f.read(columns=columns)
+    try:
+        with pq.ParquetFile(path, page_checksum_verification=True) as f:
+            table = f.read(columns=columns)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for a damaged file have no common type
+        if os_errno(e) in _CAUSES:
+            raise  # the filesystem's failure (a missing file, a vanished mount): filesystem_failure's
+        raise DamagedFile(str(path), str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from e
     return table if rows is None else table.take(pa.array(rows, pa.int64()))
 
 
-def write_parquet(table, path: str | Path, row_group_size: int = 1024) -> None:
+def write_parquet(table, path: str | Path, row_group_size: int = 1024, rows_record: bool = False) -> None:
+    """Write ``table`` atomically; with ``rows_record``, also its record (:func:`write_part`)."""
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        # page checksums: read_parquet verifies them, so a damaged page fails loudly, never as other values
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, write_page_checksum=True)
+        if rows_record:
+            _write_record(Path(path), tmp.stat().st_size, len(table))
+
+
+class DamagedFile(Exception):
+    """A file mona_ray wrote that no longer reads (cut short, a damaged page): ``path`` and why.
+    The CLI moves it aside (:func:`quarantine`) so that the next run rebuilds it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} is damaged ({reason})")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # crosses Ray's task boundary intact
+        return DamagedFile, (self.path, self.reason)
 
 
 def os_errno(e: BaseException) -> int | None:
@@ -110,16 +131,22 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + OK_SUFFIX)
 
 
-def record(path: str | Path, rows: int | None = None) -> None:
-    """Record a finished file's byte size (and row count) in its sidecar ``<file>.ok``."""
-    path = Path(path)
-    write_text(json.dumps({"bytes": path.stat().st_size, "rows": rows}) + "\n", _sidecar(path))
+def _write_record(path: Path, size: int, rows: int | None) -> None:
+    write_text(json.dumps({"bytes": size, "rows": rows}) + "\n", _sidecar(path))
+
+
+@contextmanager
+def recorded_path(dest: str | Path):
+    """:func:`atomic_path` for a file a later run reuses: its record (byte size) is written from
+    the finished temporary file, before the rename, so a record never describes another writer's bytes."""
+    with atomic_path(dest) as tmp:
+        yield tmp
+        _write_record(Path(dest), tmp.stat().st_size, None)
 
 
 def write_part(table, path: str | Path, row_group_size: int = 1024) -> None:
-    """:func:`write_parquet`, then :func:`record` the part (a part a later run reuses)."""
-    write_parquet(table, path, row_group_size)
-    record(path, len(table))
+    """:func:`write_parquet` with its record: row count and byte size (a part a later run reuses)."""
+    write_parquet(table, path, row_group_size, rows_record=True)
 
 
 def check_recorded(path: str | Path) -> str | None:
@@ -139,9 +166,12 @@ def check_recorded(path: str | Path) -> str | None:
     except FileNotFoundError:
         rec = None
     except (OSError, ValueError):
+        rec = "unreadable"
+    if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int)
+                                and isinstance(rec.get("rows"), (int, type(None)))):
         return f"its record {_sidecar(path).name} cannot be read"
-    if rec is not None and rec.get("bytes") != size:
-        return f"{size:,} bytes on disk, {rec.get('bytes'):,} written"
+    if rec is not None and rec["bytes"] != size:
+        return f"{size:,} bytes on disk, {rec['bytes']:,} written"
     if path.suffix != ".parquet":
         return None if rec is not None else "no record of its size (written by an older version)"
     try:
@@ -154,10 +184,11 @@ def check_recorded(path: str | Path) -> str | None:
     return None
 
 
-def quarantine(path: str | Path, folder: str | Path) -> Path | None:
-    """Move a damaged file (and its sidecar) into ``folder``, under a name that never collides;
-    None if it was already gone (another run sharing the folder moved it first)."""
-    path, folder = Path(path), Path(folder)
+def quarantine(path: str | Path) -> Path | None:
+    """Move a damaged file (and its sidecar) into ``quarantine/`` beside it, under a name that
+    never collides; None if it was already gone (another run sharing the folder moved it first)."""
+    path = Path(path)
+    folder = path.parent / "quarantine"
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"
     try:
@@ -171,19 +202,24 @@ def quarantine(path: str | Path, folder: str | Path) -> Path | None:
     return dest
 
 
-def reusable(path: str | Path, quarantine_dir: str | Path, what: str, log: list | None = None) -> bool:
-    """True when the recorded file at ``path`` can be reused; a damaged one is quarantined with a
-    warning naming it (and appended to ``log``; the caller then rebuilds it), a missing one is
-    simply not reusable."""
+def set_aside(path: str | Path, problem: str, what: str, then: str, log: list | None = None) -> Path | None:
+    """Quarantine a damaged file with a warning naming it, what it was, why and what happens
+    ``then``; appended to ``log`` (the manifest's ``quarantined``)."""
+    moved = quarantine(path)
+    warn(f"{what} {path} is damaged ({problem})" + (f"; moved to {moved}" if moved else "") + f"; {then}")
+    if log is not None:
+        log.append({"part": str(path), "reason": problem, "moved_to": str(moved) if moved else None})
+    return moved
+
+
+def reusable(path: str | Path, what: str, log: list | None = None) -> bool:
+    """True when the recorded file at ``path`` can be reused; a damaged one is set aside (the
+    caller then rebuilds it), a missing one is simply not reusable."""
     problem = check_recorded(path)
     if problem is None:
         return True
     if problem != "missing":
-        moved = quarantine(path, quarantine_dir)
-        warn(f"{what} {path} is damaged ({problem})" + (f"; moved to {moved}" if moved else "")
-             + "; it is rebuilt")
-        if log is not None:
-            log.append({"part": str(path), "reason": problem, "moved_to": str(moved) if moved else None})
+        set_aside(path, problem, what, "it is rebuilt", log)
     return False
 
 
@@ -202,29 +238,47 @@ _CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota ex
            errno.ENOTCONN: "transport endpoint is not connected (the mount went away)"}
 _FIXES = {errno.ENOSPC: "free space there, or point run.output_dir / embed.store_dir elsewhere",
           errno.EDQUOT: "free space there, or point run.output_dir / embed.store_dir elsewhere",
-          errno.EACCES: "give this user write access there, or point run.output_dir / embed.store_dir elsewhere",
-          errno.EPERM: "give this user write access there, or point run.output_dir / embed.store_dir elsewhere",
+          errno.EACCES: "give this user access to it (read for inputs, write for run.output_dir and "
+                        "embed.store_dir), or point the setting elsewhere",
+          errno.EPERM: "give this user access to it (read for inputs, write for run.output_dir and "
+                       "embed.store_dir), or point the setting elsewhere",
           errno.EROFS: "remount it read-write, or point run.output_dir / embed.store_dir elsewhere"}
 
 
 def filesystem_failure(exc: BaseException) -> str | None:
     """One line for an operator if ``exc`` (or what caused it, across Ray's task and actor
     wrappers) is a filesystem failure: the path, the cause and what to do; else None."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         code = os_errno(e) if isinstance(e, OSError) or "errno" in str(e).lower() else None
         if code in _CAUSES:
             path = getattr(e, "filename", None) or _path_in(str(e))
             where = f"{path}: " if path else ""
             fix = _FIXES.get(code, "check the mount and the path")
             return f"{where}{_CAUSES[code]}. {fix.capitalize()}, then run the same command again to resume."
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
+
+
+def damaged_file(exc: BaseException) -> DamagedFile | None:
+    """The :class:`DamagedFile` behind ``exc``, if any: in its chain, or named in the text of a Ray
+    task's error (Ray Data passes a task's exception on as text inside its own)."""
+    for e in _chain(exc):
+        if isinstance(e, DamagedFile):
+            return e
+        m = re.search(r"DamagedFile: (.+?) is damaged \((.*)\)\s*$", str(e), re.MULTILINE)
+        if m:
+            return DamagedFile(m.group(1), m.group(2))
+    return None
+
+
+def _chain(exc: BaseException):
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
 
 
 def _path_in(text: str) -> str | None:

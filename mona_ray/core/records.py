@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io import atomic_path, record, reusable
+from .io import recorded_path, reusable
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -338,11 +338,12 @@ def _stage_once(dest: Path, write) -> Path:
     """``write(tmp)`` once into ``dest`` via a temporary file and an atomic rename, recorded
     (``io.record``); an existing ``dest`` is reused when it checks (it is named after its input,
     so it is never stale), and a damaged one is moved to ``quarantine/`` and written again."""
-    if reusable(dest, dest.parent / "quarantine", "staged copy"):
+    if dest.exists() and dest.suffix != ".parquet" and not dest.with_name(dest.name + ".ok").exists():
+        dest.unlink()  # staged by an older version, which kept no record: staged again, not quarantined
+    if reusable(dest, "staged copy"):
         return dest
-    with atomic_path(dest) as tmp:
+    with recorded_path(dest) as tmp:
         write(tmp)
-    record(dest)
     return dest
 
 

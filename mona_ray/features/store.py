@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.io import check_recorded, quarantine, read_parquet, sha, warn, write_part
+from ..core.io import check_recorded, read_parquet, set_aside, sha, write_part
 
 EMBEDDING_SCHEMA = pa.schema([
     ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_pooled", pa.int32()),
@@ -140,7 +140,7 @@ class FeatureStore:
                 except Exception as e:  # noqa: BLE001 - a footer that reads over a damaged column chunk
                     problem = f"its rows cannot be read ({str(e).splitlines()[0][:200]})"
             if problem is not None and problem != "missing":
-                self._quarantine(f, problem)
+                set_aside(f, problem, "feature store part", "its rows are embedded again", self.quarantined)
         new_paths = [f for f in new_paths if f in hashes]
         if not new_paths:
             return
@@ -153,12 +153,6 @@ class FeatureStore:
             tabs.append(pa.table({"content_hash": h, "part": pa.array(np.full(len(h), pos[f], np.int32))}))
         self.paths = merged
         self._index = first_per_key(pa.concat_tables(tabs), "content_hash", "part") if tabs else INDEX_SCHEMA.empty_table()
-
-    def _quarantine(self, path: str, problem: str) -> None:
-        moved = quarantine(path, self.root / "quarantine")
-        warn(f"feature store part {path} is damaged ({problem})" + (f"; moved to {moved}" if moved else "")
-             + "; its rows are embedded again")
-        self.quarantined.append({"part": str(path), "reason": problem, "moved_to": str(moved) if moved else None})
 
     def write(self, key: str, table: pa.Table) -> Path:
         """Write one part (atomically, recorded) and index it."""

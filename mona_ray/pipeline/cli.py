@@ -16,14 +16,14 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # registers resolver and schemas
-from ..core.io import filesystem_failure
+from ..core.io import damaged_file, filesystem_failure, set_aside
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
-from .publish import OutputBusy
+from .publish import OutputBusy, PublishError
 from ..core.records import InputError
 from ..core.sae import SAEError
 
-USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError, OutputBusy)
+USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError, OutputBusy, PublishError)
 
 
 class Terminated(KeyboardInterrupt):
@@ -59,14 +59,30 @@ def _hydra_main(cfg: DictConfig) -> None:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"mona_ray: {what}; run the same command again to resume", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
-    except Exception as e:  # noqa: BLE001 - a full disk or a vanished mount: one line, not a traceback
+    except Exception as e:  # noqa: BLE001 - a full disk, a vanished mount, a damaged part: one line, no traceback
         line = filesystem_failure(e)
+        bad = damaged_file(e) if line is None else None
+        if bad is not None and _is_ours(bad.path, cfg):  # a part that passed the cheap check but does not read
+            set_aside(bad.path, bad.reason, "file", "it is rebuilt when the same command runs again")
+            line = f"{bad}; moved aside: run the same command again to rebuild it and finish"
+        elif bad is not None:
+            line = str(bad)
         if line is None:
             raise
         print(f"mona_ray: error: {line}", file=sys.stderr)
         sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _is_ours(path: str, cfg) -> bool:
+    """Whether ``path`` is a file the job wrote (under run.output_dir or embed.store_dir), which it
+    may move aside and rebuild; never a user's file."""
+    from pathlib import Path
+
+    roots = [cfg.run.output_dir] + ([cfg.embed.store_dir] if cfg.embed.store_dir else [])
+    p = Path(path).resolve()
+    return any(p.is_relative_to(Path(str(r)).expanduser().resolve()) for r in roots)
 
 
 def main() -> None:

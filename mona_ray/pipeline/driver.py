@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,6 +124,9 @@ class Pipeline:
         if cfg.embed.representation not in ("sae", "hidden", "mlp_gate"):
             raise RunError(f"embed.representation={cfg.embed.representation!r}: use sae, hidden or mlp_gate")
         cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)  # SAELens hook names accepted too
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            check_reachable(address)  # before any work: ray.init retries an unreachable address for minutes
         parse_hookpoint(cfg.sae.hookpoint)
         # Check every path before any work starts (and before anything is written), all problems at once.
         problems = []
@@ -150,7 +154,12 @@ class Pipeline:
         self.model_dir, self.sae_info = model_dir, sae_info
         self.tokenizer_check()
         check_output_dir(self.root, cfg.run.overwrite)
-        self.lock = publish.OutputLock(self.root, self.run_id, cfg.run.lock_stale_s).acquire()
+        self.root.mkdir(parents=True, exist_ok=True)
+        publish.check_layout(self.root)
+        self.lock = publish.OutputLock(self.root, self.run_id, cfg.run.lock_stale_s, wait_s=cfg.run.lock_wait_s).acquire()
+        if publish.published(self.root):  # links a stopped publish may have left half made, made whole
+            with _signals_held():
+                publish.publish(self.root, publish.published(self.root))
         check_output_dir(self.root, cfg.run.overwrite)  # again under the lease: a run may have finished meanwhile
         publish.prune(self.root, int(cfg.run.keep_runs))  # unfinished attempts; their parts stay for reuse
         self.out.mkdir(parents=True, exist_ok=True)
@@ -198,13 +207,13 @@ class Pipeline:
         # the folders a run writes, as they are now: a mount that goes away mid-run is noticed
         self.folders = {"run.output_dir": (self.root, publish.identity(self.root)),
                         "the embedding store": (self.store.root, publish.identity(self.store.root))}
-        (self.store.root / "fingerprint.json").write_text(json.dumps({
+        write_json({
             "model": str(cfg.model.path), "model_fingerprint": self.model_fp,
             "sae": asdict(self.sae_info) if sae_fp else None, "readout": self.readout.spec(),
             "readout_name": self.readout.name, "render": render, "dtype": self.dtype,
             "value_dtype": cfg.embed.value_dtype, "pad_multiple": self.batching.pad_multiple,
-            "sae_chunk_tokens": self.batching.sae_chunk_tokens}, indent=2, default=str))
-        (self.out / "manifest.json").write_text(json.dumps({"status": "running", "config": self.cfg_dict}, indent=2, default=str))
+            "sae_chunk_tokens": self.batching.sae_chunk_tokens}, self.store.root / "fingerprint.json")
+        write_json({"status": "running", "run_id": self.run_id, "config": self.cfg_dict}, self.out / "manifest.json")
         self.timings["plan"] += time.perf_counter() - t0
 
     def tokenizer_check(self) -> None:
@@ -260,7 +269,7 @@ class Pipeline:
                 rej = self.prepared_dir / role / f"{key}.rejected.parquet"
                 u_info = {"role": role, "unit": u, "part": part, "rejected": rej}
                 (self.source_parts if role == "source" else self.target_parts).append(u_info)
-                if not all([reusable(f, self.prepared_dir / "quarantine", "prepared part", self.quarantined) for f in (part, rej)]):
+                if not all([reusable(f, "prepared part", self.quarantined) for f in (part, rej)]):
                     todo.append(u_info)
         self.units["prepare"] = len(todo)
         if todo:
@@ -607,6 +616,10 @@ class Pipeline:
             if publish.identity(path) != ident:
                 raise RunError(f"{what} {path} went away while the run was writing it (an unmounted or remounted "
                                "filesystem?). Mount it again, then run the same command again to resume")
+        if self.lock.lost:
+            raise RunError(f"another run took the lease of run.output_dir={str(self.root)!r} while this one ran "
+                           f"(no heartbeat for run.lock_stale_s={self.cfg.run.lock_stale_s:g} s?); this run stops "
+                           f"unpublished (its outputs so far: {self.out})")
 
     def _messages(self, role: str) -> tuple[list[list[dict]], list[str]]:
         """The usable rows of a set as conversations, in file order, read back from the prepared parts."""
@@ -774,15 +787,13 @@ class Pipeline:
             manifest["quarantined"] = self.quarantined
             # written last: "complete" means every output above is in place
             write_json(manifest, self.out / "manifest.json")
-            if self.lock.lost:
-                raise RunError(f"another run took the lease of run.output_dir={str(self.root)!r} while this one ran "
-                               f"(no heartbeat for run.lock_stale_s={self.cfg.run.lock_stale_s:g} s?); this run's "
-                               f"selection is in {self.out} and was not published")
-            self._check_folders()
-            publish.publish(self.root, self.out)  # one rename: readers switch to this run's selection
-            publish.prune(self.root, int(self.cfg.run.keep_runs), active=self.out)
+            with _signals_held():  # a TERM now waits until the run is published and pruned
+                self._check_folders()  # the lease too: checked here, not as of the last heartbeat
+                publish.publish(self.root, self.out)  # one rename: readers switch to this run's selection
+                publish.prune(self.root, int(self.cfg.run.keep_runs), active=self.out)
             return manifest
         finally:
+            self.lock.release()  # first: a scheduler's SIGKILL may follow its SIGTERM within seconds
             if started_here:
                 ray.shutdown()
 
@@ -891,6 +902,19 @@ def _positions_by_part(idx: pa.Table) -> list[tuple[int, list[int]]]:
     return [(part, pos[a:b].tolist()) for part, a, b in groups]
 
 
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held (delivered when the block ends) while the published state changes."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def _init_ray(cfg) -> bool:
     import signal
     import threading
@@ -915,11 +939,13 @@ def _init_ray(cfg) -> bool:
 
 
 class _QuietRay:
-    """Drops Ray's start-up lines that mean nothing to a user of this job: token authentication
-    is on (Ray's default for the instance it starts: nothing to do) and Ray Data's progress bars
-    are off (the job draws its own, per stage, in rows and tokens)."""
+    """Drops Ray's lines that mean nothing to a user of this job: token authentication is on
+    (Ray's default for the instance it starts: nothing to do), Ray Data's progress bars are off
+    (the job draws its own, per stage, in rows and tokens), and Ray Data's abbreviated trace of a
+    task's exception (the CLI says in one line what failed, or raises the exception whole)."""
 
-    MUTED = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+    MUTED = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled",
+             "Exception occurred in user code")  # the job says in one line what failed, or raises it whole
 
     def filter(self, record) -> bool:
         return not any(m in str(record.msg) for m in self.MUTED)
@@ -946,7 +972,6 @@ def _connect_ray(cfg) -> None:
     kw = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=cfg.ray.log_to_driver,
               logging_level=logging.WARNING)
     if address:
-        check_reachable(address)  # ray.init retries an unreachable address for minutes
         try:
             ray.init(address=address, **kw)
         except (ConnectionError, TimeoutError) as e:

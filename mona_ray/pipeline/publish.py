@@ -23,6 +23,7 @@ host that died), or at once when its holder ran on this host and its process is 
 
 from __future__ import annotations
 
+import errno
 import getpass
 import json
 import os
@@ -38,67 +39,93 @@ from ..core.io import warn, write_text
 RUNS, CURRENT, LOCK = "runs", "current", ".lock"
 WORK = ("prepared", "staged", "embeddings")  # shared by the attempts; never published, never pruned here
 RESERVED = {RUNS, CURRENT, LOCK, *WORK}
+# what a run writes at the top of its folder: a regular file of one of these names is the old in-place
+# layout's (written by an earlier version), replaced by the published link or removed when the run has none
+OUTPUT_FILES = {"selected.jsonl", "selected.parquet", "scores.parquet", "rejected.parquet", "prototype.safetensors",
+                "explain.md", "explain.json", "dataset_info.json", "selected.messages.jsonl", "manifest.json"}
 
 
 class OutputBusy(RuntimeError):
     """Another run holds the output folder's lease."""
 
 
+class PublishError(RuntimeError):
+    """The output folder cannot hold published runs (no symbolic links there, or a name in the way)."""
+
+
 # ----------------------------------------------------------------------------- the lease
 
 
 class OutputLock:
-    """The lease on one output folder: ``with OutputLock(root, ...):`` or ``acquire()`` / ``release()``."""
+    """The lease on one output folder: ``with OutputLock(root, ...):`` or ``acquire()`` / ``release()``.
 
-    def __init__(self, root: Path, run_id: str, stale_s: float = 300.0, heartbeat_s: float | None = None):
+    The lease file is created with ``O_EXCL`` and kept open; its heartbeat is its modification
+    time, renewed through that open file (``os.utime``), so a renewal can only ever touch this
+    run's own lease, never one another run created after breaking it. The lease is lost when
+    the file at the path is no longer the one this run created (:meth:`check`)."""
+
+    def __init__(self, root: Path, run_id: str, stale_s: float = 300.0, heartbeat_s: float | None = None,
+                 wait_s: float = 0.0):
         self.path = Path(root) / LOCK
         self.run_id = run_id
         self.stale_s = float(stale_s)
         self.heartbeat_s = float(heartbeat_s if heartbeat_s is not None else max(1.0, min(30.0, self.stale_s / 5)))
+        self.wait_s = float(wait_s)
         self.token = uuid.uuid4().hex
-        self.lost = False
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _doc(self) -> dict:
         return {"token": self.token, "run": self.run_id, "owner": _user(), "host": socket.gethostname(),
-                "pid": os.getpid(), "started": self._started, "heartbeat": time.time()}
+                "pid": os.getpid(), "boot": _boot_id(), "pidns": _pid_namespace(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for _ in range(20):
+        deadline = time.monotonic() + self.wait_s
+        waited = False
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
             except FileExistsError:
                 holder = _read(self.path)
                 why = self._stale(holder)
-                if why is None:
-                    raise OutputBusy(_busy_message(self.path.parent, holder)) from None
-                if self._break(holder):
-                    warn(f"broke the lease of {self.path.parent} ({why})")
+                if why is not None:
+                    if self._break(holder):
+                        warn(f"broke the lease of {self.path.parent} ({why})")
+                    continue
+                if time.monotonic() >= deadline:
+                    raise OutputBusy(_busy_message(self.path, holder, waited)) from None
+                waited = True
+                time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(self._doc()) + "\n")
+            try:
+                os.write(fd, (json.dumps(self._doc()) + "\n").encode())
+                os.fsync(fd)
+                st = os.fstat(fd)
+            except BaseException as e:  # a full disk, or a signal: never leave an empty lease behind
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                if isinstance(e, OSError) and not e.filename:
+                    raise OSError(e.errno, os.strerror(e.errno) if e.errno else str(e), str(self.path)) from e
+                raise
+            self._fd, self._ino = fd, (st.st_dev, st.st_ino)
             self._thread = threading.Thread(target=self._beat, name="mona_ray-lease", daemon=True)
             self._thread.start()
             return self
-        raise OutputBusy(f"run.output_dir={str(self.path.parent)!r}: could not take its lease {self.path} "
-                         "(other runs keep taking it)")
 
     def _stale(self, holder: dict | None) -> str | None:
         """Why the holder's lease may be broken, or None while it is live."""
-        now = time.time()
-        if holder is None:  # being written this instant, or unreadable: judge by the file's age
-            try:
-                age = now - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return "gone"
-            return f"unreadable for {age:.0f} s" if age > self.stale_s else None
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        age = _age(self.path)
+        if age is None:
+            return "gone"
+        if holder is not None and _same_machine(holder) and not _alive(int(holder.get("pid", -1))):
             return f"its process {holder.get('pid')} on this host is gone"
-        age = now - float(holder.get("heartbeat", 0))
-        return f"no heartbeat for {age:.0f} s > run.lock_stale_s={self.stale_s:g}" if age > self.stale_s else None
+        if age > self.stale_s:
+            return f"no heartbeat for {age:.0f} s > run.lock_stale_s={self.stale_s:g}"
+        return None
 
     def _break(self, holder: dict | None) -> bool:
         """Move the stale lease aside; if what was moved is not the lease judged stale (another
@@ -119,16 +146,23 @@ class OutputLock:
         moved.unlink(missing_ok=True)
         return True
 
+    @property
+    def lost(self) -> bool:
+        """True when the lease at the path is not this run's any more (another run broke it)."""
+        if self._ino is None:
+            return True
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:  # a brief network-filesystem failure says nothing about the lease
+            return False
+        return (st.st_dev, st.st_ino) != self._ino
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            held = _read(self.path)
-            if held is None or held.get("token") != self.token:
-                if not self.lost:
-                    warn(f"the lease {self.path} was taken by another run; this run's output is not published")
-                self.lost = True
-                continue
             try:
-                write_text(json.dumps(self._doc()) + "\n", self.path)
+                os.utime(self._fd)  # this run's own lease file, whatever the path now holds
             except OSError as e:  # a full or read-only disk: the run itself will say so
                 warn(f"cannot renew the lease {self.path}: {e}")
 
@@ -136,15 +170,45 @@ class OutputLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = _read(self.path)
-        if held is not None and held.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            if not self.lost:
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _age(path: Path) -> float | None:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _same_machine(holder: dict) -> bool:
+    """The holder's pid means a process here: same host name, same boot and same pid namespace
+    (containers on the host network share a host name, not their pids)."""
+    return (holder.get("host") == socket.gethostname() and holder.get("boot") == _boot_id()
+            and holder.get("pidns") == _pid_namespace())
 
 
 def _read(path: Path) -> dict | None:
@@ -174,14 +238,16 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _busy_message(root: Path, holder: dict | None) -> str:
+def _busy_message(path: Path, holder: dict | None, waited: bool) -> str:
+    root = path.parent
     if holder is None:
-        return f"run.output_dir={str(root)!r} is being written by another run (its lease {root / LOCK} is being taken)"
-    age = time.time() - float(holder.get("heartbeat", 0))
+        return f"run.output_dir={str(root)!r} is being written by another run (its lease {path} is being taken)"
+    age = _age(path) or 0.0
     return (f"run.output_dir={str(root)!r} is being written by another run: run {holder.get('run')} of "
             f"{holder.get('owner')} on {holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}, "
-            f"last heartbeat {age:.0f} s ago). Wait for it to finish; a lease without a heartbeat for "
-            "run.lock_stale_s seconds is broken by the next run")
+            f"last heartbeat {age:.0f} s ago)" + (" after waiting run.lock_wait_s" if waited else "")
+            + ". Wait for it to finish; a lease without a heartbeat for run.lock_stale_s seconds is broken "
+            "by the next run")
 
 
 # ----------------------------------------------------------------------------- attempts and publishing
@@ -217,6 +283,28 @@ def published_manifest(root: Path) -> dict | None:
     return doc
 
 
+def check_layout(root: Path) -> None:
+    """Before any work: the folder can publish (symbolic links work there; ``current`` and
+    ``runs`` are what this layout makes of them, or absent)."""
+    root = Path(root)
+    cur, runs = root / CURRENT, root / RUNS
+    if cur.exists() and not cur.is_symlink():
+        raise PublishError(f"{cur} is not the link this layout publishes through (a folder or a file is in the way): "
+                           "move it, or choose another run.output_dir")
+    if runs.exists() and not runs.is_dir():
+        raise PublishError(f"{runs} is a file; mona_ray keeps each run's outputs there: move it, or choose another "
+                           "run.output_dir")
+    probe = root / f".link-probe.{uuid.uuid4().hex[:8]}"
+    try:
+        os.symlink(RUNS, probe)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise PublishError(f"run.output_dir={str(root)!r} is on a filesystem without symbolic links ({e.strerror}); "
+                               "a run is published by swapping one: choose a POSIX filesystem") from None
+        raise
+    probe.unlink()
+
+
 def publish(root: Path, attempt: Path) -> None:
     """Make ``attempt`` the published run: ``current`` swapped in one rename, then a stable link
     ``<root>/<name>`` for each of its files (links to ``current/<name>``; a file of the old
@@ -234,9 +322,12 @@ def publish(root: Path, attempt: Path) -> None:
             continue
         _swap_link(link, target)
     for link in root.iterdir():  # links left from a run with more files (e.g. explain turned off now)
-        if link.is_symlink() and link.name not in RESERVED and os.readlink(link).startswith(CURRENT + os.sep) \
-                and link.name not in names:
+        if link.name in names or link.name in RESERVED:
+            continue
+        if link.is_symlink() and os.readlink(link).startswith(CURRENT + os.sep):
             link.unlink(missing_ok=True)
+        elif link.name in OUTPUT_FILES and link.is_file() and not link.is_symlink():
+            link.unlink(missing_ok=True)  # the old in-place layout's file, which this run does not write
 
 
 def _swap_link(link: Path, target: str) -> None:
