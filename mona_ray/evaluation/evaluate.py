@@ -49,6 +49,12 @@ from ..selectors import get_selector
 from ..selectors.nait import combine, nait_directions, project
 
 TEXT_SELECTORS = ("random", "bm25", "dsir", "dense")
+# A suite ranks each target over its own pool. These scores depend on the other rows of the pool (BM25's IDF,
+# DSIR's pool n-gram model, random's draw, a round robin's interleaving), so they are computed over each
+# target's pool; every other score is a function of the row and the target alone (MoNA's prototypes and
+# clusters, dense centroid cosine, NAIT), computed once over the whole pool and read for the target's rows.
+POOL_DEPENDENT_TEXT = ("random", "bm25", "dsir")
+POOL_DEPENDENT = ("round_robin", "rds")
 USER_ERRORS = (InputError, ModelError, SAEError, ValueError)
 
 
@@ -122,6 +128,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     _SEARCHES.clear()
+    _STORED.clear()
 
     # inputs: a pool, targets and a relevance map, or a suite (mona_ray.evaluation.suite) that names all three
     # and, per target, the pool categories left out of its ranking
@@ -161,13 +168,18 @@ def evaluate(cfg: DictConfig) -> dict:
         groups.setdefault(None if keep[t] is None else keep[t].tobytes(), []).append(t)
     scores: dict[str, dict[str, np.ndarray]] = {t: {} for t in targets}
     results, features_doc, profiles = {}, {}, None
+    whole = {t: {} for t in targets}
+    if suite:  # the per-row scores once, over the whole pool, for every target
+        _log(f"the whole pool: the scores that depend on the row and the target alone, {len(targets)} targets")
+        features_doc, profiles = score_selectors(cfg, pool, targets, whole, timer, notes, wanted, "per_row")
     for g, names in enumerate(groups.values()):
         mask = keep[names[0]]
         sub = pool if mask is None else pool.subset(mask)
         if len(groups) > 1:
             _log(f"pool {g + 1}/{len(groups)}: {len(sub)} rows for {', '.join(names)}")
-        got = {t: {} for t in names}
-        fdoc, prof = score_selectors(cfg, sub, {t: targets[t] for t in names}, got, timer, notes, wanted)
+        got = {t: {s: sc if mask is None else sc[mask] for s, sc in whole[t].items()} for t in names}
+        fdoc, prof = score_selectors(cfg, sub, {t: targets[t] for t in names}, got, timer, notes, wanted,
+                                     "pool" if suite else "all")
         features_doc = features_doc or fdoc
         profiles = profiles or (prof if mask is None else None)
         sub_domains = np.asarray(sub.domains, dtype=object)
@@ -216,11 +228,13 @@ def evaluate(cfg: DictConfig) -> dict:
     return doc
 
 
-def score_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[dict, dict | None]:
+def score_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str = "all") -> tuple[dict, dict | None]:
     """Every wanted selector's scores of ``pool`` for each of ``targets`` into ``scores[target][selector]``;
-    returns the model features' document and the prototypes for Figure 4 (``model_selectors``)."""
+    returns the model features' document and the prototypes for Figure 4 (``model_selectors``).
+    ``part``: ``all``, ``pool`` (only the scores that depend on the other pool rows) or ``per_row`` (the rest)."""
     # text selectors: one source pass each, then every target
-    for name in [s for s in wanted if s in TEXT_SELECTORS]:
+    text = [s for s in wanted if s in TEXT_SELECTORS and (part == "all" or (s in POOL_DEPENDENT_TEXT) == (part == "pool"))]
+    for name in text:
         settings = dict(cfg.text_selectors.get(name) or {})
         if name == "dense" and settings.get("cache_dir", "unset") == "unset":
             settings["cache_dir"] = str(Path(cfg.cache_dir).expanduser() / "dense")
@@ -233,12 +247,12 @@ def score_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
             scores[t][name] = timer.run(f"{name}: targets", sel.score_prepared, state, ts.messages)
         del state
     # model-based selectors: one forward pass over the pool for every variant
-    if "mona" in wanted or "nait" in wanted:
-        return model_selectors(cfg, pool, targets, scores, timer, notes, wanted)
+    if "mona" in wanted or ("nait" in wanted and part != "pool"):
+        return model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part)
     return {}, None
 
 
-def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[dict, dict | None]:
+def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str = "all") -> tuple[dict, dict | None]:
     """Every model-based selector's scores, computed as ``python -m mona_ray.run`` computes them:
     the feature engine fills the feature store (one forward per row for every readout, rows the
     store already holds are reused), then each variant is the pipeline's own scoring
@@ -301,6 +315,13 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
         last = parse_hookpoint(cfg.sae.hookpoint)
         layers = list(range(last + 1)) if cfg.nait.layers == "all" else sorted(int(x) for x in cfg.nait.layers)
         nait = Readout("nait", max(layers), "special", blocks=tuple(layers))
+    if part == "pool":  # only the selectors whose scores depend on the other pool rows (the round robins)
+        kept, readout_of, nait = [], {}, None
+        agg = [x for x in agg if x[2] in POOL_DEPENDENT]
+        if not agg:
+            return {}, None
+    elif part == "per_row":
+        agg = [x for x in agg if x[2] not in POOL_DEPENDENT]
     readouts = list(dict.fromkeys(list(readout_of.values()) + [a[1] for a in agg] + ([nait] if nait else [])))
     threads = cfg.embed.torch_threads
     job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
@@ -349,20 +370,23 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted) -> tuple[d
         name = variant_name(v, cfg, sae_k)
         r = readout_of[name]
         if r.name not in pool_tab:
-            pool_tab[r.name] = stores[r.name].read_ordered(live_hash, cols)
+            pool_tab[r.name] = _read_ordered(stores[r.name], live_hash, cols)
         for t in targets:
             tgt = stores[r.name].read_ordered(tgt_hash[t], cols)
             proto = prototype_of(tgt, widths[r.name], not r.sparse, v["pooling"])
             sc = np.full(len(pool_hash), -np.inf)
             sc[live] = score_rows(pool_tab[r.name], proto, v["similarity"], not r.sparse, v["pooling"])
             scores[t][name] = sc
+    tgt_tab = {}  # each target's stored rows, read once per readout and order (every setting scores them)
     for name, r, a, sim, mass, row_mass in agg:
         if r.name not in pool_tab:
-            pool_tab[r.name] = stores[r.name].read_ordered(live_hash, cols)
+            pool_tab[r.name] = _read_ordered(stores[r.name], live_hash, cols)
         for t in targets:
+            order = tgt_file_hash if a == "rds" else tgt_hash
+            if (r.name, t, a == "rds") not in tgt_tab:
+                tgt_tab[r.name, t, a == "rds"] = stores[r.name].read_ordered(order[t], cols)
             sc = np.full(len(pool_hash), -np.inf)
-            sc[live], info = aggregated_scores(pool_tab[r.name],
-                                               stores[r.name].read_ordered((tgt_file_hash if a == "rds" else tgt_hash)[t], cols),
+            sc[live], info = aggregated_scores(pool_tab[r.name], tgt_tab[r.name, t, a == "rds"],
                                                widths[r.name], not r.sparse, a, sim, mass, int(cfg.mona.cluster_seed),
                                                row_mass)
             scores[t][name] = sc
@@ -451,6 +475,24 @@ def _cut_settings(aggregate: str, mass) -> tuple[str, float, str, float]:
         rule, _, value = mass.partition(":")
         return agg, float(value) if value else 1.0, rule, float(sil) if sil else 0.25
     return agg, float(mass), "fixed", float(sil) if sil else 0.25
+
+
+_STORED: dict = {}  # per store and columns: the largest pool read so far, and its rows by content hash
+
+
+def _read_ordered(store, hashes: list[str], cols: list[str]):
+    """``store.read_ordered(hashes, cols)``, taken from an earlier read that holds every hash when there
+    is one: a suite ranks each target over a part of one pool, so the pool is read once per readout."""
+    key = (str(store.root), tuple(cols))
+    got = _STORED.get(key)
+    if got is not None:
+        idx = [got[1].get(h) for h in hashes]
+        if None not in idx:
+            return got[0].take(pa.array(idx, pa.int64()))
+    table = store.read_ordered(hashes, cols)
+    if got is None or len(hashes) > len(got[1]):
+        _STORED[key] = (table, {h: i for i, h in enumerate(hashes)})
+    return table
 
 
 _SEARCHES: dict = {}  # the silhouette search per target rows (content digest): the same for every setting
