@@ -403,7 +403,7 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str 
                 sc[live] = combine(proj, proj_t, ln)
                 scores[t]["nait" if ln == "none" else f"nait:{ln}"] = sc
         del src, X
-    timer["model selectors: scoring"] = time.perf_counter() - t0
+    timer["model selectors: scoring"] = timer.get("model selectors: scoring", 0.0) + time.perf_counter() - t0
     doc = {"model_path": str(model_dir), "model_fingerprint": model_fp, "dtype": job.dtype, "dtype_reason": dtype_reason,
            "device": device, "hookpoint": cfg.sae.hookpoint,
            "saes": {s.key: {"fingerprint": s.fingerprint, "k": s.k, "num_latents": s.num_latents,
