@@ -87,7 +87,7 @@ def select(source: PathLike | Iterable[PathLike] | None = None, target: PathLike
     """Select from ``source`` the rows most like ``target`` (each a path, a folder, a glob or a
     list of them; None keeps the config's, the embedded demo's by default) and return the
     :class:`Selection`. ``output_dir`` is ``run.output_dir``; ``quiet=False`` prints the CLI's summary."""
-    from .config import load_config, to_plain, to_typed
+    from .config import load_config, to_typed
     from .pipeline.cli import run
 
     cfg = to_typed(load_config(list(overrides)))

@@ -49,6 +49,7 @@ def one_line_error(p, *needles) -> str:
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("mona_ray: error:")]
     assert len(errors) == 1, p.stderr[-3000:]
+    assert " ERROR " not in p.stderr, p.stderr[-3000:]  # nor Ray's own error lines around it
     for n in needles:
         assert n in errors[0], errors[0]
     return errors[0]
@@ -188,17 +189,19 @@ def test_disk_full_before_the_run_then_resume(reference, args_for, tmpfs, tmp_pa
     out = disk / "out"
     out.mkdir()
     ballast = disk / "ballast"
-    with open(ballast, "wb") as fh:  # fill it up
-        try:
-            while True:
-                fh.write(b"x" * 4096)
-                fh.flush()
-        except OSError:
-            pass
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:  # fill it up
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     p = cli(args_for(out, f"embed.store_dir={tmp_path / 'store'}"))
     one_line_error(p, "no space left on device", str(out))
     assert not (out / ".lock").exists()  # no empty lease left to refuse the next run
     ballast.unlink()
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # space freed
     ok(cli(args_for(out, f"embed.store_dir={tmp_path / 'store'}")))
     same_selection(out, reference)
 
@@ -249,7 +252,7 @@ def test_permission_denied_then_resume(reference, args_for, tmp_path):
     out.parent.chmod(0o555)
     # root ignores permission bits; without CAP_DAC_OVERRIDE it obeys them, as any other user does
     as_user = (setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner")
-    one_line_error(cli(args_for(out), prefix=as_user), "permission denied", str(out.parent), "write access")
+    one_line_error(cli(args_for(out), prefix=as_user), "permission denied", str(out.parent), "access to it")
     out.parent.chmod(0o755)
     ok(cli(args_for(out), prefix=as_user))
     same_selection(out, reference)

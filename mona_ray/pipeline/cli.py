@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # registers resolver and schemas
+from ..core.executor import ClusterUnreachable
 from ..core.io import damaged_file, filesystem_failure, set_aside
 from ..core.model import ModelError
 from .driver import Pipeline, RunError
@@ -23,7 +24,8 @@ from .publish import OutputBusy, PublishError
 from ..core.records import InputError
 from ..core.sae import SAEError
 
-USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError, OutputBusy, PublishError)
+USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError, OutputBusy, PublishError,
+               ClusterUnreachable)
 
 
 class Terminated(KeyboardInterrupt):

@@ -57,6 +57,7 @@ from ..features.local import Rendering
 from ..features.readouts import Readout, rds_readout
 from ..features.spec import EngineJob, num_layers, readout_width, representation_readout, sae_ref
 from ..features.store import FeatureStore, embedding_fingerprint, first_per_key, groups_of
+from ..core import executor
 from . import publish, report, stages
 
 FINGERPRINT_VERSION = 2
@@ -124,9 +125,9 @@ class Pipeline:
         if cfg.embed.representation not in ("sae", "hidden", "mlp_gate"):
             raise RunError(f"embed.representation={cfg.embed.representation!r}: use sae, hidden or mlp_gate")
         cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)  # SAELens hook names accepted too
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        address = executor.address_of(cfg.ray)
         if address:
-            check_reachable(address)  # before any work: ray.init retries an unreachable address for minutes
+            executor.check_reachable(address)  # before any work: ray.init retries an unreachable address for minutes
         parse_hookpoint(cfg.sae.hookpoint)
         # Check every path before any work starts (and before anything is written), all problems at once.
         problems = []
@@ -254,8 +255,6 @@ class Pipeline:
     # -------------------------------------------------------------- prepare
 
     def prepare(self) -> None:
-        import ray
-
         t0 = time.perf_counter()
         rs = stages.RenderSettings(str(self.model_dir), self.rendering, self.cfg.pool.exclude,
                                    self.cfg.model.trust_remote_code)
@@ -273,17 +272,15 @@ class Pipeline:
                     todo.append(u_info)
         self.units["prepare"] = len(todo)
         if todo:
-            items = [{"unit": json.dumps(asdict(t["unit"])), "part": str(t["part"]), "rejected": str(t["rejected"])}
-                     for t in todo]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _prepare_batch, batch_size=1, fn_kwargs={"rs": rs}, num_cpus=self.cfg.ray.task_num_cpus)
+            items = [stages.PrepareUnit(t["unit"], str(t["part"]), str(t["rejected"])) for t in todo]
+            done = executor.map_items(items, stages.prepare, fn_kwargs={"rs": rs}, num_cpus=self.cfg.ray.task_num_cpus)
             known = [t["unit"].stop - t["unit"].start for t in todo if t["unit"].stop >= 0]
             bar = _tqdm(total=sum(known) if len(known) == len(todo) else None, desc="prepare (rows read+tokenized)",
                         unit="row")
             rejected = 0
-            for row in ds.iter_rows():
-                bar.update(int(row["rows_ok"]) + int(row["rows_rejected"]))
-                rejected += int(row["rows_rejected"])
+            for res in done:
+                bar.update(res.rows_ok + res.rows_rejected)
+                rejected += res.rows_rejected
                 bar.set_postfix(rejected=rejected)
             bar.close()
         self.timings["prepare"] = time.perf_counter() - t0
@@ -332,7 +329,7 @@ class Pipeline:
 
     # -------------------------------------------------------------- embed
 
-    def _embed_units(self) -> list[dict]:
+    def _embed_units(self) -> list[stages.EmbedUnit]:
         """Units of at most ``embed.rows_per_unit`` rows that are not in the store yet, each
         content embedded once (targets first, then the source, in file order)."""
         cap = int(self.cfg.embed.rows_per_unit)
@@ -357,45 +354,39 @@ class Pipeline:
             for s in range(int(a), int(b), cap):
                 e = min(int(b), s + cap)
                 key = _sha(sorted(hashes.slice(s, e - s).to_pylist()))  # named after its content: resumable
-                units.append({"key": key, "prepared": str(parts[int(part[a])]["part"]),
-                              "rows": [int(x) for x in pos[s:e]],
-                              "out": {self.readout.name: str(self.store.part_path(key))}})
+                units.append(stages.EmbedUnit(key, str(parts[int(part[a])]["part"]), tuple(int(x) for x in pos[s:e]),
+                                              {self.readout.name: str(self.store.part_path(key))}))
         return units
 
     def embed(self) -> None:
-        import ray
-
         t0 = time.perf_counter()
         units = self._embed_units()
         self.units["embed"] = len(units)
         current = pa.concat_tables([self.index[r].select(["content_hash"]) for r in ("source", "target")])
         n_unique = len(pc.unique(current.column("content_hash")))
-        self.counts["embedded_now"] = sum(len(u["rows"]) for u in units)
+        self.counts["embedded_now"] = sum(len(u.rows) for u in units)
         self.counts["reused_from_store"] = n_unique - self.counts["embedded_now"]
         self.embed_stats = dict.fromkeys(EMBED_STATS, 0)
         embed_rejected = []
         if units:
             job = self._embed_job()
             n_actors = self._num_actors()
-            progress = ray.remote(num_cpus=0)(stages.Progress).remote()
-            items = [{"unit": json.dumps(u)} for u in units]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                stages.EmbedActor, fn_constructor_args=(job, progress), batch_size=1,
-                # Ray Data restarts dead actors and retries their units by default
-                # (max_restarts=-1, max_task_retries=-1): a lost node costs only its units in flight.
-                compute=ray.data.ActorPoolStrategy(size=n_actors), **self._actor_resources())
-            total_rows = sum(len(u["rows"]) for u in units)
+            progress = executor.Counter()
+            # one engine per actor; a dead actor is restarted and its unit retried (a lost node costs its units in flight)
+            results = executor.map_items(units, actor=(stages.EmbedActor, (job, progress), "embed_unit"), size=n_actors,
+                                         **self._actor_resources())
+            total_rows = sum(len(u.rows) for u in units)
             bar = _tqdm(total=total_rows, desc=f"embed (rows, {n_actors} actor{'s' * (n_actors > 1)})", unit="row")
             with _LiveProgress(bar, progress, total_rows) as live:
-                for row in ds.iter_rows():
-                    done = int(row["rows"]) + len(json.loads(row["rejected"]))
+                for r in results:
+                    done = r.rows + len(r.rejected)
                     live.unit_done(done)
                     for k in EMBED_STATS:
-                        self.embed_stats[k] += row[k]
-                    self.rows_per_actor[str(row["actor"])] = self.rows_per_actor.get(str(row["actor"]), 0) + done
-                    embed_rejected += json.loads(row["rejected"])
-            ray.kill(progress)
-            self.store.add_parts([p for u in units for p in u["out"].values() if Path(p).exists()])
+                        self.embed_stats[k] += getattr(r, k)
+                    self.rows_per_actor[r.actor] = self.rows_per_actor.get(r.actor, 0) + done
+                    embed_rejected += r.rejected
+            progress.close()
+            self.store.add_parts([p for u in units for p in u.out.values() if Path(p).exists()])
         self.timings["embed"] = time.perf_counter() - t0
         if embed_rejected:
             self._reject_embed_failures(embed_rejected)
@@ -415,30 +406,26 @@ class Pipeline:
             self._check_rejections(role)
 
     def _num_actors(self) -> int:
-        import ray
-
         n = self.cfg.embed.num_actors
         if n not in (None, "auto"):
             return int(n)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(executor.resources().get("GPU", 0))
         return max(1, gpus) if self.device == "cuda" else 1
 
     def _use_gpu(self) -> bool:
-        import ray
-
         dev = self.cfg.model.device
         if dev == "cuda":
             return True
         if dev != "auto":
             return False
-        return ray.cluster_resources().get("GPU", 0) >= 1
+        return executor.resources().get("GPU", 0) >= 1
 
     def _actor_resources(self) -> dict:
-        extra = dict(self.cfg.embed.actor_resources)  # e.g. pin actors to a node type
-        res = {"resources": extra} if extra else {}
+        """An embedding actor's (or explain task's) resources, as the executor takes them."""
+        custom = dict(self.cfg.embed.actor_resources)  # e.g. pin actors to a node type
         if self.device == "cuda":
-            return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu, **res}
-        return {"num_cpus": self.cfg.embed.actor_num_cpus_cpu, **res}
+            return {"num_gpus": 1, "num_cpus": self.cfg.embed.actor_num_cpus_gpu, "custom": custom}
+        return {"num_cpus": self.cfg.embed.actor_num_cpus_cpu, "custom": custom}
 
     def _embed_job(self) -> EngineJob:
         cfg = self.cfg
@@ -499,8 +486,6 @@ class Pipeline:
     def score(self) -> None:
         """Every source row scored by tasks, one group of store parts each; the driver streams the
         results through a running top-k and keeps only (id, score) in Arrow."""
-        import ray
-
         from ..scoring import RunningTopK
         from ..scoring import selection_size
 
@@ -515,21 +500,19 @@ class Pipeline:
         loc = loc.sort_by([("part", "ascending"), ("id", "ascending")])
         groups = _groups_of_parts(loc, int(self.cfg.select.score_batch_rows))
         self.k = k = selection_size(len(idx), self.cfg.select.ratio, self.cfg.select.count)
-        protos, paths = ray.put(self.protos), ray.put(list(self.store.paths))
         rr = self.aggregate == "round_robin"
-        ds = ray.data.from_arrow(groups).map_batches(
-            stages.score_parts, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"protos": protos, "paths": paths, "similarity": self.similarity,
-                       "pooling": self.cfg.pool.method, "batch_rows": self.cfg.select.score_batch_rows,
-                       "dense": not self.readout.sparse, "candidates": k if rr else 0,
-                       "row_mass": float(self.cfg.select.row_mass)},
-            num_cpus=self.cfg.ray.task_num_cpus)
+        batches = executor.map_tables(
+            groups, stages.score_parts, num_cpus=self.cfg.ray.task_num_cpus,
+            fn_kwargs={"protos": executor.put(self.protos), "paths": executor.put(list(self.store.paths)),
+                       "similarity": self.similarity, "pooling": self.cfg.pool.method,
+                       "batch_rows": self.cfg.select.score_batch_rows, "dense": not self.readout.sparse,
+                       "candidates": k if rr else 0, "row_mass": float(self.cfg.select.row_mass)})
         top = RunningTopK(k) if not rr else None
         per_target = [RunningTopK(k) for _ in range(len(self.protos))] if rr else None
         scores = np.zeros(len(idx))  # by position in the index: no join on the ids afterwards
         seen = np.zeros(len(idx), dtype=bool)
         bar = _tqdm(total=len(idx), desc="score (rows)", unit="row")
-        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for b in batches:
             j = b.column("target").to_numpy()
             if rr:  # each task's best k rows per target row, merged here into one list per target
                 for t in np.unique(j[j >= 0]):
@@ -637,8 +620,6 @@ class Pipeline:
         The prototype's top tokens need the model: one Ray task with an embedding actor's
         resources (a GPU on a cluster), over the target rows only. The selected rows'
         contributions are computed here meanwhile, from the store, reading only the selected rows."""
-        import ray
-
         from ..features.interpret import strongest_latents, write_explain
 
         t0 = time.perf_counter()
@@ -655,11 +636,11 @@ class Pipeline:
             for c, rids in enumerate(members):
                 protos.append(self.protos[c])
                 groups.append([pos[r] for r in rids if r in pos])
-        remote = ray.remote(**self._actor_resources())(stages.explain_task)
-        doc_ref = remote.remote(self._embed_job(), tgt_ids, tgt_masks, protos, groups)
+        pending = executor.call(stages.explain_task, self._embed_job(), tgt_ids, tgt_masks, protos, groups,
+                                **self._actor_resources())
         # the selected rows are explained here while the task runs (their marks need only the prototype)
         rows = self._explain_selected(set(strongest_latents(self.proto).tolist()))
-        docs = ray.get(doc_ref)
+        docs = pending.result()
         doc = {"prototype": docs[0]}
         if members:
             doc["clusters"] = [{"cluster": c, "size": len(m), "target_ids": m[:10], **d}
@@ -763,9 +744,9 @@ class Pipeline:
         return manifest
 
     def _run_stages(self, mem) -> dict:
-        import ray
-
-        started_here = _init_ray(self.cfg)
+        ray_cfg = self.cfg.ray
+        started_here = executor.start(executor.address_of(ray_cfg), ray_cfg.num_cpus, ray_cfg.num_gpus,
+                                      ray_cfg.log_to_driver)
         try:
             self.fingerprint()
             for stage in (self.prepare, self.dedupe, *((self.embed, self.prototype, self.score)
@@ -794,15 +775,7 @@ class Pipeline:
             return manifest
         finally:
             self.lock.release()  # first: a scheduler's SIGKILL may follow its SIGTERM within seconds
-            if started_here:
-                ray.shutdown()
-
-
-def _prepare_batch(batch: dict, rs) -> dict:
-    out = []
-    for u, part, rej in zip(batch["unit"], batch["part"], batch["rejected"]):
-        out.append(stages.prepare_unit(records.ReadUnit(**json.loads(u)), rs, part, rej))
-    return {k: np.asarray([o[k] for o in out]) for k in out[0]}
+            executor.stop(started_here)
 
 
 class _LiveProgress:
@@ -831,10 +804,8 @@ class _LiveProgress:
         self.bar.close()
 
     def _poll(self) -> None:
-        import ray
-
         try:
-            self.live_rows, self.live_tokens = ray.get(self.progress.get.remote(), timeout=10)
+            self.live_rows, self.live_tokens = self.progress.get()
         except Exception:  # noqa: BLE001 - progress is best effort; the units' results are exact
             return
         self._show()
@@ -913,87 +884,3 @@ def _signals_held():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-
-
-def _init_ray(cfg) -> bool:
-    import signal
-    import threading
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    on_term = signal.getsignal(signal.SIGTERM)
-    try:
-        _connect_ray(cfg)
-    finally:  # ray.init installs a native SIGTERM handler that aborts the driver; the CLI's own comes back
-        if callable(on_term) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_term)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
-    ctx.print_on_execution_start = False
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return True
-
-
-class _QuietRay:
-    """Drops Ray's lines that mean nothing to a user of this job: token authentication is on
-    (Ray's default for the instance it starts: nothing to do), Ray Data's progress bars are off
-    (the job draws its own, per stage, in rows and tokens), and Ray Data's abbreviated trace of a
-    task's exception (the CLI says in one line what failed, or raises the exception whole)."""
-
-    MUTED = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled",
-             "Exception occurred in user code")  # the job says in one line what failed, or raises it whole
-
-    def filter(self, record) -> bool:
-        return not any(m in str(record.msg) for m in self.MUTED)
-
-
-def _quiet_ray_logs() -> None:
-    import logging
-
-    import ray.data  # noqa: F401 - configures the "ray" and "ray.data" loggers and their handlers
-
-    for name in ("ray", "ray.data"):
-        for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, _QuietRay) for f in handler.filters):
-                handler.addFilter(_QuietRay())
-
-
-def _connect_ray(cfg) -> None:
-    import ray
-
-    _quiet_ray_logs()
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    import logging
-
-    kw = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=cfg.ray.log_to_driver,
-              logging_level=logging.WARNING)
-    if address:
-        try:
-            ray.init(address=address, **kw)
-        except (ConnectionError, TimeoutError) as e:
-            raise RunError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}. Start it "
-                           "(ray start --head) or set ray.address / RAY_ADDRESS to a running cluster") from None
-    else:
-        # "local": always a fresh instance for this run, never a stray `ray start` cluster on this machine
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, with the address and the cause, when a ``host:port`` or ``ray://host:port``
-    Ray address does not accept connections (``auto`` is left to Ray, which fails fast)."""
-    import socket
-
-    hostport = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = hostport.rstrip("/").rpartition(":")
-    if not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
-        raise RunError(f"cannot reach the Ray cluster at {address!r} ({why}). Start it (ray start --head) or set "
-                       "ray.address / RAY_ADDRESS to a running cluster's address") from None

@@ -34,7 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..core.io import warn, write_text
+from ..core.io import warn
 
 RUNS, CURRENT, LOCK = "runs", "current", ".lock"
 WORK = ("prepared", "staged", "embeddings")  # shared by the attempts; never published, never pruned here
@@ -301,7 +301,7 @@ def check_layout(root: Path) -> None:
         if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise PublishError(f"run.output_dir={str(root)!r} is on a filesystem without symbolic links ({e.strerror}); "
                                "a run is published by swapping one: choose a POSIX filesystem") from None
-        raise
+        raise OSError(e.errno, e.strerror, str(root)) from e  # a full or read-only disk: name the folder
     probe.unlink()
 
 

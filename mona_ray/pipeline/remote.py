@@ -1,16 +1,14 @@
 """The feature engine on Ray actors for conversations the driver holds (the evaluation's
 ``embed.executor=ray``): the same units and the same per-unit function as in-process
-(``features.local.embed_unit``), spread over an actor pool, one model per actor."""
+(``features.local.embed_unit``), spread over an actor pool by the executor, one model per actor."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import replace
 
-import numpy as np
-
+from ..core import executor
 from ..features.local import LocalEmbedder, embed_unit, plan_units
 
 
@@ -23,10 +21,8 @@ class UnitEmbedActor:
         self.job, self.rendering, self.roots = job, rendering, roots
         self.engine, self.tok = load_engine(job)
 
-    def __call__(self, batch: dict) -> dict:
-        out = [embed_unit(self.engine, self.tok, self.job, self.rendering, json.loads(u), self.roots)
-               for u in batch["unit"]]
-        return {"done": np.asarray([json.dumps(o) for o in out])}
+    def embed(self, unit: dict) -> dict:
+        return embed_unit(self.engine, self.tok, self.job, self.rendering, unit, self.roots)
 
 
 class RayEmbedder(LocalEmbedder):
@@ -38,28 +34,23 @@ class RayEmbedder(LocalEmbedder):
         self.num_actors, self.actor_num_cpus, self.ray_address = int(num_actors), float(actor_num_cpus), ray_address
 
     def embed(self, conversations, desc: str = "features") -> dict[str, str]:
-        import ray
         from tqdm.auto import tqdm
 
         units = plan_units(conversations, self.stores, self.rows_per_unit)
         rejected: dict[str, str] = {}
         if not units:
             return rejected
-        if not ray.is_initialized():
-            ray.init(address=self.ray_address or "local", include_dashboard=False, log_to_driver=False)
-            ray.data.DataContext.get_current().enable_progress_bars = False
+        executor.start(self.ray_address)  # joined, or started for the rest of the evaluation
         roots = {name: str(s.root) for name, s in self.stores.items()}
-        gpu = {"num_gpus": 1} if self.job.device.startswith("cuda") else {}
+        gpu = self.job.device.startswith("cuda")
         job = self.job
         if not gpu and not job.torch_threads:  # as the pipeline: the node's cores shared by its actors
             job = replace(job, torch_threads=max(1, (os.cpu_count() or 1) // self.num_actors))
-        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units)).map_batches(
-            UnitEmbedActor, fn_constructor_args=(job, self.rendering, roots), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_cpus=self.actor_num_cpus, **gpu)
+        results = executor.map_items(units, actor=(UnitEmbedActor, (job, self.rendering, roots), "embed"),
+                                     size=self.num_actors, num_cpus=self.actor_num_cpus, num_gpus=1 if gpu else 0)
         bar = tqdm(total=sum(len(u["hashes"]) for u in units), desc=f"{desc} ({self.num_actors} actors)", unit="row",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        for row in ds.iter_rows():
-            done = json.loads(row["done"])
+        for done in results:
             self._count(done, rejected)
             bar.update(done["rows"] + len(done["rejected"]))
         bar.close()

@@ -32,15 +32,16 @@ def write_selection(selected: list[dict], out: Path) -> None:
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import numpy
-    import ray
     import torch
     import transformers
 
     import mona_ray
 
     return {"python": sys.version.split()[0], "mona_ray": getattr(mona_ray, "__version__", "0"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
+            "transformers": transformers.__version__, "ray": version("ray"), "numpy": numpy.__version__,
             "pyarrow": pa.__version__, "platform": platform.platform()}
 
 

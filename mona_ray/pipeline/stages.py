@@ -1,7 +1,9 @@
-"""The per-unit work of each pipeline stage, as plain functions and one actor class.
+"""The per-unit work of each pipeline stage, as plain functions and one actor class over
+small typed units (:class:`PrepareUnit` -> :class:`Prepared`, :class:`EmbedUnit` ->
+:class:`Embedded`, a score group as an Arrow table).
 
-``driver.py`` hands these to Ray Data; nothing here imports Ray, so each stage can be
-called (and tested) on its own. Every file a stage writes is written to a temporary
+``driver.py`` hands these to the executor (``core/executor.py``, the one module that talks to
+Ray); nothing here imports Ray, so each stage can be called (and tested) on its own. Every file a stage writes is written to a temporary
 name and renamed into place, and its name is derived from its content or its input
 unit, never from a random id: a retried or resumed task rewrites the same file with
 the same bytes, so output can neither be lost half-written nor duplicated.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -123,7 +125,28 @@ def _reason(e: BaseException) -> str:
     return safe_text(f"{type(e).__name__}: {e}")[:500]
 
 
-def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, rejected_path: str) -> dict:
+@dataclass(frozen=True)
+class PrepareUnit:
+    """One input unit to read, validate, render and tokenize, and the two parts it writes."""
+
+    unit: records.ReadUnit
+    part: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    unit: str
+    rows_ok: int
+    rows_rejected: int
+
+
+def prepare(task: PrepareUnit, rs: RenderSettings) -> Prepared:
+    """:func:`prepare_unit` for one :class:`PrepareUnit`."""
+    return prepare_unit(task.unit, rs, task.part, task.rejected)
+
+
+def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, rejected_path: str) -> Prepared:
     """Read, validate, render and tokenize one unit; write its prepared and rejected parts.
 
     No record can stop the unit: any exception while handling one record rejects that record
@@ -157,20 +180,45 @@ def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, reje
                         "reason": f"cannot tokenize: {_reason(err)}"})
     write_part(pa.Table.from_pylist(ok, schema=PREPARED_SCHEMA), out_path, row_group_size=256)
     write_part(rejected_table(bad), rejected_path)  # last: a unit is done when both parts check
-    return {"unit": unit.key, "rows_ok": len(ok), "rows_rejected": len(bad)}
+    return Prepared(unit.key, len(ok), len(bad))
 
 
 # ----------------------------------------------------------------------------- embed
 
 
-class EmbedActor:
-    """Holds the model, its SAEs and the feature engine; embeds one unit per call and writes one
-    part per readout into that readout's store folder.
+@dataclass(frozen=True)
+class EmbedUnit:
+    """Rows of one prepared part to embed: ``rows`` (positions in ``prepared``), ``out``
+    ({readout name: the store part to write}), ``key`` (named after the rows' content)."""
 
-    Only the small summary row goes back through Ray; the features go straight to Parquet,
-    so nothing large crosses the object store. With a ``progress`` actor handle, every
-    micro-batch reports its rows and tokens to it as it finishes (fire and forget), so the
-    driver's bar moves within a unit.
+    key: str
+    prepared: str
+    rows: tuple[int, ...]
+    out: dict = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """What an embedded unit reports: rows written, token and time counts, rows it could not embed."""
+
+    unit: str
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+    forward_seconds: float
+    unit_seconds: float
+    rejected: list = field(hash=False)  # rejected-table rows (file, row, id, stage, reason)
+    actor: str = ""
+
+
+class EmbedActor:
+    """Holds the model, its SAEs and the feature engine; embeds one :class:`EmbedUnit` per call
+    and writes one part per readout into that readout's store folder.
+
+    Only the small :class:`Embedded` summary goes back; the features go straight to Parquet,
+    so nothing large crosses the object store. With a ``progress`` counter (anything with
+    ``report(rows, tokens)``: the executor's :class:`~mona_ray.core.executor.Counter`), every
+    micro-batch reports its rows and tokens as it finishes, so the driver's bar moves within a unit.
     """
 
     def __init__(self, job: EngineJob, progress=None):
@@ -179,19 +227,13 @@ class EmbedActor:
         self.progress = progress
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
-    def __call__(self, batch: dict) -> dict:
-        out = [self.embed_unit(json.loads(u)) for u in batch["unit"]]
-        return {k: np.asarray([o[k] for o in out]) for k in out[0]}
-
     def _report(self, rows: int, tokens: int) -> None:
         if self.progress is not None:
-            self.progress.add.remote(rows, tokens)
+            self.progress.report(rows, tokens)
 
-    def embed_unit(self, unit: dict) -> dict:
-        """``unit``: ``prepared`` (a prepared part), ``rows`` (positions in it), ``out`` ({readout
-        name: part path}) and ``key``."""
+    def embed_unit(self, unit: EmbedUnit) -> Embedded:
         t0 = time.perf_counter()
-        table = read_parquet(unit["prepared"], ["content_hash", "input_ids", "pool_mask", "id", "file", "row"], unit["rows"])
+        table = read_parquet(unit.prepared, ["content_hash", "input_ids", "pool_mask", "id", "file", "row"], list(unit.rows))
         ids = table.column("input_ids").to_pylist()
         mask = table.column("pool_mask").to_pylist()
         # the prepared mask is the run's pool.exclude; "none" (RDS+) pools every real token
@@ -202,28 +244,12 @@ class EmbedActor:
         for r in self.job.readouts:
             write_store_part(rows_table([hashes[i] for i in good], [res.n_tokens[i] for i in good],
                                         [res.n_pooled[r.name][i] for i in good], [res.outputs[r.name][i] for i in good],
-                                        self.job.batching.value_dtype), unit["out"][r.name])
+                                        self.job.batching.value_dtype), unit.out[r.name])
         files, rows, rids = (table.column(c).to_pylist() for c in ("file", "row", "id"))
         rejected = [{"file": files[i], "row": rows[i], "id": rids[i], "stage": "embed", "reason": r}
                     for i, r in sorted(res.rejected.items())]
-        return {"unit": unit["key"], "rows": len(good), "real_tokens": res.real_tokens,
-                "padded_tokens": res.padded_tokens, "forward_seconds": res.forward_seconds,
-                "unit_seconds": time.perf_counter() - t0, "rejected": json.dumps(rejected), "actor": self.name}
-
-
-class Progress:
-    """A tiny Ray actor the embedding actors report micro-batches to (rows, tokens)."""
-
-    def __init__(self):
-        self.rows = 0
-        self.tokens = 0
-
-    def add(self, rows: int, tokens: int) -> None:
-        self.rows += rows
-        self.tokens += tokens
-
-    def get(self) -> tuple[int, int]:
-        return self.rows, self.tokens
+        return Embedded(unit.key, len(good), res.real_tokens, res.padded_tokens, res.forward_seconds,
+                        time.perf_counter() - t0, rejected, self.name)
 
 
 def explain_task(job: EngineJob, target_ids, target_masks, protos, groups) -> list[dict]:
@@ -248,15 +274,9 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
     (round-robin) also, per prototype ``j``, its ``k`` best rows with ``target = j`` (``row_at = -1``).
     ``row_mass < 1``: each row is cut to its largest latents carrying that share of its mass
     before it is compared (``select.row_mass``). Reads each part once, only the needed columns."""
-    import ray
-
     from ..scoring import topk
     from ..scoring.table import score_rows_against
 
-    if isinstance(protos, ray.ObjectRef):
-        protos = ray.get(protos)
-    if isinstance(paths, ray.ObjectRef):
-        paths = ray.get(paths)
     hashes, scores, per = [], [], []
     for emb in read_wanted(paths, batch, ["content_hash", "n_pooled", "indices", "values"]):
         emb = first_per_key(emb, "content_hash", "content_hash")

@@ -82,12 +82,13 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from ..core import executor
+from ..core.executor import Passes
 from ..core.io import read_parquet
 from .base import Messages, check_target, messages_text
 
@@ -114,7 +115,7 @@ def score_distributed(method: str, opts: dict | None, parts: Sequence[Part], tar
 
     Returns a table ``id: string, score: float64``, one row per selected position, in
     ``parts`` order. ``info``, when given, is filled with what each pass did and the size
-    of the largest array the driver received from a task (see ``_Passes``).
+    of the largest array the driver received from a task (see ``Passes``).
     """
     from . import get_selector
 
@@ -131,7 +132,7 @@ def score_distributed(method: str, opts: dict | None, parts: Sequence[Part], tar
     check_target(target)
     jobs = [(str(p), np.asarray(pos, dtype=np.int64)) for p, pos in parts]
     jobs = [(i, p, pos) for i, (p, pos) in enumerate(jobs) if len(pos)]
-    passes = _Passes(task_num_cpus, progress, max_in_flight, info if info is not None else {})
+    passes = Passes(task_num_cpus, progress, max_in_flight, info if info is not None else {})
     passes.info.update(method=method, parts=len(jobs), rows=int(sum(len(j[2]) for j in jobs)))
     if not jobs:
         return OUTPUT_SCHEMA.empty_table()
@@ -164,83 +165,6 @@ def part_texts(path: str, positions: np.ndarray) -> tuple[pa.Array, list[str]]:
 # ----------------------------------------------------------------------------- task driver
 
 
-class _Passes:
-    """Runs one function per part as Ray tasks, a bounded number in flight, with a bar per pass.
-
-    ``info["passes"]`` gets one entry per pass: its name, task count, wall seconds, CPU
-    seconds summed over its tasks and the largest array (in elements) in any result the
-    driver fetched; ``info["largest_driver_array"]`` is the
-    maximum over passes. The driver never fetches anything else from the tasks."""
-
-    def __init__(self, num_cpus: float, progress: bool, max_in_flight: int | None, info: dict):
-        import ray
-
-        self.num_cpus, self.progress, self.info = float(num_cpus), progress, info
-        if max_in_flight is None:
-            cpus = float(ray.cluster_resources().get("CPU", 1.0))
-            max_in_flight = max(2, int(2 * cpus / max(self.num_cpus, 1e-3)))
-        self.max_in_flight = int(max_in_flight)
-        info.setdefault("passes", [])
-        info.setdefault("largest_driver_array", 0)
-
-    def run(self, name: str, fn: Callable, jobs: list[tuple], shared: tuple = (), num_returns: int = 1
-            ) -> Iterable[tuple[int, Any]]:
-        """Yield ``(i, result)`` per job ``(i, *args)`` as tasks finish; ``fn(*args, *shared)``.
-        With ``num_returns=2`` only the first return is fetched; the result is ``(value, ref)``."""
-        import ray
-        from tqdm import tqdm
-
-        remote = ray.remote(num_cpus=self.num_cpus, num_returns=num_returns)(_timed_call)
-        shared = tuple(ray.put(s) if isinstance(s, np.ndarray | dict | list | tuple) else s for s in shared)
-        entry = {"pass": name, "tasks": len(jobs), "largest_result_array": 0, "seconds": 0.0, "task_cpu_seconds": 0.0}
-        self.info["passes"].append(entry)
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(jobs), desc=f"{self.info.get('method', 'score')}: {name}", unit="part",
-                   file=sys.stderr, disable=not self.progress, mininterval=1.0)
-        todo, pending = iter(jobs), {}
-        try:
-            while True:
-                while len(pending) < self.max_in_flight:
-                    job = next(todo, None)
-                    if job is None:
-                        break
-                    refs = remote.remote(fn, num_returns, *job[1:], *shared)
-                    first, rest = (refs[0], refs[1]) if num_returns > 1 else (refs, None)
-                    pending[first] = (job[0], rest)
-                if not pending:
-                    break
-                done, _ = ray.wait(list(pending), num_returns=1)
-                i, rest = pending.pop(done[0])
-                cpu, value = ray.get(done[0])
-                entry["task_cpu_seconds"] = round(entry["task_cpu_seconds"] + cpu, 3)
-                n = _largest_array(value)
-                entry["largest_result_array"] = max(entry["largest_result_array"], n)
-                self.info["largest_driver_array"] = max(self.info["largest_driver_array"], n)
-                bar.update(1)
-                entry["seconds"] = round(time.perf_counter() - t0, 3)
-                yield i, ((value, rest) if num_returns > 1 else value)
-        finally:
-            bar.close()
-
-
-def _timed_call(fn: Callable, num_returns: int, *args):
-    """``fn(*args)`` with its process CPU seconds: ``(cpu, result)`` (with two returns: on the first)."""
-    c0 = time.process_time()
-    out = fn(*args)
-    cpu = time.process_time() - c0
-    return ((cpu, out[0]), *out[1:]) if num_returns > 1 else (cpu, out)
-
-
-def _largest_array(obj) -> int:
-    if isinstance(obj, np.ndarray | pa.Array | pa.ChunkedArray):
-        return int(obj.size if isinstance(obj, np.ndarray) else len(obj))
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, list | tuple):
-        return max((_largest_array(o) for o in obj), default=0)
-    return 0
-
-
 def _table(results: dict[int, tuple[pa.Array, np.ndarray]], jobs: list[tuple]) -> pa.Table:
     ids = [results[i][0] for i, *_ in jobs]
     scores = [np.asarray(results[i][1], dtype=np.float64) for i, *_ in jobs]
@@ -258,7 +182,7 @@ def random_part(path: str, positions: np.ndarray, seed: int) -> tuple[pa.Array, 
     return ids, RandomSelector(seed).prepare([], ids.to_pylist())
 
 
-def _random(sel, jobs, passes: _Passes) -> pa.Table:
+def _random(sel, jobs, passes: Passes) -> pa.Table:
     return _table(dict(passes.run("score", random_part, jobs, (sel.seed,))), jobs)
 
 
@@ -395,9 +319,7 @@ def bm25_model(sel, n_docs: int, total_length: int, df: np.ndarray) -> dict:
             "avgdl": avgdl, "idf": idf, "nonocc": nonocc, "n_terms": len(df), "n_docs": n_docs}
 
 
-def _bm25(sel, jobs, target, passes: _Passes) -> pa.Table:
-    import ray
-
+def _bm25(sel, jobs, target, passes: Passes) -> pa.Table:
     if sel.method not in BM25_METHODS:
         raise ValueError(f"bm25 method={sel.method!r}: use one of {', '.join(BM25_METHODS)}")
     terms, queries = query_terms(sel, target)
@@ -416,7 +338,7 @@ def _bm25(sel, jobs, target, passes: _Passes) -> pa.Table:
     model = bm25_model(sel, n_docs, total, df)
     # the query as bm25s scores it: only terms in the corpus vocabulary (df > 0), token order kept
     queries = [q[df[q] > 0] for q in queries]
-    model_ref, queries_ref = ray.put(model), ray.put(queries)
+    model_ref, queries_ref = executor.put(model), executor.put(queries)
     jobs2 = [(i, counts_refs[i]) for i, *_ in jobs]
     try:
         if sel.aggregate == "sum":
@@ -470,7 +392,7 @@ def dsir_score_part(buckets: dict, p_target: np.ndarray, p_raw: np.ndarray, eps:
     return buckets["ids"], length_filter(log_w, buckets["offsets"], ngrams, min_length)
 
 
-def _dsir(sel, jobs, target, passes: _Passes) -> pa.Table:
+def _dsir(sel, jobs, target, passes: Passes) -> pa.Table:
     from .dsir import bow_probs, counts_probs, filter_note, gumbel_perturb
 
     nb, ng = sel.hasher.num_buckets, sel.hasher.ngrams
@@ -508,7 +430,8 @@ def dense_embed_target(opts: dict, target: list[Messages]) -> np.ndarray:
 
 
 class DenseScorer:
-    """A Ray Data actor: one sentence encoder; scores one part per call against the target embeddings."""
+    """An actor of the executor's pool: one sentence encoder; scores one part per call against the
+    target embeddings."""
 
     def __init__(self, opts: dict, target_emb: np.ndarray, threads: int = 1):
         import torch
@@ -519,27 +442,24 @@ class DenseScorer:
         self.sel = get_selector("dense", **{**opts, "progress": False})
         self.T = target_emb
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def score_part(self, job: tuple) -> pa.Table:
+        """``job``: ``(i, part path, row positions)`` -> ``part, pos, id, score`` of those rows."""
         from .dense import centroid_cosine
 
-        outs = []
-        for i, path, pos in zip(batch.column("i").to_pylist(), batch.column("path").to_pylist(),
-                                batch.column("pos").to_pylist()):
-            ids, msgs = part_rows(path, np.asarray(pos, dtype=np.int64))
-            s = centroid_cosine(self.sel.embed(msgs), self.T)
-            outs.append(pa.table({"part": pa.array(np.full(len(s), i, dtype=np.int64)),
-                                  "pos": pa.array(np.arange(len(s), dtype=np.int64)), "id": ids,
-                                  "score": pa.array(s, pa.float64())}))
-        return pa.concat_tables(outs)
+        i, path, pos = job
+        ids, msgs = part_rows(path, np.asarray(pos, dtype=np.int64))
+        s = centroid_cosine(self.sel.embed(msgs), self.T)
+        return pa.table({"part": pa.array(np.full(len(s), i, dtype=np.int64)),
+                         "pos": pa.array(np.arange(len(s), dtype=np.int64)), "id": ids,
+                         "score": pa.array(s, pa.float64())})
 
 
-def _dense(opts, jobs, target, passes: _Passes, num_cpus: float, num_gpus: float, num_actors: int | None) -> pa.Table:
+def _dense(opts, jobs, target, passes: Passes, num_cpus: float, num_gpus: float, num_actors: int | None) -> pa.Table:
     import math
 
-    import ray
     from tqdm import tqdm
 
-    res = ray.cluster_resources()
+    res = executor.resources()
     if num_actors is None:
         if num_gpus > 0:
             num_actors = max(1, int(res.get("GPU", 0) / num_gpus))
@@ -547,23 +467,18 @@ def _dense(opts, jobs, target, passes: _Passes, num_cpus: float, num_gpus: float
             num_actors = max(1, int(res.get("CPU", 1) // max(1.0, num_cpus)))
     num_actors = max(1, min(int(num_actors), len(jobs)))
     threads = max(1, math.floor(num_cpus)) if num_gpus <= 0 else 1
-    remote = ray.remote(num_cpus=num_cpus, **({"num_gpus": num_gpus} if num_gpus > 0 else {}))(dense_embed_target)
-    T = ray.get(remote.remote(opts, list(target)))
+    T = executor.call(dense_embed_target, opts, list(target), num_cpus=num_cpus, num_gpus=max(0.0, num_gpus)).result()
     entry = {"pass": "target", "tasks": 1, "largest_result_array": int(T.size)}
     passes.info["passes"].append(entry)
-    items = [{"i": i, "path": p, "pos": pos.tolist()} for i, p, pos in jobs]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        DenseScorer, fn_constructor_kwargs={"opts": opts, "target_emb": T, "threads": threads}, batch_size=1,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=num_cpus,
-        **({"num_gpus": num_gpus} if num_gpus > 0 else {}))
-    del items
+    results = executor.map_items(list(jobs), actor=(DenseScorer, (opts, T, threads), "score_part"), size=num_actors,
+                                 num_cpus=num_cpus, num_gpus=max(0.0, num_gpus))
     entry = {"pass": f"score ({num_actors} actor{'s' * (num_actors > 1)})", "tasks": len(jobs),
              "largest_result_array": 0}
     passes.info["passes"].append(entry)
     bar = tqdm(total=len(jobs), desc=f"dense: {entry['pass']}", unit="part", file=sys.stderr,
                disable=not passes.progress, mininterval=1.0)
     blocks, seen = [], set()
-    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for b in results:
         blocks.append(b)
         entry["largest_result_array"] = max(entry["largest_result_array"], len(b))
         new = set(np.unique(b.column("part").to_numpy()).tolist()) - seen

@@ -1,0 +1,362 @@
+"""Where the work runs: the one module of the job that talks to Ray.
+
+The stages (``pipeline/stages.py``, ``features/local.py``) are plain functions and classes
+over small dataclasses; this module runs them on a Ray cluster and hands their typed results back:
+
+* :func:`start` / :func:`stop`: join ``ray.address`` / ``RAY_ADDRESS`` (checked to accept
+  connections first: Ray alone retries an unreachable address for minutes) or start a fresh
+  local instance, quietly;
+* :func:`map_items`: one item per task (``fn(item, **kw)``) or per call of an actor pool
+  (``cls(*args).method(item)``, with resources, restarts and retries); items and results are
+  any picklable objects, moved as bytes (never as JSON text in a Ray row);
+* :func:`map_tables`: an Arrow table per task, an Arrow table back (the score stage);
+* :func:`call`: one remote function call with resources (explain's model pass);
+* :func:`put`: a value shared by many tasks (resolved before the stage function sees it);
+* :class:`Counter`: a tiny actor that tasks report progress to, fire and forget;
+* :class:`Passes`: the baselines' multi-pass fan-out (``selectors/scale.py``), a bounded
+  number of tasks in flight, state left in the object store between passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster at the configured address does not answer."""
+
+
+# ----------------------------------------------------------------------------- start and stop
+
+
+class _QuietRay:
+    """Drops Ray's lines that mean nothing to a user of this job: token authentication is on
+    (Ray's default for the instance it starts: nothing to do), Ray Data's progress bars are off
+    (the job draws its own, per stage, in rows and tokens), and Ray Data's abbreviated trace of a
+    task's exception (the CLI says in one line what failed, or raises the exception whole)."""
+
+    MUTED = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled",
+             "Exception occurred in user code", "An exception was raised from a task of operator")
+
+    def filter(self, record) -> bool:
+        return not any(m in str(record.msg) for m in self.MUTED)
+
+
+def _quiet_ray_logs() -> None:
+    import ray.data  # noqa: F401 - configures the "ray" and "ray.data" loggers and their handlers
+
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _QuietRay) for f in handler.filters):
+                handler.addFilter(_QuietRay())
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the address and the cause, when a ``host:port`` or ``ray://host:port``
+    Ray address does not accept connections (``auto`` is left to Ray, which fails fast)."""
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+        raise ClusterUnreachable(f"cannot reach the Ray cluster at {address!r} ({why}). Start it (ray start --head) "
+                                 "or set ray.address / RAY_ADDRESS to a running cluster's address") from None
+
+
+def address_of(ray_cfg) -> str | None:
+    """The cluster a run joins (the config's ``ray.address``, else ``RAY_ADDRESS``); None: a local instance."""
+    return ray_cfg.address or os.environ.get("RAY_ADDRESS")
+
+
+def start(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
+          log_to_driver: bool = False) -> bool:
+    """Join the Ray cluster at ``address`` or start a fresh local instance (``num_cpus``,
+    ``num_gpus``); True when this call started Ray (the caller then :func:`stop`\\ s it). A Ray
+    already initialised in this process (a notebook's) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        _quiet_ray_logs()
+        kw = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=log_to_driver,
+                  logging_level=logging.WARNING)
+        if address:
+            check_reachable(address)
+            try:
+                ray.init(address=address, **kw)
+            except (ConnectionError, TimeoutError) as e:
+                raise ClusterUnreachable(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}. "
+                                         "Start it (ray start --head) or set ray.address / RAY_ADDRESS to a running "
+                                         "cluster") from None
+        else:
+            # "local": always a fresh instance for this run, never a stray `ray start` cluster on this machine
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kw)
+    finally:  # ray.init installs a native SIGTERM handler that aborts the driver; the CLI's own comes back
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
+
+
+def stop(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def resources() -> dict[str, float]:
+    """The cluster's resources (``CPU``, ``GPU``, custom ones)."""
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+# ----------------------------------------------------------------------------- shared values
+
+
+class Shared:
+    """A value put once into the object store and resolved inside each task (:func:`put`)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+
+def put(value) -> Shared:
+    import ray
+
+    return Shared(ray.put(value))
+
+
+def _resolve(kw: dict) -> dict:
+    import ray
+
+    return {k: ray.get(v.ref) if isinstance(v, Shared) else v for k, v in kw.items()}
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+class _TaskCall:
+    """Ray Data's per-batch function for :func:`map_items`' tasks: unpickle, call, pickle."""
+
+    def __init__(self, fn: Callable, kw: dict):
+        self.fn, self.kw = fn, kw
+
+    def __call__(self, batch: dict) -> dict:
+        kw = _resolve(self.kw)
+        return {"result": np.array([pickle.dumps(self.fn(pickle.loads(b), **kw)) for b in batch["item"]], dtype=object)}
+
+
+class _ActorCall:
+    """Ray Data's callable class for :func:`map_items`' actor pools: one ``cls(*args)`` per actor."""
+
+    def __init__(self, cls: type, args: tuple, method: str):
+        self.obj = cls(*args)
+        self.method = getattr(self.obj, method)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"result": np.array([pickle.dumps(self.method(pickle.loads(b))) for b in batch["item"]], dtype=object)}
+
+
+def map_items(items: list, fn: Callable | None = None, *, fn_kwargs: dict | None = None, num_cpus: float = 1.0,
+              actor: tuple[type, tuple, str] | None = None, size: int = 1, num_gpus: float = 0,
+              custom: dict | None = None) -> Iterator[Any]:
+    """Each of ``items`` through ``fn(item, **fn_kwargs)`` in a task, or through
+    ``actor = (cls, ctor_args, method)`` on a pool of ``size`` actors (each holding one
+    ``cls(*ctor_args)``: a model, say); yields the results as they finish. Ray Data restarts
+    dead actors and retries their items by default (max_restarts=-1, max_task_retries=-1): a
+    lost node costs only its items in flight."""
+    import ray
+
+    if not items:
+        return iter(())
+    ds = ray.data.from_items([{"item": pickle.dumps(x)} for x in items], override_num_blocks=len(items))
+    res = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+           **({"resources": dict(custom)} if custom else {})}
+    if actor is None:
+        ds = ds.map_batches(_TaskCall(fn, dict(fn_kwargs or {})), batch_size=1, **res)
+    else:
+        ds = ds.map_batches(_ActorCall, fn_constructor_args=actor, batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=size), **res)
+    return (pickle.loads(row["result"]) for row in ds.iter_rows())
+
+
+class _TableCall:
+    def __init__(self, fn: Callable, kw: dict):
+        self.fn, self.kw = fn, kw
+
+    def __call__(self, table):
+        return self.fn(table, **_resolve(self.kw))
+
+
+def map_tables(tables: list, fn: Callable, *, fn_kwargs: dict | None = None, num_cpus: float = 1.0) -> Iterator:
+    """Each Arrow table of ``tables`` through ``fn(table, **fn_kwargs) -> table`` in a task;
+    yields the result tables as they finish (the score stage: store parts in, scores out)."""
+    import ray
+
+    ds = ray.data.from_arrow(tables).map_batches(_TableCall(fn, dict(fn_kwargs or {})), batch_format="pyarrow",
+                                                 batch_size=None, num_cpus=num_cpus)
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+class Pending:
+    """A remote call's result, fetched by :meth:`result`."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self):
+        import ray
+
+        return ray.get(self.ref)
+
+
+def call(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0, custom: dict | None = None) -> Pending:
+    """``fn(*args)`` in one remote task with these resources; returns at once."""
+    import ray
+
+    opts = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+            **({"resources": dict(custom)} if custom else {})}
+    return Pending(ray.remote(**opts)(fn).remote(*args))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _CounterActor:
+    def __init__(self):
+        self.rows = 0
+        self.tokens = 0
+
+    def add(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+
+    def get(self) -> tuple[int, int]:
+        return self.rows, self.tokens
+
+
+class Counter:
+    """Rows and tokens reported by tasks or actors as they go (``report``: fire and forget),
+    read by the driver (``get``); pickled into the tasks as a handle."""
+
+    def __init__(self):
+        import ray
+
+        self._actor = ray.remote(num_cpus=0)(_CounterActor).remote()
+
+    def report(self, rows: int, tokens: int) -> None:
+        self._actor.add.remote(rows, tokens)
+
+    def get(self, timeout: float = 10.0) -> tuple[int, int]:
+        import ray
+
+        return ray.get(self._actor.get.remote(), timeout=timeout)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self._actor)
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+class Passes:
+    """Runs one function per part as Ray tasks, a bounded number in flight, with a bar per pass.
+
+    ``info["passes"]`` gets one entry per pass: its name, task count, wall seconds, CPU
+    seconds summed over its tasks and the largest array (in elements) in any result the
+    driver fetched; ``info["largest_driver_array"]`` is the
+    maximum over passes. The driver never fetches anything else from the tasks. With
+    ``num_returns=2`` a task's second result stays in the object store (a :class:`Shared`
+    handle) for a later pass to take as an argument."""
+
+    def __init__(self, num_cpus: float, progress: bool, max_in_flight: int | None, info: dict):
+        self.num_cpus, self.progress, self.info = float(num_cpus), progress, info
+        if max_in_flight is None:
+            cpus = float(resources().get("CPU", 1.0))
+            max_in_flight = max(2, int(2 * cpus / max(self.num_cpus, 1e-3)))
+        self.max_in_flight = int(max_in_flight)
+        info.setdefault("passes", [])
+        info.setdefault("largest_driver_array", 0)
+
+    def run(self, name: str, fn: Callable, jobs: list[tuple], shared: tuple = (), num_returns: int = 1
+            ) -> Iterable[tuple[int, Any]]:
+        """Yield ``(i, result)`` per job ``(i, *args)`` as tasks finish; ``fn(*args, *shared)``.
+        With ``num_returns=2`` only the first return is fetched; the result is ``(value, handle)``."""
+        import ray
+        from tqdm import tqdm
+
+        remote = ray.remote(num_cpus=self.num_cpus, num_returns=num_returns)(_timed_call)
+        shared = tuple(s.ref if isinstance(s, Shared) else ray.put(s) if isinstance(s, np.ndarray | dict | list | tuple)
+                       else s for s in shared)
+        entry = {"pass": name, "tasks": len(jobs), "largest_result_array": 0, "seconds": 0.0, "task_cpu_seconds": 0.0}
+        self.info["passes"].append(entry)
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(jobs), desc=f"{self.info.get('method', 'score')}: {name}", unit="part",
+                   file=sys.stderr, disable=not self.progress, mininterval=1.0)
+        todo, pending = iter(jobs), {}
+        try:
+            while True:
+                while len(pending) < self.max_in_flight:
+                    job = next(todo, None)
+                    if job is None:
+                        break
+                    args = [a.ref if isinstance(a, Shared) else a for a in job[1:]]
+                    refs = remote.remote(fn, num_returns, *args, *shared)
+                    first, rest = (refs[0], Shared(refs[1])) if num_returns > 1 else (refs, None)
+                    pending[first] = (job[0], rest)
+                if not pending:
+                    break
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i, rest = pending.pop(done[0])
+                cpu, value = ray.get(done[0])
+                entry["task_cpu_seconds"] = round(entry["task_cpu_seconds"] + cpu, 3)
+                n = _largest_array(value)
+                entry["largest_result_array"] = max(entry["largest_result_array"], n)
+                self.info["largest_driver_array"] = max(self.info["largest_driver_array"], n)
+                bar.update(1)
+                entry["seconds"] = round(time.perf_counter() - t0, 3)
+                yield i, ((value, rest) if num_returns > 1 else value)
+        finally:
+            bar.close()
+
+
+def _timed_call(fn: Callable, num_returns: int, *args):
+    """``fn(*args)`` with its process CPU seconds: ``(cpu, result)`` (with two returns: on the first)."""
+    c0 = time.process_time()
+    out = fn(*args)
+    cpu = time.process_time() - c0
+    return ((cpu, out[0]), *out[1:]) if num_returns > 1 else (cpu, out)
+
+
+def _largest_array(obj) -> int:
+    import pyarrow as pa
+
+    if isinstance(obj, np.ndarray | pa.Array | pa.ChunkedArray):
+        return int(obj.size if isinstance(obj, np.ndarray) else len(obj))
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        return max((_largest_array(o) for o in obj), default=0)
+    return 0
