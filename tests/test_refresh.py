@@ -161,7 +161,7 @@ def test_damaged_page_in_a_store_part_is_one_line_then_rebuilt(reference, args_f
     data[at:at + 4] = bytes(4)  # same size, footer intact: only the read can tell
     victim.write_bytes(bytes(data))
     p = cli(args_for(out, "run.overwrite=true"))
-    line = one_line_error(p, str(victim), "is damaged", "run the same command again")
+    one_line_error(p, str(victim), "is damaged", "moved aside", "run the same command again")
     assert not victim.exists() and list((victim.parent / "quarantine").iterdir())
     ok(cli(args_for(out, "run.overwrite=true")))
     same_selection(out, reference)
@@ -184,6 +184,13 @@ def test_truncated_prepared_part_is_quarantined_and_prepared_again(reference, ar
 # ----------------------------------------------------------------------------- the disk and the cluster
 
 
+def free_space_then_resume(disk: Path, args: list[str], out: Path, reference: Path) -> None:
+    """The operator frees space (the tmpfs grows), runs the same command, and gets the reference selection."""
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    ok(cli(args))
+    same_selection(out, reference)
+
+
 def test_disk_full_before_the_run_then_resume(reference, args_for, tmpfs, tmp_path):
     disk = tmpfs("64k")
     out = disk / "out"
@@ -201,9 +208,7 @@ def test_disk_full_before_the_run_then_resume(reference, args_for, tmpfs, tmp_pa
     one_line_error(p, "no space left on device", str(out))
     assert not (out / ".lock").exists()  # no empty lease left to refuse the next run
     ballast.unlink()
-    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # space freed
-    ok(cli(args_for(out, f"embed.store_dir={tmp_path / 'store'}")))
-    same_selection(out, reference)
+    free_space_then_resume(disk, args_for(out, f"embed.store_dir={tmp_path / 'store'}"), out, reference)
 
 
 def test_full_disk_during_prepare_then_resume(reference, args_for, tmpfs, tmp_path):
@@ -214,9 +219,7 @@ def test_full_disk_during_prepare_then_resume(reference, args_for, tmpfs, tmp_pa
     line = one_line_error(p, "no space left on device", str(out / "prepared"), "run the same command again")
     assert "Free space there" in line
     assert not (out / "selected.jsonl").exists()
-    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # space freed
-    ok(cli(args_for(out, f"embed.store_dir={store}")))
-    same_selection(out, reference)
+    free_space_then_resume(disk, args_for(out, f"embed.store_dir={store}"), out, reference)
 
 
 def test_full_disk_during_embed_then_resume(reference, args_for, tmpfs, tmp_path):
@@ -226,10 +229,7 @@ def test_full_disk_during_embed_then_resume(reference, args_for, tmpfs, tmp_path
     p = cli(args_for(out, f"embed.store_dir={store}"))
     one_line_error(p, "no space left on device", str(store))
     assert len(list(out.glob("prepared/*/source/*.parquet.ok"))) > 0  # prepare had finished
-    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
-    again = cli(args_for(out, f"embed.store_dir={store}"))
-    ok(again)
-    same_selection(out, reference)
+    free_space_then_resume(disk, args_for(out, f"embed.store_dir={store}"), out, reference)
 
 
 def test_read_only_mount_then_resume(reference, args_for, tmpfs):

@@ -275,14 +275,13 @@ class Pipeline:
             items = [stages.PrepareUnit(t["unit"], str(t["part"]), str(t["rejected"])) for t in todo]
             done = executor.map_items(items, stages.prepare, fn_kwargs={"rs": rs}, num_cpus=self.cfg.ray.task_num_cpus)
             known = [t["unit"].stop - t["unit"].start for t in todo if t["unit"].stop >= 0]
-            bar = _tqdm(total=sum(known) if len(known) == len(todo) else None, desc="prepare (rows read+tokenized)",
-                        unit="row")
             rejected = 0
-            for res in done:
-                bar.update(res.rows_ok + res.rows_rejected)
-                rejected += res.rows_rejected
-                bar.set_postfix(rejected=rejected)
-            bar.close()
+            with _tqdm(total=sum(known) if len(known) == len(todo) else None, desc="prepare (rows read+tokenized)",
+                       unit="row") as bar:  # closed (its line ended) however the stage ends
+                for res in done:
+                    bar.update(res.rows_ok + res.rows_rejected)
+                    rejected += res.rows_rejected
+                    bar.set_postfix(rejected=rejected)
         self.timings["prepare"] = time.perf_counter() - t0
 
     def _load_index(self, parts: list[dict]) -> tuple[pa.Table, pa.Table]:
@@ -511,20 +510,20 @@ class Pipeline:
         per_target = [RunningTopK(k) for _ in range(len(self.protos))] if rr else None
         scores = np.zeros(len(idx))  # by position in the index: no join on the ids afterwards
         seen = np.zeros(len(idx), dtype=bool)
-        bar = _tqdm(total=len(idx), desc="score (rows)", unit="row")
-        for b in batches:
-            j = b.column("target").to_numpy()
-            if rr:  # each task's best k rows per target row, merged here into one list per target
-                for t in np.unique(j[j >= 0]):
-                    c = b.filter(pa.array(j == t))
-                    per_target[int(t)].add(c.column("score").to_numpy(), c.column("id").to_numpy(zero_copy_only=False))
-            b = b.filter(pa.array(j < 0))
-            if top is not None:
-                top.add(b.column("score").to_numpy(), b.column("id").to_numpy(zero_copy_only=False))
-            at = b.column("row_at").to_numpy()
-            scores[at], seen[at] = b.column("score").to_numpy(), True
-            bar.update(len(b))
-        bar.close()
+        with _tqdm(total=len(idx), desc="score (rows)", unit="row") as bar:
+            for b in batches:
+                j = b.column("target").to_numpy()
+                if rr:  # each task's best k rows per target row, merged here into one list per target
+                    for t in np.unique(j[j >= 0]):
+                        c = b.filter(pa.array(j == t))
+                        per_target[int(t)].add(c.column("score").to_numpy(),
+                                               c.column("id").to_numpy(zero_copy_only=False))
+                b = b.filter(pa.array(j < 0))
+                if top is not None:
+                    top.add(b.column("score").to_numpy(), b.column("id").to_numpy(zero_copy_only=False))
+                at = b.column("row_at").to_numpy()
+                scores[at], seen[at] = b.column("score").to_numpy(), True
+                bar.update(len(b))
         if rr:
             from ..scoring.aggregate import round_robin
 
