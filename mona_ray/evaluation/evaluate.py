@@ -42,8 +42,8 @@ from ..core.io import write_parquet
 from ..config import CONF_DIR, EvalConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # importing it registers the ${mona_ray.asset:...} resolver
 from ..core.model import ModelError, parse_hookpoint
 from ..core.records import InputError, content_hash
-from ..scoring import prototype_of, rows_of
-from ..scoring.table import score_rows_against, target_prototypes
+from ..scoring import rows_of
+from ..scoring.table import score_rows_against
 from ..core.sae import SAEError, detect_format
 from ..selectors import get_selector
 from ..selectors.nait import combine, nait_directions, project
@@ -505,31 +505,37 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
     per target row (RDS+), and a row's score is minus its position in the interleaving. Pool rows
     are compared as the pipeline compares them (``scored_rows``: cut to ``row_mass``)."""
-    from ..scoring.aggregate import best_clusters, candidates_from_scores, round_robin, similarities, sparsify_prototype
-    from ..scoring.table import scored_rows
+    from ..scoring.aggregate import candidates_from_scores, round_robin, similarities
+    from ..scoring.table import build_targets, scored_rows
 
-    T = rows_of(tgt, dense)
-    T = T if dense else T.to_dense(width)
-    if aggregate in ("round_robin", "rds"):  # rds: the published rule, a taken row spends the target's turn
+    rr = aggregate in ("round_robin", "rds")  # rds: the published rule, a taken row spends the target's turn
+    rule, min_sil = "fixed", 0.25
+    if not rr:
+        aggregate, mass, rule, min_sil = _cut_settings(aggregate, mass)
+    _, P, info = build_targets(tgt, width, dense, aggregate, mass, seed, mass_rule=rule, min_silhouette=min_sil,
+                               search=_cached_search(seed))
+    if rr:
         X = scored_rows(pool, dense, row_mass=row_mass)
-        P = np.stack([sparsify_prototype(t, mass) for t in T]) if mass < 1 else T
         S = similarities(X, P, similarity, dense)
         ids = np.asarray([f"{i:09d}" for i in range(S.shape[0])], dtype=object)  # ties: pool order
         order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids), skip_taken=aggregate != "rds")
         out = np.empty(len(ids))
         out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
-        return out, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass, "row_mass": row_mass}
-    aggregate, mass, rule, min_sil = _cut_settings(aggregate, mass)
-    search = None
-    if aggregate == "clusters" and len(T) >= 4:  # one silhouette search per target rows, for every setting
+        return out, {**info, "row_mass": row_mass}
+    return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass),
+            {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass})
+
+
+def _cached_search(seed: int):
+    """``T -> best_clusters(T, seed)``, one silhouette search per target rows for every clusters setting."""
+    from ..scoring.aggregate import best_clusters
+
+    def search(T):
         key = (hashlib.blake2b(np.ascontiguousarray(T).tobytes(), digest_size=16).hexdigest(), T.shape, seed)
         if key not in _SEARCHES:
             _SEARCHES[key] = best_clusters(np.asarray(T, dtype=np.float64), seed)
-        search = _SEARCHES[key]
-    P, info = target_prototypes(T, aggregate, mass, seed, proto=prototype_of(tgt, width, dense), mass_rule=rule,
-                                min_silhouette=min_sil, search=search)
-    return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass),
-            {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass})
+        return _SEARCHES[key]
+    return search
 
 
 def _nait_deltas(table, n_blocks: int) -> np.ndarray:

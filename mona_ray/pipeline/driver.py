@@ -441,9 +441,7 @@ class Pipeline:
     def prototype(self) -> None:
         from safetensors.numpy import save_file
 
-        from ..scoring.aggregate import sparsify_prototype
-        from ..scoring import prototype_of, rows_of
-        from ..scoring.table import target_prototypes
+        from ..scoring.table import build_targets
 
         t0 = time.perf_counter()
         # one prototype entry per target row (duplicated content counts twice), in id order
@@ -454,26 +452,12 @@ class Pipeline:
         except KeyError:
             raise RunError(f"target rows have no embedding in {self.store.root}; this is a bug, please report it") from None
         dense, sel = not self.readout.sparse, self.cfg.select
-        # the masses cut non-negative codes by their largest values; a dense (signed) readout, e.g. RDS+'s
-        # hidden states, has no such order and is compared whole, whatever select.prototype_mass says
-        mass = 1.0 if dense else float(sel.prototype_mass)
-        self.proto = prototype_of(joined, self.width, dense, self.cfg.pool.method)
-        self.protos, self.aggregation = self.proto[None, :], {"aggregate": "prototype", "clusters": 1}
-        if self.aggregate != "prototype" or mass < 1 or (sel.mass_rule == "support" and not dense):
-            T = rows_of(joined, dense, self.cfg.pool.method)
-            T = T if dense else T.to_dense(self.width)  # [target rows, width]: the targets only
-            if self.aggregate == "round_robin":
-                self.protos = T if mass >= 1 else np.stack([sparsify_prototype(t, mass) for t in T])
-                self.aggregation = {"aggregate": "round_robin", "targets": len(T), "mass": mass}
-            else:
-                self.protos, self.aggregation = target_prototypes(
-                    T, self.aggregate, mass, sel.cluster_seed, sel.max_clusters, proto=self.proto,
-                    mass_rule=sel.mass_rule if not dense else "fixed", min_silhouette=sel.min_silhouette)
-                labels, ids = self.aggregation.pop("labels"), tgt.column("id").to_pylist()
-                if len(self.protos) > 1:
-                    self.aggregation["members"] = [[i for i, q in zip(ids, labels) if q == c]
-                                                   for c in range(len(self.protos))]
-            del T
+        self.proto, self.protos, self.aggregation = build_targets(
+            joined, self.width, dense, self.aggregate, float(sel.prototype_mass), sel.cluster_seed, sel.max_clusters,
+            self.cfg.pool.method, sel.mass_rule, sel.min_silhouette)
+        labels, ids = self.aggregation.pop("labels", None), tgt.column("id").to_pylist()
+        if labels is not None and len(self.protos) > 1:
+            self.aggregation["members"] = [[i for i, q in zip(ids, labels) if q == c] for c in range(len(self.protos))]
         if not dense and sel.row_mass < 1:  # dense readouts are compared whole
             self.aggregation["row_mass"] = float(sel.row_mass)
         save_file({"prototype": self.proto.astype(np.float32), "prototypes": self.protos.astype(np.float32)},

@@ -144,6 +144,38 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
                "silhouette": None if sil is None or not np.isfinite(sil) else float(sil)}
 
 
+def build_targets(tgt: pa.Table, width: int, dense: bool, aggregate: str = "prototype", mass: float = 1.0,
+                  seed: int = 0, max_clusters: int | None = None, pooling: str = "mean", mass_rule: str = "fixed",
+                  min_silhouette: float = 0.25, search=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The one target builder: what a selection scores against, from the target rows' stored
+    table ``tgt`` (in the order the prototype takes them). The pipeline's prototype stage and the
+    evaluation both call it.
+
+    Returns ``(proto, P, info)``: the mean of the target rows (``prototype.safetensors``'
+    ``prototype``), the prototypes the rows are scored against (``P [c, L]``: one for
+    ``prototype``, one per cluster for ``clusters``, one per target row for ``round_robin`` /
+    ``rds``) and what was built (``labels`` per target row for clusters). Dense readouts (signed
+    hidden states, e.g. RDS+'s) have no largest-values order, so they are compared whole: no mass
+    cut, rule ``fixed``. ``search``: ``T -> aggregate.best_clusters(T)`` when the caller caches
+    the silhouette search (the evaluation scores many settings of one target)."""
+    from .aggregate import sparsify_prototype
+
+    proto = prototype_of(tgt, width, dense, pooling)
+    if dense:
+        mass, mass_rule = 1.0, "fixed"
+    if aggregate == "prototype" and mass >= 1 and mass_rule != "support":
+        return proto, proto[None, :], {"aggregate": "prototype", "clusters": 1}
+    T = rows_of(tgt, dense, pooling)
+    T = T if dense else T.to_dense(width)  # [target rows, width]: the targets only
+    if aggregate in ("round_robin", "rds"):
+        P = T if mass >= 1 else np.stack([sparsify_prototype(t, mass) for t in T])
+        return proto, P, {"aggregate": aggregate, "targets": int(len(T)), "mass": mass}
+    found = search(T) if search is not None and aggregate == "clusters" and len(T) >= 4 else None
+    P, info = target_prototypes(T, aggregate, mass, seed, max_clusters, proto=proto, mass_rule=mass_rule,
+                                min_silhouette=min_silhouette, search=found)
+    return proto, P, info
+
+
 def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
                        batch_rows: int = 4096, row_mass: float = 1.0) -> np.ndarray:
     """Each stored row's best similarity over the prototypes ``P [c, L]`` (c = 1: :func:`score_rows`,
