@@ -7,8 +7,8 @@ name with the same bytes. A write that fails on the filesystem (disk full, permi
 denied, read-only or vanished mount) raises an ``OSError`` that names the destination.
 
 Files a later run trusts without rebuilding (store parts, prepared parts, staged copies) are
-*recorded*: :func:`record` writes a sidecar ``<file>.ok`` with the row count and byte size
-they were written with, and :func:`check_recorded` compares them cheaply (a ``stat`` and the
+*recorded*: :func:`write_part` and :func:`recorded_path` write a sidecar ``<file>.ok`` with the
+row count and byte size they were written with, and :func:`check_recorded` compares them cheaply (a ``stat`` and the
 Parquet footer) before the file is reused. Rename is not atomic on every shared filesystem,
 and disks and copies fail: a file that does not check is moved aside by :func:`quarantine`
 and rebuilt, never read.
@@ -178,6 +178,8 @@ def check_recorded(path: str | Path) -> str | None:
         with pq.ParquetFile(path) as f:
             rows = f.metadata.num_rows
     except Exception as e:  # noqa: BLE001 - any footer that does not read: pyarrow's ArrowInvalid, OSError
+        if os_errno(e) in _CAUSES:
+            raise  # the filesystem's failure (a vanished mount, EIO): the file may be fine, never quarantined
         return f"not a readable Parquet file ({str(e).splitlines()[0][:200]})"
     if rec is not None and rec.get("rows") is not None and rec["rows"] != rows:
         return f"{rows:,} rows on disk, {rec['rows']:,} written"

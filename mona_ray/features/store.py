@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.io import check_recorded, read_parquet, set_aside, sha, write_part
+from ..core.io import DamagedFile, check_recorded, read_parquet, set_aside, sha, write_part
 
 EMBEDDING_SCHEMA = pa.schema([
     ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_pooled", pa.int32()),
@@ -137,8 +137,8 @@ class FeatureStore:
             if problem is None:
                 try:
                     hashes[f] = read_parquet(f, ["content_hash"]).column("content_hash")
-                except Exception as e:  # noqa: BLE001 - a footer that reads over a damaged column chunk
-                    problem = f"its rows cannot be read ({str(e).splitlines()[0][:200]})"
+                except DamagedFile as e:  # a footer that reads over a damaged column chunk (filesystem errors propagate)
+                    problem = f"its rows cannot be read ({e.reason})"
             if problem is not None and problem != "missing":
                 set_aside(f, problem, "feature store part", "its rows are embedded again", self.quarantined)
         new_paths = [f for f in new_paths if f in hashes]
