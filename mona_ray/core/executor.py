@@ -177,6 +177,12 @@ class _ActorCall:
         return {"result": np.array([pickle.dumps(self.method(pickle.loads(b))) for b in batch["item"]], dtype=object)}
 
 
+def _options(num_cpus: float, num_gpus: float, custom: dict | None) -> dict:
+    """Ray's resource options for a task or an actor."""
+    return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+            **({"resources": dict(custom)} if custom else {})}
+
+
 def map_items(items: list, fn: Callable | None = None, *, fn_kwargs: dict | None = None, num_cpus: float = 1.0,
               actor: tuple[type, tuple, str] | None = None, size: int = 1, num_gpus: float = 0,
               custom: dict | None = None) -> Iterator[Any]:
@@ -190,8 +196,7 @@ def map_items(items: list, fn: Callable | None = None, *, fn_kwargs: dict | None
     if not items:
         return iter(())
     ds = ray.data.from_items([{"item": pickle.dumps(x)} for x in items], override_num_blocks=len(items))
-    res = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
-           **({"resources": dict(custom)} if custom else {})}
+    res = _options(num_cpus, num_gpus, custom)
     if actor is None:
         ds = ds.map_batches(_TaskCall(fn, dict(fn_kwargs or {})), batch_size=1, **res)
     else:
@@ -234,9 +239,7 @@ def call(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0, custom
     """``fn(*args)`` in one remote task with these resources; returns at once."""
     import ray
 
-    opts = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
-            **({"resources": dict(custom)} if custom else {})}
-    return Pending(ray.remote(**opts)(fn).remote(*args))
+    return Pending(ray.remote(**_options(num_cpus, num_gpus, custom))(fn).remote(*args))
 
 
 # ----------------------------------------------------------------------------- progress

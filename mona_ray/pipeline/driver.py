@@ -158,9 +158,10 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         publish.check_layout(self.root)
         self.lock = publish.OutputLock(self.root, self.run_id, cfg.run.lock_stale_s, wait_s=cfg.run.lock_wait_s).acquire()
-        if publish.published(self.root):  # links a stopped publish may have left half made, made whole
+        last = publish.published(self.root)
+        if last:  # links a stopped publish may have left half made, made whole
             with _signals_held():
-                publish.publish(self.root, publish.published(self.root))
+                publish.publish(self.root, last)
         check_output_dir(self.root, cfg.run.overwrite)  # again under the lease: a run may have finished meanwhile
         publish.prune(self.root, int(cfg.run.keep_runs))  # unfinished attempts; their parts stay for reuse
         self.out.mkdir(parents=True, exist_ok=True)
