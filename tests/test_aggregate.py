@@ -1,12 +1,14 @@
-"""mona_ray.aggregate: per-target scoring, round-robin, clusters, the support-bias fixes, RDS+ pooling."""
+"""Aggregation over target examples: per-target scoring (``similarity.pairwise``), round robin,
+clusters, the support-bias cuts; and the pieces only ``bench score`` uses (``bench.aggregations``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mona_ray.scoring import aggregate as ag
-from mona_ray.scoring import SparseRows, prototype, score, selection_size, topk
+from mona_ray.bench import aggregations as bag
+from mona_ray.scoring import SparseRows, score, selection_size, topk
+from mona_ray.scoring import clusters, cuts, round_robin as rrm, similarity
 
 L = 64
 
@@ -30,80 +32,70 @@ def test_pairwise_equals_score_per_column(chunk_nnz, block_rows):
     T = _rand_rows(rng, 6).to_dense(L)
     T[2] = 0.0  # an all-zero target scores 0 everywhere, as scoring does
     for sim in ("jaccard", "cosine", "euclidean"):
-        S = ag.pairwise(rows, T, sim, kernel="rows", chunk_nnz=chunk_nnz, block_rows=block_rows)
+        S = similarity.pairwise(rows, T, sim, layout="rows", chunk_nnz=chunk_nnz, block_rows=block_rows)
         assert S.shape == (len(rows), len(T))
         ref = np.stack([score(rows, T[j], sim) for j in range(len(T))], axis=1)
         if sim == "jaccard":  # the same operations on the same numbers: bitwise
             assert np.array_equal(S.view(np.int64), ref.view(np.int64))
-            by_targets = ag.pairwise(rows, T, sim, kernel="targets", block_rows=block_rows)
+            by_targets = similarity.pairwise(rows, T, sim, layout="targets", block_rows=block_rows)
             np.testing.assert_allclose(by_targets, ref, rtol=1e-12, atol=1e-15)
-            sparse_t = np.stack([ag.sparsify_prototype(t, 0.5) for t in T])  # auto picks the targets kernel
+            sparse_t = np.stack([cuts.sparsify_prototype(t, 0.5) for t in T])  # auto picks the targets kernel
             ref_s = np.stack([score(rows, t, sim) for t in sparse_t], axis=1)
-            np.testing.assert_allclose(ag.pairwise(rows, sparse_t, sim, block_rows=block_rows), ref_s, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(similarity.pairwise(rows, sparse_t, sim, block_rows=block_rows), ref_s, rtol=1e-12, atol=1e-15)
         else:  # a dense GEMM: equal to float64 rounding
             np.testing.assert_allclose(S, ref, rtol=1e-12, atol=1e-12)
-            fast = ag.pairwise(rows, T, sim, block_rows=block_rows, gemm_dtype=np.float32)
+            fast = similarity.pairwise(rows, T, sim, block_rows=block_rows, gemm_dtype=np.float32)
             np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_weighted_jaccard_formula_and_unit_weights():
-    rng = np.random.default_rng(1)
-    rows = _rand_rows(rng, 50)
-    p = prototype(_rand_rows(rng, 10), L)
-    w = rng.random(L)
-    Z = rows.to_dense(L)
-    brute = (np.minimum(Z, p) * w).sum(1) / (np.maximum(Z, p) * w).sum(1)
-    np.testing.assert_allclose(ag.weighted_jaccard(rows, p, w), brute, rtol=1e-12)
-    for kernel in ("rows", "targets"):
-        np.testing.assert_allclose(ag.pairwise(rows, p[None], "jaccard", w, kernel=kernel)[:, 0], brute, rtol=1e-12)
-    np.testing.assert_allclose(ag.weighted_jaccard(rows, p, np.ones(L)), score(rows, p, "jaccard"), rtol=1e-12)
-    with pytest.raises(ValueError):
-        ag.pairwise(rows, p[None], "cosine", weights=w)
 
 
 def test_idf_weights_and_doc_freq():
     rows = SparseRows.from_lists([[0, 1], [0, 2], [0]], [[1, 1], [1, 1], [1]])
-    df = ag.doc_freq(rows, 4)
+    df = bag.doc_freq(rows, 4)
     assert df.tolist() == [3, 1, 1, 0]
-    w = ag.idf_weights(df, 3)
+    w = bag.idf_weights(df, 3)
     assert w[0] == 0.0 and w[3] > w[1] > 0  # a latent in every row weighs nothing
-    assert np.allclose(ag.idf_weights(df, 3, smooth=True), w + 1)
+    assert np.allclose(bag.idf_weights(df, 3, smooth=True), w + 1)
+    # bench score's -idf: weighted Jaccard is Jaccard of the weighted rows and prototype (w >= 0)
+    rng = np.random.default_rng(1)
+    rows, p, w = _rand_rows(rng, 50), _rand_rows(rng, 10).to_dense(L).mean(0), rng.random(L)
+    Z = rows.to_dense(L)
+    brute = (np.minimum(Z, p) * w).sum(1) / (np.maximum(Z, p) * w).sum(1)
+    weighted = SparseRows(rows.indptr, rows.indices, rows.values * w[rows.indices])
+    np.testing.assert_allclose(score(weighted, p * w), np.nan_to_num(brute), rtol=1e-12)
 
 
 def test_sparsify_rows_cuts_each_row_as_sparsify_prototype_cuts_a_prototype():
-    from mona_ray.scoring.sparse import SparseRows
-
     rows = SparseRows.from_lists([[3, 0, 7, 5], [], [2], [1, 4, 6]],
                                  [[0.1, 0.4, 0.2, 0.3], [], [5.0], [0.25, 0.5, 0.25]])
-    cut = ag.sparsify_rows(rows, 0.5)
+    cut = cuts.sparsify_rows(rows, 0.5)
     # row 0: 0.4 + 0.3 reach half of 1.0; row 3: 0.5 alone is half; stored order kept; ties by latent
     assert cut.indptr.tolist() == [0, 2, 2, 3, 4]
     assert cut.indices.tolist() == [0, 5, 2, 4] and cut.values.tolist() == pytest.approx([0.4, 0.3, 5.0, 0.5])
-    cut = ag.sparsify_rows(rows, 0.7)
+    cut = cuts.sparsify_rows(rows, 0.7)
     assert cut.indices.tolist() == [0, 5, 2, 1, 4]  # row 3: 0.5 + 0.25 (latent 1 before 6 on the tie)
-    assert ag.sparsify_rows(rows, 1.0) is rows
+    assert cuts.sparsify_rows(rows, 1.0) is rows
     rng = np.random.default_rng(0)
     dense = rng.random((50, 40)) * (rng.random((50, 40)) < 0.3)
     idx = [np.flatnonzero(d) for d in dense]
     rows = SparseRows.from_lists(idx, [d[i] for d, i in zip(dense, idx)])
     for mass in (0.3, 0.65, 0.9):
-        want = np.stack([ag.sparsify_prototype(d, mass) for d in dense.astype(np.float32).astype(np.float64)])
-        np.testing.assert_array_equal(ag.sparsify_rows(rows, mass).to_dense(40), want)
+        want = np.stack([cuts.sparsify_prototype(d, mass) for d in dense.astype(np.float32).astype(np.float64)])
+        np.testing.assert_array_equal(cuts.sparsify_rows(rows, mass).to_dense(40), want)
     wide = SparseRows(rows.indptr, rows.indices, np.concatenate([d[i] for d, i in zip(dense, idx)]))  # float64 values
     for mass in (0.3, 0.65, 0.9):
-        want = np.stack([ag.sparsify_prototype(d, mass) for d in dense])
-        np.testing.assert_array_equal(ag.sparsify_rows(wide, mass).to_dense(40), want)
+        want = np.stack([cuts.sparsify_prototype(d, mass) for d in dense])
+        np.testing.assert_array_equal(cuts.sparsify_rows(wide, mass).to_dense(40), want)
     with pytest.raises(ValueError):
-        ag.sparsify_rows(rows, 0)
+        cuts.sparsify_rows(rows, 0)
 
 
 def test_sparsify_prototype_keeps_the_heaviest_latents():
     p = np.array([0.1, 0.4, 0.0, 0.3, 0.2])
-    assert ag.sparsify_prototype(p, 0.5).tolist() == [0, 0.4, 0, 0.3, 0]  # 0.7 >= 0.5; 0.4 alone is not
-    assert ag.sparsify_prototype(p, 0.4).tolist() == [0, 0.4, 0, 0, 0]
-    assert np.array_equal(ag.sparsify_prototype(p, 1.0), p)
+    assert cuts.sparsify_prototype(p, 0.5).tolist() == [0, 0.4, 0, 0.3, 0]  # 0.7 >= 0.5; 0.4 alone is not
+    assert cuts.sparsify_prototype(p, 0.4).tolist() == [0, 0.4, 0, 0, 0]
+    assert np.array_equal(cuts.sparsify_prototype(p, 1.0), p)
     q = np.array([0.25, 0.25, 0.25, 0.25])  # ties: by latent index
-    assert ag.sparsify_prototype(q, 0.5).tolist() == [0.25, 0.25, 0, 0]
+    assert cuts.sparsify_prototype(q, 0.5).tolist() == [0.25, 0.25, 0, 0]
 
 
 # ----------------------------------------------------------------------------- round robin
@@ -115,18 +107,18 @@ def _lists(*lists):
 
 def test_round_robin_interleaves_and_skips_taken_rows():
     c = _lists((["a", "b", "c", "d"], [4, 3, 2, 1]), (["a", "e", "b", "f"], [9, 8, 7, 6]))
-    ids, src, sc = ag.round_robin(c, 4)
+    ids, src, sc = rrm.round_robin(c, 4)
     # list 0 takes a; list 1's best (a) is taken, so it takes e; then b; list 1 skips b, takes f
     assert ids.tolist() == ["a", "e", "b", "f"]
     assert src.tolist() == [0, 1, 0, 1] and sc.tolist() == [4, 8, 3, 6]
     # RDS+'s code: a turn whose next row is taken adds nothing
-    ids, src, _ = ag.round_robin(c, 4, skip_taken=False)
+    ids, src, _ = rrm.round_robin(c, 4, skip_taken=False)
     assert ids.tolist() == ["a", "b", "e", "c"] and src.tolist() == [0, 0, 1, 0]
     # stops at k, and when every list is exhausted
-    assert ag.round_robin(c, 1)[0].tolist() == ["a"]
-    assert sorted(ag.round_robin(c, 100)[0].tolist()) == ["a", "b", "c", "d", "e", "f"]
+    assert rrm.round_robin(c, 1)[0].tolist() == ["a"]
+    assert sorted(rrm.round_robin(c, 100)[0].tolist()) == ["a", "b", "c", "d", "e", "f"]
     # quotas: list 0 takes at most one row
-    ids, src, _ = ag.round_robin(c, 3, quotas=[1, 2])
+    ids, src, _ = rrm.round_robin(c, 3, quotas=[1, 2])
     assert ids.tolist() == ["a", "e", "b"] and src.tolist() == [0, 1, 1]
 
 
@@ -136,13 +128,13 @@ def test_round_robin_needs_only_k_candidates_per_list():
     S = np.round(rng.random((n, m)), 2)  # many ties: broken by id
     ids = np.array([f"r{i:04d}" for i in rng.permutation(n)], dtype=object)
     for k in (1, 7, 40, 150):
-        full = ag.candidates_from_scores(S, ids, n)
-        cut = ag.candidates_from_scores(S, ids, k)
+        full = rrm.candidates_from_scores(S, ids, n)
+        cut = rrm.candidates_from_scores(S, ids, k)
         for skip in (True, False):
-            assert ag.round_robin(cut, k, skip_taken=skip)[0].tolist() == ag.round_robin(full, k, skip_taken=skip)[0].tolist()
-        q = ag.allocate([5, 3, 1, 1, 1, 1, 1, 1, 1], k)
-        assert ag.round_robin(cut, k, quotas=q)[0].tolist() == ag.round_robin(full, k, quotas=q)[0].tolist()
-        assert len(ag.round_robin(cut, k, quotas=q)[0]) == k
+            assert rrm.round_robin(cut, k, skip_taken=skip)[0].tolist() == rrm.round_robin(full, k, skip_taken=skip)[0].tolist()
+        q = bag.allocate([5, 3, 1, 1, 1, 1, 1, 1, 1], k)
+        assert rrm.round_robin(cut, k, quotas=q)[0].tolist() == rrm.round_robin(full, k, quotas=q)[0].tolist()
+        assert len(rrm.round_robin(cut, k, quotas=q)[0]) == k
 
 
 def test_best_k_equals_scoring_topk():
@@ -150,7 +142,7 @@ def test_best_k_equals_scoring_topk():
     for n, k in ((0, 3), (1, 1), (50, 7), (400, 399), (400, 400), (400, 1000)):
         s = np.round(rng.random(n), 1)  # long runs of equal scores
         ids = np.array([f"x{v}" for v in rng.permutation(n * 3)[:n]], dtype=object)
-        a, b = ag.best_k(s, ids, k), topk(s, ids, k)
+        a, b = bag.best_k(s, ids, k), topk(s, ids, k)
         assert np.array_equal(a[0], b[0]) and a[1].tolist() == b[1].tolist()
 
 
@@ -161,13 +153,13 @@ def test_per_target_topk_streamed_and_merged_equals_in_memory():
     ids = np.array([f"id{i:05d}" for i in range(n)], dtype=object)
     parts = []
     for a, b in ((0, 120), (120, 121), (121, 400), (400, 500)):  # one task per part, blocks inside
-        acc = ag.PerTargetTopK(m, k)
+        acc = bag.PerTargetTopK(m, k)
         for x in range(a, b, 50):
             y = min(b, x + 50)
             acc.add(S[x:y], ids[x:y])
         parts.append(acc.result())
-    merged = ag.merge_candidates(parts, k)
-    ref = ag.candidates_from_scores(S, ids, k)
+    merged = bag.merge_candidates(parts, k)
+    ref = rrm.candidates_from_scores(S, ids, k)
     for (s1, i1), (s2, i2) in zip(merged, ref):
         assert np.array_equal(s1, s2) and i1.tolist() == i2.tolist()
 
@@ -176,12 +168,12 @@ def test_per_target_topk_streamed_and_merged_equals_in_memory():
 
 
 def test_allocate_largest_remainder():
-    assert ag.allocate([1, 1, 1], 10).tolist() == [4, 3, 3]
-    assert ag.allocate([5, 3, 2], 7).tolist() == [4, 2, 1]  # exact 3.5, 2.1, 1.4
+    assert bag.allocate([1, 1, 1], 10).tolist() == [4, 3, 3]
+    assert bag.allocate([5, 3, 2], 7).tolist() == [4, 2, 1]  # exact 3.5, 2.1, 1.4
     for k in (0, 1, 13, 100):
-        q = ag.allocate([7, 1, 30, 2], k)
+        q = bag.allocate([7, 1, 30, 2], k)
         assert q.sum() == k and (q >= 0).all()
-    assert ag.allocate([2, 6], 3).tolist() == [1, 2]  # tie in remainder (0.75 vs 2.25): exact rounding
+    assert bag.allocate([2, 6], 3).tolist() == [1, 2]  # tie in remainder (0.75 vs 2.25): exact rounding
 
 
 def test_choose_clusters_is_deterministic_and_finds_structure():
@@ -189,21 +181,14 @@ def test_choose_clusters_is_deterministic_and_finds_structure():
     A = np.zeros((12, 40))
     A[:6, :10] = rng.random((6, 10)) + 1
     A[6:, 20:30] = rng.random((6, 10)) + 1
-    labels = ag.choose_clusters(A, seed=0)
+    labels = bag.choose_clusters(A, seed=0)
     assert len(np.unique(labels)) == 2 and len(set(labels[:6])) == 1 and labels[0] != labels[6]
-    assert np.array_equal(labels, ag.choose_clusters(A, seed=0))
+    assert np.array_equal(labels, bag.choose_clusters(A, seed=0))
     # one coherent blob: no substantial structure, a single cluster (= the prototype)
     blob = 1 + 0.05 * rng.random((20, 40))
-    assert (ag.choose_clusters(blob, seed=0) == 0).all()
-    P, sizes = ag.cluster_prototypes(A, labels)
+    assert (bag.choose_clusters(blob, seed=0) == 0).all()
+    P, sizes = clusters.cluster_prototypes(A, labels)
     assert sizes.tolist() == [6, 6] and np.allclose(P[0], A[:6].mean(0))
-
-
-def test_silhouette_range():
-    X = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], float)
-    assert ag.silhouette(X, np.array([0, 0, 1, 1])) > 0.8
-    assert ag.silhouette(X, np.array([0, 1, 0, 1])) < 0
-    assert ag.silhouette(X, np.zeros(4, int)) == 0.0
 
 
 # ----------------------------------------------------------------------------- the two-task case
@@ -244,20 +229,20 @@ def test_two_tasks_prototype_jaccard_fails_round_robin_and_clusters_serve_both()
     got = kind[np.searchsorted(ids, sel)]
     assert (got == "spread").sum() >= 15
     # round robin over the target rows
-    S = ag.pairwise(pool, T, "jaccard")
-    rr, _, _ = ag.round_robin(ag.candidates_from_scores(S, ids, k), k)
+    S = similarity.pairwise(pool, T, "jaccard")
+    rr, _, _ = rrm.round_robin(rrm.candidates_from_scores(S, ids, k), k)
     got = kind[np.searchsorted(ids, rr)]
     assert (got == "A").sum() == 10 and (got == "B").sum() == 10
     # clusters: two found, each gets half of the selection
-    labels = ag.choose_clusters(T, seed=0)
-    P, sizes = ag.cluster_prototypes(T, labels)
+    labels = bag.choose_clusters(T, seed=0)
+    P, sizes = clusters.cluster_prototypes(T, labels)
     assert len(P) == 2
-    Sc = ag.pairwise(pool, P, "jaccard")
-    cl, _, _ = ag.round_robin(ag.candidates_from_scores(Sc, ids, k), k, quotas=ag.allocate(sizes, k))
+    Sc = similarity.pairwise(pool, P, "jaccard")
+    cl, _, _ = rrm.round_robin(rrm.candidates_from_scores(Sc, ids, k), k, quotas=bag.allocate(sizes, k))
     got = kind[np.searchsorted(ids, cl)]
     assert (got == "A").sum() == 10 and (got == "B").sum() == 10
     # the best-cluster score ranks both kinds above the spread rows
-    best = ag.best_cluster_score(Sc)
+    best = Sc.max(axis=1)
     _, top = topk(best, ids, 40)
     assert set(kind[np.searchsorted(ids, top)]) == {"A", "B"}
     # cosine against the one two-task prototype prefers the spread rows too: here only the
@@ -269,28 +254,9 @@ def test_two_tasks_prototype_jaccard_fails_round_robin_and_clusters_serve_both()
 def test_selection_size_matches_candidates_budget():
     pool, T, ids, _ = _two_task()
     k = selection_size(len(ids), 0.05)
-    S = ag.pairwise(pool, T, "cosine")
-    out, _, _ = ag.round_robin(ag.candidates_from_scores(S, ids, k), k)
+    S = similarity.pairwise(pool, T, "cosine")
+    out, _, _ = rrm.round_robin(rrm.candidates_from_scores(S, ids, k), k)
     assert len(out) == k == len(set(out.tolist()))
-
-
-# ----------------------------------------------------------------------------- RDS+ pooling
-
-
-def test_position_weighted_mean():
-    torch = pytest.importorskip("torch")
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(1, 5, 3, generator=g, dtype=torch.float64)
-    out = ag.position_weighted_mean(h, torch.ones(1, 5))
-    # RDS+'s code at batch size 1: weights arange(T) + 1, normalised
-    w = torch.arange(1, 6, dtype=torch.float64)
-    assert torch.allclose(out[0], (h[0] * (w / w.sum())[:, None]).sum(0))
-    # padding (right or left) does not change a row's vector
-    pad = torch.zeros(1, 2, 3, dtype=torch.float64)
-    right = ag.position_weighted_mean(torch.cat([h, pad], 1), torch.tensor([[1, 1, 1, 1, 1, 0, 0]]))
-    left = ag.position_weighted_mean(torch.cat([pad, h], 1), torch.tensor([[0, 0, 1, 1, 1, 1, 1]]))
-    assert torch.allclose(right, out) and torch.allclose(left, out)
-    assert ag.position_weighted_mean(h, torch.zeros(1, 5)).abs().sum() == 0  # no real token: zeros
 
 
 def test_dense_pairwise_matches_scoring_dense_similarity():
@@ -298,6 +264,6 @@ def test_dense_pairwise_matches_scoring_dense_similarity():
 
     rng = np.random.default_rng(5)
     X, T = rng.standard_normal((30, 8)), rng.standard_normal((4, 8))
-    for sim in ("cosine", "euclidean"):
+    for sim in ("jaccard", "cosine", "euclidean"):
         ref = np.stack([dense_similarity(X, T[j], sim) for j in range(4)], 1)
-        np.testing.assert_allclose(ag.dense_pairwise(X, T, sim), ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(similarity.dense_pairwise(X, T, sim), ref, rtol=1e-12, atol=1e-12)

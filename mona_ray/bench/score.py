@@ -8,18 +8,19 @@ plus O(k), whatever N. Reported per N: seconds per stage, rows/s and peak RSS.
 
 Two extra measurements on the same data:
 
-* ``kernels``: the reference ``scoring.jaccard`` against ``kernels.jaccard`` on the same
-  blocks: time per block and whether every score is bitwise equal;
+* ``kernels``: the straightforward Jaccard (:func:`reference_jaccard`) against the cache-blocked
+  ``kernels.jaccard`` (``scoring.jaccard``) on the same blocks: time per block and whether every
+  score is bitwise equal;
 * ``float16``: a fresh realistic sample stored with float16 values (targets included)
   against float32: is the top-``ratio`` selection identical, and how much overlaps.
 
-``aggregations`` (issue 14): at each N, the same blocks scored with ``aggregate.pairwise``
+``aggregations`` (issue 14): at each N, the same blocks scored with ``scoring.similarity.pairwise``
 against all ``--targets`` target rows (``round_robin``), ``--clusters`` cluster prototypes
 (``clusters``: allocation by size, ``clusters_best``: best-cluster ranking) or the one
 prototype with a support-bias fix (``-sparse50``, ``-idf``). For per-list aggregations each
 of ``--agg-tasks`` simulated scoring tasks keeps per list its top-k
-(``aggregate.PerTargetTopK``); the driver merges them (``aggregate.merge_candidates``) and
-interleaves (``aggregate.round_robin``). Jaccard against dense lists costs O(lists x nnz) per
+(``aggregations.PerTargetTopK``); the driver merges them (``aggregations.merge_candidates``) and
+interleaves (``scoring.round_robin.round_robin``). Jaccard against dense lists costs O(lists x nnz) per
 row, so ``round_robin:jaccard`` and ``clusters:jaccard`` run only up to ``--jaccard-max-rows``.
 """
 
@@ -33,12 +34,27 @@ import numpy as np
 import pyarrow as pa
 
 from .. import scoring
-from ..scoring import aggregate
 from ..scoring import kernels
+from ..scoring.clusters import cluster_prototypes
+from ..scoring.cuts import sparsify_prototype
+from ..scoring.round_robin import round_robin
+from ..scoring.similarity import pairwise
+from ..scoring.sparse import SparseRows, segment_sum
+from . import aggregations
 from .common import BenchError, Stages, peak_rss_mb, reset_peak_rss, table
 from .synth import Generator, RowPool, SynthSpec, prototype_from
 
-KERNELS = {"fast": kernels.jaccard, "reference": scoring.jaccard}
+
+
+def reference_jaccard(rows: SparseRows, proto: np.ndarray) -> np.ndarray:
+    """The straightforward generalized Jaccard, three float64 temporaries the size of the block
+    (the gathered prototype, the cast values, their minimum): what the cache-blocked
+    ``kernels.jaccard`` is timed against, and equals bit for bit (``tests/test_kernels.py``)."""
+    s_min = segment_sum(np.minimum(rows.values.astype(np.float64), proto[rows.indices]), rows.indptr)
+    return kernels.ratio(s_min, segment_sum(rows.values, rows.indptr), float(proto.sum()))
+
+
+KERNELS = {"fast": kernels.jaccard, "reference": reference_jaccard}
 AGGREGATIONS = ("prototype:jaccard-sparse50", "prototype:jaccard-idf", "clusters_best:jaccard-sparse50",
                 "clusters:jaccard-sparse50", "clusters:cosine", "clusters:jaccard", "round_robin:cosine",
                 "round_robin:cosine-f32", "round_robin:jaccard")
@@ -202,15 +218,16 @@ def stream_aggregation(name: str, n_rows: int, pool: RowPool, proto: np.ndarray,
     else:
         lists, sizes = centers
     if sim.endswith("-sparse50"):
-        lists = np.stack([aggregate.sparsify_prototype(q, 0.5) for q in lists])
+        lists = np.stack([sparsify_prototype(q, 0.5) for q in lists])
     if sim.endswith("-idf"):
         df = np.zeros(lists.shape[1], dtype=np.int64)
         for _, rows, _ in _blocks(n_rows, pool, args, st):
             with st("prepass"):
-                df += aggregate.doc_freq(rows, lists.shape[1])
-        weights = aggregate.idf_weights(df, n_rows)
+                df += aggregations.doc_freq(rows, lists.shape[1])
+        weights = aggregations.idf_weights(df, n_rows)
+        lists = lists * weights[None, :]  # w min(z, t) = min(w z, w t) for w >= 0
     per_list = kind in ("round_robin", "clusters")
-    tasks = [aggregate.PerTargetTopK(len(lists), k) for _ in range(args.agg_tasks)] if per_list else []
+    tasks = [aggregations.PerTargetTopK(len(lists), k) for _ in range(args.agg_tasks)] if per_list else []
     single = None if per_list else scoring.RunningTopK(k)
     paper = scoring.RunningTopK(k)
     st_csr = _Clock()
@@ -218,12 +235,14 @@ def stream_aggregation(name: str, n_rows: int, pool: RowPool, proto: np.ndarray,
         with ref("score"):
             paper.add(kernels.jaccard(rows, proto), ids)
         with st("score"):
-            S = aggregate.pairwise(rows, lists, base, weights=weights, gemm_dtype=gemm)
+            if weights is not None:  # IDF-weighted Jaccard: Jaccard of the weighted rows and lists
+                rows = SparseRows(rows.indptr, rows.indices, rows.values * weights[rows.indices])
+            S = pairwise(rows, lists, base, gemm_dtype=gemm)
         with st("topk"):
             if per_list:
                 tasks[(a // args.block_rows) % len(tasks)].add(S, ids)
             else:
-                single.add(aggregate.best_cluster_score(S), ids)
+                single.add(S.max(axis=1), ids)  # a row ranked by its best list
         del rows, S, ids
     with ref("score"):
         paper.result()
@@ -233,11 +252,11 @@ def stream_aggregation(name: str, n_rows: int, pool: RowPool, proto: np.ndarray,
             sel = single.result()[1]
     if per_list:
         with st("merge"):
-            cand = aggregate.merge_candidates(parts, k)
+            cand = aggregations.merge_candidates(parts, k)
         del parts, tasks
         with st("interleave"):
-            quotas = None if sizes is None or kind == "round_robin" else aggregate.allocate(sizes, k)
-            sel, _, _ = aggregate.round_robin(cand, k, quotas=quotas)
+            quotas = None if sizes is None or kind == "round_robin" else aggregations.allocate(sizes, k)
+            sel, _, _ = round_robin(cand, k, quotas=quotas)
     prepass = st["prepass"] + st["to_csr"]  # the df pass reads (and converts) every block once more
     stages = ("score", "topk", "merge", "interleave")
     work = prepass + st_csr["to_csr"] + sum(st[x] for x in stages)
@@ -254,14 +273,14 @@ def stream_aggregation(name: str, n_rows: int, pool: RowPool, proto: np.ndarray,
 
 def aggregation_setup(gen: Generator, args) -> dict:
     """The target rows (dense) and ``--clusters`` spherical k-means prototypes of them;
-    also how long the automatic choice (``aggregate.choose_clusters``) takes on them."""
+    also how long the automatic choice (``aggregations.choose_clusters``) takes on them."""
     t = gen.draw(args.targets, np.random.default_rng(1), target=True)  # the rows prototype_from averages
     T = t.to_dense(gen.spec.num_latents)
     t0 = time.perf_counter()
-    auto = aggregate.choose_clusters(T, seed=args.seed)
+    auto = aggregations.choose_clusters(T, seed=args.seed)
     choose_s = time.perf_counter() - t0
-    labels = aggregate.spherical_kmeans(T, args.clusters, seed=args.seed)
-    P, sizes = aggregate.cluster_prototypes(T, labels)
+    labels = aggregations.spherical_kmeans(T, args.clusters, seed=args.seed)
+    P, sizes = cluster_prototypes(T, labels)
     return {"targets": T, "centers": (P, sizes),
             "info": {"target_rows": len(T), "clusters_timed": len(P), "cluster_sizes": sizes.tolist(),
                      "auto_clusters": int(auto.max()) + 1, "choose_clusters_s": choose_s}}
@@ -274,7 +293,7 @@ def compare_kernels(pool: RowPool, proto: np.ndarray, args) -> dict:
     for _ in range(args.compare_blocks):
         rows = pool.block(args.block_rows, rng)
         t0 = time.perf_counter()
-        ref = scoring.jaccard(rows, proto)
+        ref = reference_jaccard(rows, proto)
         t1 = time.perf_counter()
         fast = kernels.jaccard(rows, proto)
         t2 = time.perf_counter()
@@ -367,7 +386,7 @@ def run(args) -> tuple[dict, str]:
             text += ["skipped: " + "; ".join(skipped)]
     if args.compare_blocks > 0:
         report["kernels"] = compare_kernels(pool, proto, args)
-        text += ["", "kernels: scoring.jaccard vs kernels.jaccard on the same blocks",
+        text += ["", "kernels: reference_jaccard vs kernels.jaccard on the same blocks",
                  table([report["kernels"]], [("blocks", "blocks"), ("block_rows", "rows/block"),
                                              ("reference_s_per_block", "reference s/block"),
                                              ("fast_s_per_block", "fast s/block"), ("speedup", "speedup"),

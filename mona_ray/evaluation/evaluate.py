@@ -505,7 +505,8 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     prototype (the pipeline's ``score_rows_against``); ``round_robin`` interleaves one ranking
     per target row (RDS+), and a row's score is minus its position in the interleaving. Pool rows
     are compared as the pipeline compares them (``scored_rows``: cut to ``row_mass``)."""
-    from ..scoring.aggregate import candidates_from_scores, round_robin, similarities
+    from ..scoring.round_robin import candidates_from_scores, round_robin
+    from ..scoring.similarity import similarities
     from ..scoring.table import build_targets, scored_rows
 
     rr = aggregate in ("round_robin", "rds")  # rds: the published rule, a taken row spends the target's turn
@@ -528,7 +529,7 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
 
 def _cached_search(seed: int):
     """``T -> best_clusters(T, seed)``, one silhouette search per target rows for every clusters setting."""
-    from ..scoring.aggregate import best_clusters
+    from ..scoring.clusters import best_clusters
 
     def search(T):
         key = (hashlib.blake2b(np.ascontiguousarray(T).tobytes(), digest_size=16).hexdigest(), T.shape, seed)

@@ -1,4 +1,4 @@
-"""Sparse rows in CSR form and per-row reductions (pure NumPy).
+"""Sparse rows in CSR form, per-row reductions and the ways a block of rows is walked (pure NumPy).
 
 Every per-row quantity is reduced over that row's entries alone (``np.add.reduceat``),
 never through a running sum across rows, so a row's result does not depend on which
@@ -65,3 +65,27 @@ def segment_sum(x: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     if nonempty.any():
         out[nonempty] = np.add.reduceat(x.astype(np.float64, copy=False), starts[nonempty])
     return out
+
+
+def row_chunks(indptr: np.ndarray, chunk_nnz: int):
+    """``(i, j)``: consecutive row ranges of about ``chunk_nnz`` non-zeros (whole rows, at least one)."""
+    n, i = len(indptr) - 1, 0
+    while i < n:
+        j = int(np.searchsorted(indptr, indptr[i] + chunk_nnz, side="right")) - 1
+        j = min(max(j, i + 1), n)
+        yield i, j
+        i = j
+
+
+def dense_blocks(rows: SparseRows, width: int, block_rows: int, dtype):
+    """``(i, j, Z)``: rows ``[i, j)`` scattered into one reused dense ``[block_rows, width]`` buffer."""
+    n = len(rows)
+    Z = np.zeros((min(block_rows, max(n, 1)), width), dtype=dtype)
+    flat_z = Z.reshape(-1)
+    for i in range(0, n, block_rows):
+        j = min(n, i + block_rows)
+        a, b = int(rows.indptr[i]), int(rows.indptr[j])
+        flat = np.repeat(np.arange(j - i, dtype=np.int64) * width, np.diff(rows.indptr[i:j + 1])) + rows.indices[a:b]
+        flat_z[flat] = rows.values[a:b]
+        yield i, j, Z[:j - i]
+        flat_z[flat] = 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .similarity import dense_similarity, prototype, score
+from .clusters import best_clusters, cluster_prototypes
+from .cuts import cut_prototypes, sparsify_prototype, sparsify_rows
+from .similarity import dense_similarity, prototype, score, similarities
 from .sparse import SparseRows
 
 
@@ -53,8 +55,6 @@ def scored_rows(table: pa.Table, dense: bool, pooling: str = "mean", row_mass: f
     X = rows_of(table, dense, pooling)
     if dense or row_mass >= 1:
         return X
-    from .aggregate import sparsify_rows
-
     return sparsify_rows(X, row_mass)
 
 
@@ -72,38 +72,6 @@ def score_rows(table: pa.Table, proto: np.ndarray, similarity: str, dense: bool,
 
 
 AGGREGATES = ("prototype", "clusters")
-# How each prototype is cut (issue 23: rules that decide from the target rows alone):
-#   fixed     - every prototype keeps its largest latents carrying ``mass`` of its L1 (1.0: the paper's formula)
-#   structure - the same, but only when the target rows split into clusters; a target without cluster
-#               structure (one broad format) keeps its one full prototype, the paper's formula
-#   support   - each prototype keeps as many latents as its median member row has (no tuned share):
-#               a prototype as sparse as the rows it stands for, so Jaccard's max-sum cannot reward breadth
-MASS_RULES = ("fixed", "structure", "support")
-
-
-def cut_to_support(proto: np.ndarray, n: int) -> np.ndarray:
-    """``proto`` restricted to its ``n`` largest entries (ties by latent index); the rest set to 0."""
-    p = np.asarray(proto, dtype=np.float64)
-    n = int(max(0, min(n, int((p > 0).sum()))))
-    order = np.lexsort((np.arange(len(p)), -p))[:n]
-    out = np.zeros_like(p)
-    out[order] = p[order]
-    return out
-
-
-def cut_prototypes(P: np.ndarray, T: np.ndarray, labels: np.ndarray, mass: float, rule: str = "fixed") -> np.ndarray:
-    """Each prototype of ``P [c, L]`` (cluster ``q`` = the target rows ``T[labels == q]``) cut by
-    ``rule`` (:data:`MASS_RULES`) from the target rows alone."""
-    from .aggregate import sparsify_prototype
-
-    if rule not in MASS_RULES:
-        raise ValueError(f"select.mass_rule={rule!r}: use one of {', '.join(MASS_RULES)}")
-    if rule == "support":
-        nnz = (np.asarray(T) > 0).sum(1)
-        return np.stack([cut_to_support(p, int(np.median(nnz[labels == q]))) for q, p in enumerate(P)])
-    if mass >= 1 or (rule == "structure" and len(P) == 1):
-        return np.asarray(P, dtype=np.float64)
-    return np.stack([sparsify_prototype(p, mass) for p in P])
 
 
 def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float = 1.0, seed: int = 0,
@@ -117,10 +85,8 @@ def target_prototypes(T: np.ndarray, aggregate: str = "prototype", mass: float =
     ``prototype``). Each prototype is then cut by ``mass_rule`` (:func:`cut_prototypes`): with
     ``fixed`` and ``mass < 1`` it keeps only its largest latents carrying that share of its L1
     mass (the support-bias fix; 1 = the paper's formula). ``search``: this ``T``'s
-    ``aggregate.best_clusters`` result when the caller has it (the evaluation scores many settings
+    ``clusters.best_clusters`` result when the caller has it (the evaluation scores many settings
     of one target). Returns ``(P [c, L], info)``."""
-    from .aggregate import best_clusters, cluster_prototypes
-
     if aggregate not in AGGREGATES:
         raise ValueError(f"select.aggregate={aggregate!r}: use one of {', '.join(AGGREGATES)}")
     sil = None
@@ -156,10 +122,8 @@ def build_targets(tgt: pa.Table, width: int, dense: bool, aggregate: str = "prot
     ``prototype``, one per cluster for ``clusters``, one per target row for ``round_robin`` /
     ``rds``) and what was built (``labels`` per target row for clusters). Dense readouts (signed
     hidden states, e.g. RDS+'s) have no largest-values order, so they are compared whole: no mass
-    cut, rule ``fixed``. ``search``: ``T -> aggregate.best_clusters(T)`` when the caller caches
+    cut, rule ``fixed``. ``search``: ``T -> clusters.best_clusters(T)`` when the caller caches
     the silhouette search (the evaluation scores many settings of one target)."""
-    from .aggregate import sparsify_prototype
-
     proto = prototype_of(tgt, width, dense, pooling)
     if dense:
         mass, mass_rule = 1.0, "fixed"
@@ -182,8 +146,6 @@ def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: b
     bit for bit)."""
     if len(P) == 1:
         return score_rows(table, P[0], similarity, dense, pooling, batch_rows, row_mass)
-    from .aggregate import similarities
-
     out = []
     for start in range(0, len(table), batch_rows):
         X = scored_rows(table.slice(start, batch_rows), dense, pooling, row_mass)
