@@ -5,17 +5,21 @@ config without running anything)."""
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
-from mona_ray.config import (ConfigError, EmbedConfig, EvalConfig, ModelConfig, PoolConfig, RenderConfig, RunConfig,
-                             SaeConfig, SaeEvalConfig, TrainSaeConfig, load_config, to_typed, validate)
+from mona_ray.config import (CONF_DIR, ConfigError, EmbedConfig, EvalConfig, ModelConfig, PoolConfig, RenderConfig,
+                             RunConfig, SaeConfig, SaeEvalConfig, TrainSaeConfig, load_config, to_typed, validate)
 from mona_ray.config.renames import RENAMES
+from mona_ray.config.schema import (AGGREGATES, MASS_RULES, REPRESENTATIONS, SCHEMAS, SELECT_METHODS, field_docs,
+                                    schema_classes)
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = CONF_DIR
 ENTRY = {"config": RunConfig, "eval/default": EvalConfig, "train_sae": TrainSaeConfig, "sae_eval": SaeEvalConfig}
 
 
@@ -26,11 +30,95 @@ def cli(module, *overrides):
 
 
 @pytest.mark.parametrize("name", list(ENTRY))
-def test_every_entry_point_composes_its_defaults_equal_to_the_schema(name):
+def test_every_entry_point_composes_its_schema_defaults(name):
+    """The schema's dataclasses are the one source of the defaults: a primary YAML file names its
+    schema and Hydra's own settings, never a setting (a value there would shadow the class's)."""
+    primary = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    assert set(primary) <= {"defaults", "hydra"}, (name, sorted(primary))
+    assert SCHEMAS[name][0] in primary["defaults"]
     cfg = load_config([], name)
     assert OmegaConf.get_type(cfg) is ENTRY[name]
-    # the YAML files (the commented reference) and the dataclass defaults say the same
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(OmegaConf.structured(ENTRY[name]))
+
+
+def test_each_entry_point_reads_its_own_hookpoint():
+    """The pipeline selects at the middle block; the evaluation and the SAE tools default to the
+    penultimate block (the shipped SAEs have both)."""
+    assert load_config([]).sae.hookpoint == "layers.15"
+    assert load_config([], "eval/default").sae.hookpoint == "layers.28"
+    assert list(load_config([], "eval/default").mona.hookpoints) == ["layers.15", "layers.28"]
+    assert list(load_config([], "train_sae").hookpoints) == ["layers.28"]
+    e = load_config([], "sae_eval")
+    assert e.sae.hookpoint == "layers.28" and list(e.hookpoints) == ["layers.28"]
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _schema_has(cls, key: str) -> bool:
+    """``key`` (dotted) is a setting of ``cls``, or lies under one that takes any keys (a dict)."""
+    for part in key.split("."):
+        by_name = {f.name: f for f in fields(cls)}
+        if part not in by_name:
+            return False
+        cls = by_name[part].type
+        if not (isinstance(cls, type) and is_dataclass(cls)):
+            return True
+    return True
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")) + sorted((CONF / "sae_train").glob("*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_preset_names_existing_settings_and_each_takes_effect(path):
+    """An experiment or preset only overrides settings the schema has, and every value it sets is
+    the one the entry point composes with it."""
+    name, override = ("config", f"+experiment={path.stem}") if path.parent.name == "experiment" else \
+        ("train_sae", f"sae_train={path.stem}")
+    doc = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"}
+    cfg = OmegaConf.to_container(load_config([override], name))
+    for key, value in _leaves(doc):
+        assert _schema_has(ENTRY[name], key), (path.name, key)
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, (path.name, key, node, value)
+
+
+@pytest.mark.parametrize("name", list(ENTRY))
+def test_every_setting_is_documented_where_it_is_defined(name):
+    for cls in schema_classes(ENTRY[name]):
+        docs = field_docs(cls)
+        assert cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("), cls.__name__
+        assert [f.name for f in fields(cls) if not docs.get(f.name, "").strip()] == [], cls.__name__
+
+
+@pytest.mark.parametrize("name", list(ENTRY))
+def test_the_commented_reference_is_the_composed_config_with_every_doc(name, capsys):
+    from mona_ray.config.__main__ import main
+
+    assert main([name, "+experiment=mona_paper"] if name == "config" else [name]) == 0
+    text = capsys.readouterr().out
+    overrides = ["+experiment=mona_paper"] if name == "config" else []
+    assert yaml.safe_load(text) == OmegaConf.to_container(load_config(overrides, name))
+    for cls in schema_classes(ENTRY[name]):
+        for doc in field_docs(cls).values():
+            assert "# " + " ".join(doc.split()[:4]) in " ".join(text.split()), (cls.__name__, doc)
+    assert main(["config", "select.ratio=2"]) == 2
+    assert capsys.readouterr().err == "mona_ray: error: select.ratio=2.0: must be in (0, 1]\n"
+
+
+def test_enumerations_are_the_schema_tuples():
+    """An enumerated setting's allowed values (and its default, the first) come from one tuple."""
+    assert load_config([]).embed.representation == REPRESENTATIONS[0]
+    assert list(load_config([], "eval/default").mona.representations) == list(REPRESENTATIONS)
+    _refused("config", "select.aggregate=mean", "select.aggregate='mean': use one of " + ", ".join(AGGREGATES))
+    _refused("config", "select.mass_rule=x", "use one of " + ", ".join(MASS_RULES))
+    _refused("eval/default", "selectors=[x]", "use one of " + ", ".join(SELECT_METHODS))
 
 
 def test_shared_sections_are_one_class_across_entry_points():

@@ -1,6 +1,13 @@
-"""Settings: the Hydra config tree (``mona_ray/conf``), its typed schema (``schema.py``,
-registered in Hydra's ConfigStore on import), validation (``validate``), the
-``${mona_ray.asset:...}`` resolver and composition from Python (``load_config``).
+"""Settings.
+
+- ``schema.py``: the typed dataclasses, the one source of every default and of each setting's
+  documentation, and the tuples of allowed values of every enumerated setting
+  (``REPRESENTATIONS``, ``SIMILARITIES``, ...; ``mona_ray.config.schema`` needs only omegaconf).
+  The four top-level classes are stored in Hydra's ConfigStore on import.
+- ``mona_ray/conf``: the Hydra config tree. A primary file only names its schema in its
+  ``defaults:`` list (and Hydra's own settings); presets and experiments override it.
+- ``validate``: checks beyond types; ``load_config``: composition from Python; the
+  ``${mona_ray.asset:...}`` resolver.
 
 Every entry point does the same three things::
 
@@ -21,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .renames import RENAMES, rename_message, renamed
 from .schema import (EmbedConfig, EvalConfig, ModelConfig, PoolConfig, RenderConfig, RunConfig, SaeConfig,
-                     SaeEvalConfig, SCHEMAS, TrainSaeConfig)
+                     SaeEvalConfig, SCHEMAS, TrainSaeConfig, field_docs)
 from .validate import ConfigError, composition_error, split_override, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -35,7 +42,7 @@ def asset_path(rel: str) -> str:
 if not OmegaConf.has_resolver("mona_ray.asset"):
     OmegaConf.register_new_resolver("mona_ray.asset", asset_path)
 
-for _store_name, _schema in SCHEMAS.values():  # the YAML files' defaults lists name these
+for _store_name, _schema in SCHEMAS.values():  # the primary YAML files' defaults lists name these
     ConfigStore.instance().store(name=_store_name, node=_schema)
 
 
@@ -97,7 +104,8 @@ def to_plain(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["CONF_DIR", "ConfigError", "EmbedConfig", "EvalConfig", "ModelConfig", "PoolConfig", "RENAMES",
-           "RenderConfig", "RunConfig", "SaeConfig", "SaeEvalConfig", "TrainSaeConfig", "asset_path",
-           "check_command_line", "composition_error", "exit_on_bad_command_line", "load_config",
-           "rename_message", "renamed", "split_override", "to_plain", "to_typed", "validate"]
+__all__ = [
+    "CONF_DIR", "ConfigError", "EmbedConfig", "EvalConfig", "ModelConfig", "PoolConfig", "RENAMES",
+    "RenderConfig", "RunConfig", "SaeConfig", "SaeEvalConfig", "TrainSaeConfig", "asset_path",
+    "check_command_line", "composition_error", "exit_on_bad_command_line", "field_docs", "load_config",
+    "rename_message", "renamed", "split_override", "to_plain", "to_typed", "validate"]
