@@ -1,0 +1,455 @@
+"""Hugging Face hub ids for the model, the SAE and the data, resolved to local files before any work.
+
+Everything goes through ``huggingface_hub`` (its cache under ``HF_HOME``/``HF_HUB_CACHE``, its
+file locks, ``HF_TOKEN``, ``HF_HUB_OFFLINE=1`` and ``HF_ENDPOINT``, all read by the library when
+it is imported), and only the files a run needs are fetched:
+
+- a model (:func:`resolve_model`): ``config.json``, ``generation_config.json``, the tokenizer
+  files and the safetensors weights at the repository's root (with an index, only the shards it
+  names); never pickles (``*.bin``, ``*.pt``, ...): a repository with only those is refused;
+- an SAE (:func:`resolve_sae`): in a sparsify repository (one folder per hookpoint,
+  ``layers.30/cfg.json`` + ``layers.30/sae.safetensors``) only the hooked layer's folder; in a
+  SAELens repository (one folder per SAE, ``<sae id>/cfg.json`` + ``sae_weights.safetensors``)
+  only the named SAE's two files;
+- a dataset (:func:`resolve_dataset`): the data files (``.json`` arrays, ``.jsonl``,
+  ``.jsonl.gz``, ``.json.gz``, ``.parquet``, ``.arrow``) of the repository, or of the given path
+  or glob inside it; README and everything else stay on the hub.
+
+What is a hub reference (:func:`is_hub_ref`):
+
+- a local path that exists always wins;
+- ``hf://datasets/<org>/<name>[@<revision>][/<path or glob>]`` is a dataset (the only hub form
+  for ``source.paths``/``target.paths``); ``hf://<org>/<name>[@<revision>][/<folder>]`` a model
+  or an SAE (``<folder>``: one SAE of a multi-SAE repository);
+- for a model or an SAE, a bare ``<org>/<name>[@<revision>]``: exactly two segments of letters,
+  digits, ``-``, ``_`` and ``.`` (the hub's repo-id rule), not starting with ``.`` or ``~``, and
+  not ending in a file extension (``.json``, ``.safetensors``, ...). Anything else (``data/x.jsonl``,
+  ``./model``, ``/abs/path``, one segment, three segments) is a local path, and a missing one gives
+  the usual "not found" error.
+
+``<revision>`` is a branch, a tag or a commit hash; the commit it resolves to comes back in
+:class:`Resolved` (for the manifest and the fingerprints: a moved ``main`` re-embeds, a pinned
+revision reproduces). A second resolution of the same revision downloads nothing (one metadata
+call for a branch or tag, none for a commit hash); with ``HF_HUB_OFFLINE=1`` the cache alone is
+used. Every failure is a :class:`HubError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class HubError(RuntimeError):
+    """A hub reference that cannot be resolved; the message (one line) says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A hub reference resolved to local files in the hub cache."""
+
+    path: Path  # the local folder: the model's snapshot, the SAE's folder, the dataset's snapshot (or its sub-folder)
+    repo_id: str
+    revision: str  # as asked (``main`` when none was given)
+    commit: str  # the commit hash it resolved to
+    repo_type: str = "model"
+    files: list[Path] = field(default_factory=list)  # the local files it is made of (datasets: the data files)
+    pinned: str = ""  # the same reference at ``commit`` (what other nodes resolve, to get the very same files)
+
+    def manifest(self) -> dict:
+        """What a run records about it."""
+        return {"repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
+                "commit": self.commit, "pinned": self.pinned}
+
+
+# ----------------------------------------------------------------------------- what is a hub reference
+
+_SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_BARE_ID = re.compile(rf"({_SEGMENT}/{_SEGMENT})(?:@([^\s@]+))?")
+_FILE_EXTENSIONS = (".json", ".jsonl", ".gz", ".parquet", ".arrow", ".csv", ".tsv", ".txt", ".safetensors",
+                    ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".npz", ".npy", ".zip", ".tar", ".yaml",
+                    ".yml", ".model", ".jinja")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".arrow")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "spiece.model",
+               "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+               "model.safetensors.index.json")
+_SPARSIFY_WEIGHTS, _SAELENS_WEIGHTS = "sae.safetensors", "sae_weights.safetensors"
+
+
+def is_hub_ref(s, kind: str = "model") -> bool:
+    """Whether ``s`` names something on the hub rather than a local path (rule: module docstring).
+
+    ``kind``: ``model`` or ``sae`` (``hf://`` or a bare ``org/name[@rev]``), ``dataset``
+    (``hf://datasets/...`` only)."""
+    s = str(s).strip()
+    if s.startswith("hf://"):
+        return s.startswith("hf://datasets/") == (kind == "dataset")
+    if kind == "dataset" or Path(s).expanduser().exists():
+        return False
+    m = _BARE_ID.fullmatch(s)
+    if not m or ".." in m.group(1) or "--" in m.group(1):
+        return False
+    return not m.group(1).lower().endswith(_FILE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    repo_type: str  # model | dataset
+    revision: str | None
+    path_in_repo: str = ""
+    text: str = ""  # as the user wrote it
+
+    @property
+    def label(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+    def at(self, commit: str) -> str:
+        """This reference pinned to ``commit``, in the form it was written in."""
+        if not self.text.startswith("hf://"):
+            return f"{self.repo_id}@{commit}"
+        return ("hf://" + ("datasets/" if self.repo_type == "dataset" else "") + f"{self.repo_id}@{commit}"
+                + (f"/{self.path_in_repo}" if self.path_in_repo else ""))
+
+
+def parse_ref(s: str, kind: str = "model") -> HubRef:
+    """``org/name[@rev]`` or ``hf://[datasets/]org/name[@rev][/path]`` -> :class:`HubRef`."""
+    s = str(s).strip()
+    if not is_hub_ref(s, kind):
+        want = ("hf://datasets/<org>/<name>[@revision][/<path or glob>]" if kind == "dataset"
+                else "<org>/<name>[@revision] or hf://<org>/<name>[@revision]")
+        raise HubError(f"{s!r} is not a hub reference (expected {want})")
+    if not s.startswith("hf://"):
+        m = _BARE_ID.fullmatch(s)
+        return HubRef(m.group(1), "model", m.group(2), "", s)
+    from huggingface_hub import parse_hf_uri
+    from huggingface_hub.errors import HfUriError
+
+    try:
+        uri = parse_hf_uri(s)
+    except HfUriError as e:
+        raise HubError(one_line(e)) from None
+    if uri.type not in ("model", "dataset"):
+        raise HubError(f"{s!r}: only model and dataset repositories are read (this is a {uri.type})")
+    return HubRef(uri.id, uri.type, uri.revision, (uri.path_in_repo or "").strip("/"), s)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _where(ref: HubRef) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{'datasets/' if ref.repo_type == 'dataset' else ''}{ref.repo_id}"
+
+
+def _head(what: str, ref: HubRef) -> str:
+    return f"{what}={(ref.text or ref.label)!r}"
+
+
+def _translate(e: BaseException, what: str, ref: HubRef) -> HubError | None:
+    """The one-line :class:`HubError` for a failure of ``huggingface_hub`` (None: not a hub failure)."""
+    import httpx2
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import (CachedRepoTreeNotFoundError, EntryNotFoundError, GatedRepoError,
+                                        HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+                                        RevisionResolutionError)
+
+    rev = ref.revision or "main"
+    token = bool(get_token())
+    head = _head(what, ref)
+    if isinstance(e, GatedRepoError):
+        return HubError(f"{head}: {ref.repo_id} is a gated repository: accept its terms at {_where(ref)} and "
+                        + ("use a token that has access (HF_TOKEN)" if token else "set HF_TOKEN (or run `hf auth login`)"))
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"{head}: no {ref.repo_type} repository {ref.repo_id!r} at {constants.ENDPOINT} "
+                        + ("that your HF_TOKEN can read" if token
+                           else "(if it is private or gated, set HF_TOKEN)")
+                        + "; check the name, or point at a local path")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{head}: revision {rev!r} does not exist in {ref.repo_id} (use a branch, a tag or a "
+                        "commit hash of that repository)")
+    if isinstance(e, HFValidationError):
+        return HubError(f"{head}: not a valid hub repository id or revision ({one_line(e, 160)})")
+    unreachable = (OfflineModeIsEnabled, RevisionResolutionError, LocalEntryNotFoundError,
+                   CachedRepoTreeNotFoundError, httpx2.TransportError)
+    if isinstance(e, unreachable) or (isinstance(e, HfHubHTTPError) and e.response is not None
+                                      and e.response.status_code >= 500):
+        missing = "is not in the cache" if not isinstance(e, LocalEntryNotFoundError) or "incomplete" not in str(e) \
+            else "is only partly in the cache"
+        if _offline():
+            return HubError(f"{head}: HF_HUB_OFFLINE=1 and {ref.repo_id}@{rev} {missing} "
+                            f"({constants.HF_HUB_CACHE}); run once with network access, or unset HF_HUB_OFFLINE")
+        reason = _root_reason(e)
+        return HubError(f"{head}: cannot reach the hub at {constants.ENDPOINT} ({reason}) and {ref.repo_id}@{rev} "
+                        f"{missing}; check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache")
+    if isinstance(e, EntryNotFoundError):
+        return HubError(f"{head}: a file listed by the hub is missing from {ref.repo_id}@{rev} ({one_line(e, 160)})")
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else "?"
+        if status == 401 and token:
+            return HubError(f"{head}: the hub refused HF_TOKEN (invalid or expired); set a valid token or unset it")
+        return HubError(f"{head}: the hub answered {status} for {ref.repo_id}@{rev}: {one_line(e, 200)}")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        return HubError(f"{head}: cannot write the hub cache {constants.HF_HUB_CACHE} ({e.strerror}); "
+                        "free space there or set HF_HOME to a writable folder")
+    return None
+
+
+def _root_reason(e: BaseException) -> str:
+    """The deepest cause of a connection failure, in a few words."""
+    import httpx2
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, httpx2.TransportError):
+            return f"{type(seen).__name__}: {one_line(seen, 120)}"
+        seen = seen.__cause__ or seen.__context__
+    return one_line(e, 160)
+
+
+class _Failures:
+    """Turn ``huggingface_hub`` failures inside the block into :class:`HubError`."""
+
+    def __init__(self, what: str, ref: HubRef):
+        self.what, self.ref = what, ref
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if e is None or isinstance(e, HubError):
+            return False
+        err = _translate(e, self.what, self.ref)
+        if err is None:
+            return False
+        raise err from None
+
+
+# ----------------------------------------------------------------------------- the hub, through huggingface_hub
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def _listing(ref: HubRef):
+    """The revision (resolved to its commit) and ``{path: size}`` of every file at that commit:
+    from the cache when it has them (always when offline), else from the hub."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    api = _api()
+    rev = api.resolve_revision(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision)
+    try:
+        tree = get_cached_repo_tree(ref.repo_id, repo_type=ref.repo_type, revision=rev.resolved)
+    except CachedRepoTreeNotFoundError:
+        if _offline():
+            raise
+        tree = api.list_repo_tree(ref.repo_id, repo_type=ref.repo_type, revision=rev.resolved, recursive=True)
+    return rev, {f.path: f.size for f in tree if isinstance(f, RepoFile)}
+
+
+def _escape(path: str) -> str:
+    """An exact repository path as an fnmatch pattern (``allow_patterns`` are patterns)."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+def _snapshot_dir(ref: HubRef, commit: str) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
+        repo_id=ref.repo_id, repo_type=ref.repo_type) / "snapshots" / commit
+
+
+def _fetch(ref: HubRef, rev, files: list[str], sizes: dict[str, int], quiet: bool = False) -> Path:
+    """Bring ``files`` of the resolved revision into the cache (only those not there yet); the snapshot folder."""
+    from huggingface_hub import constants, snapshot_download
+
+    snap = _snapshot_dir(ref, rev.resolved)
+    missing = [f for f in files if not (snap / f).is_file()]
+    if not missing:
+        return snap
+    if not (quiet or _offline()):
+        size = sum(sizes.get(f) or 0 for f in missing)
+        amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        print(f"[mona_ray] fetching {len(missing)} file(s), {amount}, of {ref.repo_id}@{rev.resolved[:12]} "
+              f"from {constants.ENDPOINT} into {constants.HF_HUB_CACHE}", file=sys.stderr)
+    out = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=rev,
+                            allow_patterns=[_escape(f) for f in missing])
+    return Path(out)
+
+
+def _resolved(ref: HubRef, rev, path: Path, files: list[str]) -> Resolved:
+    snap = _snapshot_dir(ref, rev.resolved)
+    return Resolved(path=path, repo_id=ref.repo_id, revision=ref.revision or "main", commit=rev.resolved,
+                    repo_type=ref.repo_type, files=[snap / f for f in files], pinned=ref.at(rev.resolved))
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_files(paths) -> tuple[list[str], list[str]]:
+    """Which root files of a model repository loading needs: ``(metadata and tokenizer files,
+    safetensors weights)``; the weights are all root ``*.safetensors`` (refined by the index
+    once it is local)."""
+    root = [p for p in paths if "/" not in p]
+    meta = [p for p in root if p in MODEL_FILES]
+    weights = [p for p in root if p.endswith(".safetensors")]
+    return meta, weights
+
+
+def resolve_model(ref: str, what: str = "model.path") -> Resolved:
+    """A model repository's config, tokenizer and safetensors weights, in the hub cache."""
+    r = parse_ref(ref, "model")
+    with _Failures(what, r):
+        rev, sizes = _listing(r)
+        meta, weights = model_files(sizes)
+        if "config.json" not in meta:
+            raise HubError(f"{_head(what, r)}: {r.repo_id} has no config.json at its root: not a transformers "
+                           "checkpoint")
+        if not weights:
+            pickles = sorted(p for p in sizes if "/" not in p and p.endswith(_PICKLE_SUFFIXES))
+            raise HubError(f"{_head(what, r)}: {r.repo_id} has no *.safetensors weights"
+                           + (f", only pickled ones ({', '.join(pickles[:3])}), which mona_ray never loads"
+                              if pickles else "") + "; use a safetensors revision or convert it locally")
+        index = "model.safetensors.index.json"
+        if index in meta:  # only the shards the index names (a repo may hold a consolidated copy too)
+            named = set(json.loads((_fetch(r, rev, [index], sizes, quiet=True) / index).read_text())
+                        .get("weight_map", {}).values())
+            weights = [w for w in weights if w in named] or weights
+        return _resolved(r, rev, _fetch(r, rev, meta + weights, sizes), meta + weights)
+
+
+# ----------------------------------------------------------------------------- SAEs
+
+def sae_folders(paths) -> dict[str, str]:
+    """``{folder: format}`` of the SAEs in a repository listing (``""``: an SAE at the root)."""
+    out = {}
+    for p in paths:
+        folder, _, name = p.rpartition("/")
+        if name in (_SPARSIFY_WEIGHTS, _SAELENS_WEIGHTS) and (f"{folder}/cfg.json" if folder else "cfg.json") in paths:
+            out[folder] = "sparsify" if name == _SPARSIFY_WEIGHTS else "saelens"
+    return out
+
+
+def _hookpoint_of(name: str) -> str | None:
+    from .sae import SAEError, to_sparsify_hookpoint
+
+    try:
+        return to_sparsify_hookpoint(name.rpartition("/")[2])
+    except SAEError:
+        return None
+
+
+def pick_sae(folders: dict[str, str], hookpoint: str | None, subfolder: str = "") -> list[str]:
+    """The folders that may hold the SAE for ``hookpoint`` (by name; [] when none does)."""
+    if subfolder:
+        return [subfolder] if subfolder in folders else []
+    if "" in folders:
+        return [""]
+    if not hookpoint:
+        return sorted(folders) if len(folders) == 1 else []
+    if hookpoint in folders:
+        return [hookpoint]
+    want = _hookpoint_of(hookpoint)
+    return sorted(f for f in folders if want is not None and _hookpoint_of(f) == want)
+
+
+def _cfg_hook(path: Path) -> str | None:
+    raw = json.loads(path.read_text())
+    return (raw.get("metadata") or {}).get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
+
+
+def resolve_sae(ref: str, hookpoint: str | None, what: str = "sae.path") -> Resolved:
+    """Only the SAE for ``hookpoint`` from a sparsify or SAELens repository; ``path`` is its folder."""
+    r = parse_ref(ref, "sae")
+    with _Failures(what, r):
+        rev, sizes = _listing(r)
+        folders = sae_folders(sizes)
+        if not folders:
+            raise HubError(f"{_head(what, r)}: {r.repo_id} holds no SAE (no cfg.json next to {_SPARSIFY_WEIGHTS} "
+                           f"or {_SAELENS_WEIGHTS})")
+        chosen = pick_sae(folders, hookpoint, r.path_in_repo)
+        if not chosen and not r.path_in_repo and "saelens" in folders.values() and _hookpoint_of(str(hookpoint)):
+            # SAELens folders need not be named after their hook: read the (small) cfg.json files
+            cfgs = sorted(f"{f}/cfg.json" for f, fmt in folders.items() if fmt == "saelens")
+            snap = _fetch(r, rev, cfgs, sizes)
+            want = _hookpoint_of(str(hookpoint))
+            chosen = [c.rpartition("/")[0] for c in cfgs
+                      if (h := _cfg_hook(snap / c)) and _hookpoint_of(h) == want]
+        if len(chosen) != 1:
+            have = ", ".join(f or "(root)" for f in sorted(folders))
+            if chosen:
+                raise HubError(f"{_head(what, r)}: several SAEs in {r.repo_id} read {hookpoint}: "
+                               f"{', '.join(chosen)}; name one: {what}=hf://{r.label}/<folder>")
+            looked = f"folder {r.path_in_repo!r}" if r.path_in_repo else f"hookpoint {hookpoint!r}"
+            raise HubError(f"{_head(what, r)}: no SAE for {looked} in {r.repo_id}; it has: {have}")
+        folder = chosen[0]
+        weights = _SPARSIFY_WEIGHTS if folders[folder] == "sparsify" else _SAELENS_WEIGHTS
+        files = [f"{folder}/{n}" if folder else n for n in ("cfg.json", weights)]
+        snap = _fetch(r, rev, files, sizes)
+        return _resolved(r, rev, snap / folder if folder else snap, files)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def data_files(paths, path_in_repo: str = "") -> list[str]:
+    """The data files of a repository listing, only those at/under ``path_in_repo`` (a file, a
+    folder or an fnmatch glob over repository paths) when given; sorted."""
+    p = path_in_repo.strip("/")
+    if not p:
+        picked = list(paths)
+    elif _GLOB.search(p):
+        picked = [f for f in paths if fnmatch.fnmatchcase(f, p)]
+    else:
+        picked = [f for f in paths if f == p or f.startswith(p + "/")]
+    return sorted(f for f in picked if f.lower().endswith(DATA_SUFFIXES))
+
+
+def resolve_dataset(ref: str, what: str = "source.paths") -> Resolved:
+    """``hf://datasets/<org>/<name>[@rev][/<path or glob>]``: its data files, in the hub cache."""
+    r = parse_ref(ref, "dataset")
+    with _Failures(what, r):
+        rev, sizes = _listing(r)
+        files = data_files(sizes, r.path_in_repo)
+        if not files:
+            where = f"{r.path_in_repo!r} in " if r.path_in_repo else ""
+            raise HubError(f"{_head(what, r)}: no data file ({', '.join(DATA_SUFFIXES)}) in {where}{r.label}; it "
+                           f"has: {', '.join(sorted(sizes)[:8])}{', ...' if len(sizes) > 8 else ''}")
+        snap = _fetch(r, rev, files, sizes)
+        base = r.path_in_repo if r.path_in_repo and not _GLOB.search(r.path_in_repo) else ""
+        path = snap / base if base and (snap / base).is_dir() else snap
+        return _resolved(r, rev, path, files)
+
+
+def env_summary() -> dict:
+    """The hub settings in effect (for the manifest; never the token itself)."""
+    from huggingface_hub import constants, get_token
+
+    return {"endpoint": constants.ENDPOINT, "cache": str(constants.HF_HUB_CACHE), "offline": _offline(),
+            "token": bool(get_token())}
