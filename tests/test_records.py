@@ -1,10 +1,11 @@
-"""Record formats, rendering spans and pooling masks."""
+"""Record formats, rendering spans and pooling masks, and the JSONL / JSON-array / Parquet / gzip readers."""
 
 import json
 
 import pytest
 
-from mona_ray.core import records
+from mona_ray.core import readers, records, render
+from mona_ray.core.readers import json_array, jsonl
 from mona_ray.core.model import load_tokenizer
 
 
@@ -44,9 +45,9 @@ def test_bad_records_say_why(rec, reason):
 def test_render_spans_cover_content_only(tiny_lm):
     tok = load_tokenizer(tiny_lm)
     msgs = [{"role": "user", "content": "add two and three"}, {"role": "assistant", "content": "five"}]
-    r = records.render(msgs, tok)
+    r = render.render(msgs, tok)
     assert [r.text[a:b] for a, b in r.spans] == ["add two and three", "five"]
-    p = records.render(msgs, mode="plain")
+    p = render.render(msgs, mode="plain")
     assert p.text == "add two and three\n\nfive"
     assert [p.text[a:b] for a, b in p.spans] == ["add two and three", "five"]
 
@@ -54,22 +55,22 @@ def test_render_spans_cover_content_only(tiny_lm):
 def test_pool_masks(tiny_lm):
     tok = load_tokenizer(tiny_lm)
     msgs = [{"role": "user", "content": "add two"}, {"role": "assistant", "content": "five"}]
-    r = records.render(msgs, tok)
-    ids, none = records.tokenize(r, tok, 64, "none")
-    _, special = records.tokenize(r, tok, 64, "special")
-    _, template = records.tokenize(r, tok, 64, "template")
+    r = render.render(msgs, tok)
+    ids, none = render.tokenize(r, tok, 64, "none")
+    _, special = render.tokenize(r, tok, 64, "special")
+    _, template = render.tokenize(r, tok, 64, "template")
     toks = tok.convert_ids_to_tokens(ids)
     assert sum(none) == len(ids)
     assert [t for t, m in zip(toks, special) if not m] == ["<|im_start|>", "<|im_end|>"] * 2
     assert [t for t, m in zip(toks, template) if m] == ["add", "two", "five"]
-    ids3, m3 = records.tokenize(r, tok, 3, "none")
+    ids3, m3 = render.tokenize(r, tok, 3, "none")
     assert len(ids3) == 3 == len(m3)
 
 
 def test_jsonl_reader_reports_rows(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_bytes(b'{"instruction": "a", "output": "b"}\n{not json\n\n\xff\xfe\n{"instruction": "c", "output": "d"}\n')
-    got = list(records.read_unit(records.ReadUnit(str(f), 0, 5)))
+    got = list(readers.read_unit(readers.ReadUnit(str(f), 0, 5)))
     assert [r for r, _ in got] == [0, 1, 2, 3, 4]
     kinds = [type(x).__name__ if isinstance(x, records.RecordError) else "ok" for _, x in got]
     assert kinds == ["ok", "RecordError", "RecordError", "RecordError", "ok"]
@@ -79,10 +80,10 @@ def test_jsonl_reader_reports_rows(tmp_path):
 def test_units_split_files_deterministically(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text("".join(json.dumps({"instruction": str(i), "output": "o"}) + "\n" for i in range(10)))
-    units = records.plan_units([tmp_path], 4)
+    units = readers.plan_units([tmp_path], 4)
     assert [(u.start, u.stop) for u in units] == [(0, 4), (4, 8), (8, 10)]
     with pytest.raises(records.InputError, match="does not exist"):
-        records.plan_units([tmp_path / "missing.parquet"], 4)
+        readers.plan_units([tmp_path / "missing.parquet"], 4)
 
 
 # ----------------------------------------------------------------------------- splitting inputs
@@ -151,10 +152,10 @@ def _write(tmp_path, kind, rows):
 def test_units_read_back_exactly_the_whole_file(tmp_path, kind):
     f = _write(tmp_path, kind, _rows(31))
     staging = tmp_path / "staged"
-    units = records.plan_units([f], rows_per_unit=7, staging_dir=staging)
+    units = readers.plan_units([f], rows_per_unit=7, staging_dir=staging)
     assert [(u.start, u.stop) for u in units] == [(0, 7), (7, 14), (14, 21), (21, 28), (28, 31)]
     assert all(u.path == str(f.resolve()) for u in units)  # reports name the user's file
-    got = [item for u in units for item in records.read_unit(u)]
+    got = [item for u in units for item in readers.read_unit(u)]
     want = _stdlib_rows(f)
     assert len(want) == 31 and got == want
     assert not any(isinstance(x, records.RecordError) for _, x in got)
@@ -172,34 +173,35 @@ def test_units_read_back_exactly_the_whole_file(tmp_path, kind):
         md = pq.ParquetFile(read_path).metadata
         assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [7, 7, 7, 7, 3]
     for u in units:  # units travel as dicts
-        assert records.ReadUnit(**dataclasses.asdict(u)) == u
-        assert u.key == records.ReadUnit(u.path, u.start, u.stop).key
+        assert readers.ReadUnit(**dataclasses.asdict(u)) == u
+        assert u.key == readers.ReadUnit(u.path, u.start, u.stop).key
 
 
 @pytest.mark.parametrize("kind", ["json", "jsonl"])
 def test_small_scan_buffers_give_the_same_boundaries(tmp_path, monkeypatch, kind):
     """Elements and lines cut by every possible chunk boundary (numbers too): the same units."""
     f = _write(tmp_path, kind, _rows(23))
-    want = records.plan_units([f], 5)
+    want = readers.plan_units([f], 5)
     if kind == "json":
         g = tmp_path / "numbers.json"
         g.write_text("[" + ", ".join(str(10 ** (i % 9) + i) for i in range(40)) + ",1e5 , -0.25,true,null]")
-        want_g = records.plan_units([g], 5)
+        want_g = readers.plan_units([g], 5)
     for chunk in (1, 2, 3, 7, 64):
-        monkeypatch.setattr(records, "_CHUNK", chunk)
-        monkeypatch.setattr(records, "_AHEAD", max(1, chunk // 2))
-        assert records.plan_units([f], 5) == want
+        monkeypatch.setattr(jsonl, "_CHUNK", chunk)
+        monkeypatch.setattr(json_array, "_CHUNK", chunk)
+        monkeypatch.setattr(json_array, "_AHEAD", max(1, chunk // 2))
+        assert readers.plan_units([f], 5) == want
         if kind == "json":
-            assert records.plan_units([g], 5) == want_g
-            assert [x for u in want_g for _, x in records.read_unit(u)] == json.loads(g.read_text())
+            assert readers.plan_units([g], 5) == want_g
+            assert [x for u in want_g for _, x in readers.read_unit(u)] == json.loads(g.read_text())
     monkeypatch.undo()
-    assert [x for u in want for x in records.read_unit(u)] == _stdlib_rows(f)
+    assert [x for u in want for x in readers.read_unit(u)] == _stdlib_rows(f)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json"])
 def test_a_unit_reads_only_its_byte_range(tmp_path, kind):
     f = _write(tmp_path, kind, _rows(21))
-    units = records.plan_units([f], 7)
+    units = readers.plan_units([f], 7)
     mid = units[1]
     data = f.read_bytes()
     if kind == "jsonl":
@@ -212,13 +214,13 @@ def test_a_unit_reads_only_its_byte_range(tmp_path, kind):
     # everything outside [offset, end) turned to garbage of the same length: the unit still reads
     garbage = tmp_path / ("garbage." + kind)
     garbage.write_bytes(b"\xff" * mid.offset + data[mid.offset:mid.end] + b"\xff" * (len(data) - mid.end))
-    got = list(records.read_unit(dataclasses.replace(mid, path=str(garbage))))
+    got = list(readers.read_unit(dataclasses.replace(mid, path=str(garbage))))
     assert got == _stdlib_rows(f)[7:14]
 
 
 def test_parquet_units_decode_only_their_row_groups(tmp_path, monkeypatch):
     f = _write(tmp_path, "parquet_rg10", _rows(40))
-    units = records.plan_units([f], 7)
+    units = readers.plan_units([f], 7)
     assert {u.read_path for u in units} == {None}  # row groups of 10 <= 4 x 7: no staging
     seen = []
     orig = pq.ParquetFile.iter_batches
@@ -229,7 +231,7 @@ def test_parquet_units_decode_only_their_row_groups(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     u = next(u for u in units if (u.start, u.stop) == (7, 14))
-    assert [r for r, _ in records.read_unit(u)] == list(range(7, 14))
+    assert [r for r, _ in readers.read_unit(u)] == list(range(7, 14))
     assert seen == [[0, 1]]
 
 
@@ -238,16 +240,16 @@ def test_deep_nesting_and_bom_become_reasons_not_crashes(tmp_path):
     good = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(3)]
     f = tmp_path / "deep.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + "\n".join([good[0], deep, good[1], good[2]]).encode())  # no final newline
-    for units in (records.plan_units([f], 2), [records.ReadUnit(str(f), 0, 4)]):  # planned, and scanned from 0
-        got = [item for u in units for item in records.read_unit(u)]
+    for units in (readers.plan_units([f], 2), [readers.ReadUnit(str(f), 0, 4)]):  # planned, and scanned from 0
+        got = [item for u in units for item in readers.read_unit(u)]
         assert [r for r, _ in got] == [0, 1, 2, 3]
         assert got[0][1] == {"instruction": "q0", "output": "a"}  # the BOM is not part of the row
         assert isinstance(got[1][1], records.RecordError) and "malformed JSON: RecursionError" in str(got[1][1])
         assert [x["instruction"] for _, x in (got[2], got[3])] == ["q1", "q2"]
     g = tmp_path / "deep.json"
     g.write_text("\ufeff[" + ",".join([good[0], deep, good[1], good[2]]) + "]", encoding="utf-8")
-    for units in (records.plan_units([g], 3), [records.ReadUnit(str(g), 0, -1)]):
-        got = [item for u in units for item in records.read_unit(u)]
+    for units in (readers.plan_units([g], 3), [readers.ReadUnit(str(g), 0, -1)]):
+        got = [item for u in units for item in readers.read_unit(u)]
         assert [r for r, _ in got] == [0, 1, 2, 3]
         assert isinstance(got[1][1], records.RecordError) and "malformed JSON: RecursionError" in str(got[1][1])
         assert [x["instruction"] for _, x in (got[0], got[2], got[3])] == ["q0", "q1", "q2"]
@@ -258,24 +260,24 @@ def test_malformed_json_array_reads_up_to_the_break(tmp_path):
     head = ("[" + ", ".join(good) + ", ").encode()
     f = tmp_path / "broken.json"
     f.write_bytes(head + b'garbage {"instruction": "q10", "output": "a"}]')
-    units = records.plan_units([f], 4)
+    units = readers.plan_units([f], 4)
     assert [(u.start, u.stop) for u in units] == [(0, 4), (4, 8), (8, 10), (10, -1)]
-    got = [item for u in units for item in records.read_unit(u)]
+    got = [item for u in units for item in readers.read_unit(u)]
     assert [r for r, _ in got] == list(range(10)) + [-1]
     assert [x["instruction"] for _, x in got[:10]] == [f"q{i}" for i in range(10)]
     assert isinstance(got[10][1], records.RecordError)
     assert f"malformed JSON array at byte {len(head)}" in str(got[10][1]) and "garbage" in str(got[10][1])
-    whole = list(records.read_unit(records.ReadUnit(str(f), 0, -1)))  # the same when scanned whole
+    whole = list(readers.read_unit(readers.ReadUnit(str(f), 0, -1)))  # the same when scanned whole
     assert [(r, str(x)) for r, x in whole] == [(r, str(x)) for r, x in got]
     # truncated: no closing bracket
     t = tmp_path / "truncated.json"
     t.write_bytes(("[" + ", ".join(good)).encode())
-    got = [item for u in records.plan_units([t], 4) for item in records.read_unit(u)]
+    got = [item for u in readers.plan_units([t], 4) for item in readers.read_unit(u)]
     assert [r for r, _ in got] == list(range(10)) + [-1] and "unexpected end of file" in str(got[-1][1])
     # an unclosed element
     u = tmp_path / "unclosed.json"
     u.write_bytes(("[" + ", ".join(good[:2]) + ', {"instruction": "q').encode())
-    got = [item for un in records.plan_units([u], 4) for item in records.read_unit(un)]
+    got = [item for un in readers.plan_units([u], 4) for item in readers.read_unit(un)]
     assert [r for r, _ in got] == [0, 1, -1] and "at byte" in str(got[-1][1])
 
 
@@ -287,7 +289,7 @@ def test_one_bad_element_is_one_bad_row(tmp_path):
              '"a string"', "12.5", json.dumps({"instruction": "q6", "output": "a"})]
     f = tmp_path / "mixed.json"
     f.write_bytes(("[" + ",".join(elems) + "]").encode("latin-1"))
-    got = [item for u in records.plan_units([f], 3) for item in records.read_unit(u)]
+    got = [item for u in readers.plan_units([f], 3) for item in readers.read_unit(u)]
     assert [r for r, _ in got] == list(range(7))
     assert got[0][1]["instruction"] == "q0" and got[6][1]["instruction"] == "q6"
     assert "malformed JSON" in str(got[1][1])
@@ -298,7 +300,7 @@ def test_one_bad_element_is_one_bad_row(tmp_path):
         records.normalize_record(got[4][1])
     j = tmp_path / "surrogate.jsonl"
     j.write_text('{"instruction": "\\udfff", "output": "a"}\n')
-    assert [x for u in records.plan_units([j], 3) for _, x in records.read_unit(u)] == [
+    assert [x for u in readers.plan_units([j], 3) for _, x in readers.read_unit(u)] == [
         {"instruction": "\udfff", "output": "a"}]
 
 
@@ -306,19 +308,19 @@ def test_json_edge_shapes(tmp_path):
     (tmp_path / "empty.json").write_text(" \n")
     (tmp_path / "empty_array.json").write_text("\ufeff [ \n ] \n")
     (tmp_path / "empty.jsonl").write_text("")
-    assert records.plan_units([tmp_path], 4) == []
+    assert readers.plan_units([tmp_path], 4) == []
     one = tmp_path / "one.json"
     one.write_text('  {"instruction": "q", "output": "a"}\n')
-    (u,) = records.plan_units([one], 4)
-    assert (u.start, u.stop) == (0, 1) and list(records.read_unit(u)) == [(0, {"instruction": "q", "output": "a"})]
+    (u,) = readers.plan_units([one], 4)
+    assert (u.start, u.stop) == (0, 1) and list(readers.read_unit(u)) == [(0, {"instruction": "q", "output": "a"})]
     scalar = tmp_path / "scalar.json"
     scalar.write_text('"just text"')
-    (u,) = records.plan_units([scalar], 4)
-    ((row, err),) = list(records.read_unit(u))
+    (u,) = readers.plan_units([scalar], 4)
+    ((row, err),) = list(readers.read_unit(u))
     assert row == -1 and "cannot read file" in str(err) and "list of records" in str(err)
     after = tmp_path / "after.json"
     after.write_text('[{"instruction": "q", "output": "a"}] trailing')
-    got = [item for u in records.plan_units([after], 4) for item in records.read_unit(u)]
+    got = [item for u in readers.plan_units([after], 4) for item in readers.read_unit(u)]
     assert got[0] == (0, {"instruction": "q", "output": "a"}) and got[1][0] == -1 and "trailing" in str(got[1][1])
 
 
@@ -329,34 +331,34 @@ def test_gzip_inputs_are_found_staged_once_and_reused(tmp_path):
     b = _write(d, "json.gz", _rows(5))
     (d / "notes.txt").write_text("ignored")
     (d / "table.csv.gz").write_bytes(gzip.compress(b"a,b\n"))
-    assert records.input_files([d]) == sorted([a.resolve(), b.resolve()])
-    assert records.input_files([str(d / "*.gz")]) == sorted([a.resolve(), b.resolve(), (d / "table.csv.gz").resolve()])
+    assert readers.input_files([d]) == sorted([a.resolve(), b.resolve()])
+    assert readers.input_files([str(d / "*.gz")]) == sorted([a.resolve(), b.resolve(), (d / "table.csv.gz").resolve()])
     with pytest.raises(records.InputError, match="staging_dir"):
-        records.plan_units([d], 4)
+        readers.plan_units([d], 4)
     staging = tmp_path / "staged"
-    first = records.plan_units([d], 4, staging_dir=staging)
+    first = readers.plan_units([d], 4, staging_dir=staging)
     staged = sorted(p for p in staging.iterdir() if p.suffix != ".ok")
     assert len(staged) == 2 and {p.suffix for p in staged} == {".json", ".jsonl"}
     assert sorted(p.name for p in staging.iterdir() if p.suffix == ".ok") == sorted(p.name + ".ok" for p in staged)
     mtimes = [p.stat().st_mtime_ns for p in staged]
-    again = records.plan_units([d], 4, staging_dir=staging)
+    again = readers.plan_units([d], 4, staging_dir=staging)
     assert again == first and [p.stat().st_mtime_ns for p in staged] == mtimes
     assert [(u.path, u.start, u.stop) for u in first] == [(str(b.resolve()), 0, 4), (str(b.resolve()), 4, 5),
                                                          (str(a.resolve()), 0, 4), (str(a.resolve()), 4, 8),
                                                          (str(a.resolve()), 8, 9)]
     # the same file content read without staging (scanned from the start) gives the same rows
     for u in first:
-        assert list(records.read_unit(dataclasses.replace(u, offset=-1, end=-1, read_path=None))) == list(
-            records.read_unit(u))
+        assert list(readers.read_unit(dataclasses.replace(u, offset=-1, end=-1, read_path=None))) == list(
+            readers.read_unit(u))
 
 
 def test_plans_are_deterministic(tmp_path):
     (tmp_path / "in").mkdir()
     for kind in ("json", "jsonl", "parquet", "jsonl.gz"):
         _write(tmp_path / "in", kind, _rows(30))
-    one = records.plan_units([tmp_path / "in"], 6, staging_dir=tmp_path / "s1")
-    two = records.plan_units([tmp_path / "in"], 6, staging_dir=tmp_path / "s1")
-    other = records.plan_units([tmp_path / "in"], 6, staging_dir=tmp_path / "s2")
+    one = readers.plan_units([tmp_path / "in"], 6, staging_dir=tmp_path / "s1")
+    two = readers.plan_units([tmp_path / "in"], 6, staging_dir=tmp_path / "s1")
+    other = readers.plan_units([tmp_path / "in"], 6, staging_dir=tmp_path / "s2")
     assert one == two and len(one) == 20
     assert [dataclasses.replace(u, read_path=None) for u in one] == [
         dataclasses.replace(u, read_path=None) for u in other]
@@ -372,33 +374,33 @@ def test_corrupt_and_changed_files_report_every_row(tmp_path):
     bad_pq = tmp_path / "bad.parquet"
     bad_pq.write_bytes(b"PAR1 this is not a parquet file")
     staging = tmp_path / "staged"
-    units = records.plan_units([bad_gz, truncated, bad_pq], 100, staging_dir=staging)
+    units = readers.plan_units([bad_gz, truncated, bad_pq], 100, staging_dir=staging)
     assert [(u.start, u.stop, u.read_path) for u in units] == [(0, -1, None)] * 3
     assert list(staging.iterdir()) == []  # no half-written copies
     for u in (units[0], units[2]):
-        ((row, err),) = list(records.read_unit(u))
+        ((row, err),) = list(readers.read_unit(u))
         assert row == -1 and "cannot read file" in str(err)
-    got = list(records.read_unit(units[1]))  # what can be read, then why the rest cannot
+    got = list(readers.read_unit(units[1]))  # what can be read, then why the rest cannot
     assert got[-1][0] == -1 and "cannot read file" in str(got[-1][1])
     assert [r for r, _ in got[:-1]] == list(range(len(got) - 1)) and len(got) > 1
     # files that change after planning: every planned row still yields one item, with the reason
     f = _write(tmp_path, "jsonl", _rows(10))
-    (u,) = [u for u in records.plan_units([f], 4) if u.start == 4]
+    (u,) = [u for u in readers.plan_units([f], 4) if u.start == 4]
     f.write_bytes(b"\n".join(f.read_bytes().split(b"\n")[:6]))
-    got = list(records.read_unit(u))
+    got = list(readers.read_unit(u))
     assert [r for r, _ in got] == [4, 5, 6, 7] and got[1][1]["conversations"][0]["value"].startswith("frage 5")
     assert all(isinstance(x, records.RecordError) and "fewer rows" in str(x) for _, x in got[2:])
     p = _write(tmp_path, "parquet_rg10", _rows(10))
-    (u,) = [u for u in records.plan_units([p], 4) if u.start == 4]
+    (u,) = [u for u in readers.plan_units([p], 4) if u.start == 4]
     p.write_bytes(b"PAR1 garbage")
-    got = list(records.read_unit(u))
+    got = list(readers.read_unit(u))
     assert [r for r, _ in got] == [4, 5, 6, 7] and all("cannot read file" in str(x) for _, x in got)
 
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl.gz", "json.gz"])
 def test_a_unit_whose_staged_copy_is_gone_reads_the_original(tmp_path, kind):
     f = _write(tmp_path, kind, _rows(20))
-    units = records.plan_units([f], 4, staging_dir=tmp_path / "staged")
-    want = [item for u in units for item in records.read_unit(u)]
+    units = readers.plan_units([f], 4, staging_dir=tmp_path / "staged")
+    want = [item for u in units for item in readers.read_unit(u)]
     os.remove(units[0].read_path)
-    assert [item for u in units for item in records.read_unit(u)] == want == _stdlib_rows(f)
+    assert [item for u in units for item in readers.read_unit(u)] == want == _stdlib_rows(f)

@@ -201,7 +201,7 @@ def test_nait_deltas_match_hf_hidden_states(tiny_lm, tiny_sae):
     from transformers import LlamaForCausalLM
 
     from mona_ray.core.model import load_tokenizer
-    from mona_ray.core.records import render, tokenize
+    from mona_ray.core.render import render, tokenize
 
     spec = dict(model_path=str(tiny_lm), hookpoint="layers.2", dtype="float32", max_length=64)
     src, tgt = _rows(20, 1), _rows(6, 2)
@@ -234,7 +234,8 @@ def test_local_embedder_fills_the_store_once_and_equals_the_engine(tiny_lm, tiny
     """The evaluation's path: rows rendered and tokenized as prepare does, every readout from one
     pass into its store; a second embedder over the same stores runs no model at all."""
     from mona_ray.core.model import fingerprint_model, load_tokenizer, load_truncated
-    from mona_ray.core.records import content_hash, render, tokenize
+    from mona_ray.core.records import content_hash
+    from mona_ray.core.render import render, tokenize
     from mona_ray.core.sae import load_sae
     from mona_ray.features.engine import Batching, FeatureEngine
     from mona_ray.features.local import LocalEmbedder, Rendering, stores_for

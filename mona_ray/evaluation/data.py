@@ -1,6 +1,6 @@
 """Reading an evaluation's inputs: a labelled pool, target sets and a relevance map.
 
-Every problem is reported as an :class:`~mona_ray.records.InputError` that names the file
+Every problem is reported as an :class:`~mona_ray.core.records.InputError` that names the file
 (and row) and says what to change; rows that cannot be read as a conversation are kept
 out of the ranking and listed with their reason, never dropped silently.
 """
@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.records import InputError, RecordError, input_files, normalize_record, plan_units, read_unit, record_id
+from ..core.readers import input_files, plan_units, read_unit
+from ..core.records import InputError, RecordError, normalize_record, record_id
 
 
 @dataclass
@@ -35,13 +36,14 @@ class RowSet:
 
 
 def read_rows(path: str | Path, role: str, id_column: str = "id", domain_column: str | None = None) -> RowSet:
-    """Rows of ``path`` (.parquet / .jsonl / .json) as conversations. ``role`` names the input in errors."""
+    """Rows of ``path`` (.parquet / .arrow / .jsonl / .json, a folder of them, or a ``datasets``
+    save_to_disk folder) as conversations. ``role`` names the input in errors."""
     p = Path(str(path)).expanduser()
     if not p.exists():
         raise InputError(f"{role}={str(path)!r} does not exist")
     files = input_files(p)
     if not files:
-        raise InputError(f"{role}={str(path)!r}: no .parquet, .jsonl or .json file there")
+        raise InputError(f"{role}={str(path)!r}: no .parquet, .arrow, .jsonl or .json file there")
     out = RowSet(str(p))
     seen_domain_field = False
     for unit in plan_units(files, rows_per_unit=1 << 40):

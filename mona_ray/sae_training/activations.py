@@ -1,7 +1,7 @@
 """Residual-stream activations for SAE training and evaluation.
 
 Texts are rendered exactly as the pipeline renders them (``records.normalize_record`` +
-``records.render``), tokenized with ``records.tokenize(exclude="special")`` and run
+``render.render``), tokenized with ``render.tokenize(exclude="special")`` and run
 through the model cut after the deepest requested block. Shallower blocks are captured
 with forward hooks, so several layers cost ONE forward pass.
 
@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..core.model import parse_hookpoint
-from ..core.records import RecordError, normalize_record, render, tokenize
+from ..core.records import RecordError, normalize_record
+from ..core.render import render, tokenize
 
 
 class ActivationError(RuntimeError):
@@ -50,7 +51,7 @@ def is_heldout(row_id: str, holdout_permille: int) -> bool:
 def read_rows(path: str | Path, split: str, holdout_permille: int, seed: int,
               max_rows: int | None = None, key: str = "data.path") -> list[dict]:
     """Rows of a Parquet / JSONL file for ``split`` (``train`` | ``heldout``), shuffled by ``seed``."""
-    from ..core.records import input_files, plan_units, read_unit
+    from ..core.readers import input_files, plan_units, read_unit
 
     p = Path(str(path)).expanduser()
     if not p.exists():
