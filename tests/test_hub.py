@@ -167,8 +167,8 @@ def test_what_is_a_hub_reference(tmp_path, monkeypatch):
     r = hub.parse_ref("hf://datasets/org/name@refs/pr/3/data/*.parquet", "dataset")
     assert (r.repo_id, r.repo_type, r.revision, r.path_in_repo) == ("org/name", "dataset", "refs/pr/3", "data/*.parquet")
     assert hub.parse_ref("org/name@v1.0") == hub.HubRef("org/name", "model", "v1.0", "", "org/name@v1.0")
-    with pytest.raises(hub.HubError, match="not a hub reference"):
-        hub.parse_ref("data/x.jsonl")
+    with pytest.raises(hub.HubError, match=r"^source.paths='data/x.jsonl': not a hub reference \(expected hf://datasets/"):
+        hub.resolve_dataset("data/x.jsonl")
 
 
 def test_which_files_of_a_listing():

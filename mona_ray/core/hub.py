@@ -120,13 +120,13 @@ class HubRef:
                 + (f"/{self.path_in_repo}" if self.path_in_repo else ""))
 
 
-def parse_ref(s: str, kind: str = "model") -> HubRef:
+def parse_ref(s: str, kind: str = "model", what: str = "path") -> HubRef:
     """``org/name[@rev]`` or ``hf://[datasets/]org/name[@rev][/path]`` -> :class:`HubRef`."""
     s = str(s).strip()
     if not is_hub_ref(s, kind):
         want = ("hf://datasets/<org>/<name>[@revision][/<path or glob>]" if kind == "dataset"
                 else "<org>/<name>[@revision] or hf://<org>/<name>[@revision]")
-        raise HubError(f"{s!r} is not a hub reference (expected {want})")
+        raise HubError(f"{what}={s!r}: not a hub reference (expected {want})")
     if not s.startswith("hf://"):
         m = _BARE_ID.fullmatch(s)
         return HubRef(m.group(1), "model", m.group(2), "", s)
@@ -136,9 +136,9 @@ def parse_ref(s: str, kind: str = "model") -> HubRef:
     try:
         uri = parse_hf_uri(s)
     except HfUriError as e:
-        raise HubError(one_line(e)) from None
+        raise HubError(f"{what}={s!r}: {one_line(e)}") from None
     if uri.type not in ("model", "dataset"):
-        raise HubError(f"{s!r}: only model and dataset repositories are read (this is a {uri.type})")
+        raise HubError(f"{what}={s!r}: only model and dataset repositories are read (this is a {uri.type})")
     return HubRef(uri.id, uri.type, uri.revision, (uri.path_in_repo or "").strip("/"), s)
 
 
@@ -170,9 +170,9 @@ def _translate(e: BaseException, what: str, ref: HubRef) -> HubError | None:
     import httpx2
     from huggingface_hub import constants, get_token
     from huggingface_hub.errors import (CachedRepoTreeNotFoundError, EntryNotFoundError, GatedRepoError,
-                                        HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-                                        RevisionResolutionError)
+                                        HfHubHTTPError, HFValidationError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError, RevisionResolutionError)
 
     rev = ref.revision or "main"
     token = bool(get_token())
@@ -194,8 +194,7 @@ def _translate(e: BaseException, what: str, ref: HubRef) -> HubError | None:
                    CachedRepoTreeNotFoundError, httpx2.TransportError)
     if isinstance(e, unreachable) or (isinstance(e, HfHubHTTPError) and e.response is not None
                                       and e.response.status_code >= 500):
-        missing = "is not in the cache" if not isinstance(e, LocalEntryNotFoundError) or "incomplete" not in str(e) \
-            else "is only partly in the cache"
+        missing = "is only partly in the cache" if isinstance(e, IncompleteSnapshotError) else "is not in the cache"
         if _offline():
             return HubError(f"{head}: HF_HUB_OFFLINE=1 and {ref.repo_id}@{rev} {missing} "
                             f"({constants.HF_HUB_CACHE}); run once with network access, or unset HF_HUB_OFFLINE")
@@ -322,7 +321,7 @@ def model_files(paths) -> tuple[list[str], list[str]]:
 
 def resolve_model(ref: str, what: str = "model.path") -> Resolved:
     """A model repository's config, tokenizer and safetensors weights, in the hub cache."""
-    r = parse_ref(ref, "model")
+    r = parse_ref(ref, "model", what)
     with _Failures(what, r):
         rev, sizes = _listing(r)
         meta, weights = model_files(sizes)
@@ -384,7 +383,7 @@ def _cfg_hook(path: Path) -> str | None:
 
 def resolve_sae(ref: str, hookpoint: str | None, what: str = "sae.path") -> Resolved:
     """Only the SAE for ``hookpoint`` from a sparsify or SAELens repository; ``path`` is its folder."""
-    r = parse_ref(ref, "sae")
+    r = parse_ref(ref, "sae", what)
     with _Failures(what, r):
         rev, sizes = _listing(r)
         folders = sae_folders(sizes)
@@ -433,7 +432,7 @@ def data_files(paths, path_in_repo: str = "") -> list[str]:
 
 def resolve_dataset(ref: str, what: str = "source.paths") -> Resolved:
     """``hf://datasets/<org>/<name>[@rev][/<path or glob>]``: its data files, in the hub cache."""
-    r = parse_ref(ref, "dataset")
+    r = parse_ref(ref, "dataset", what)
     with _Failures(what, r):
         rev, sizes = _listing(r)
         files = data_files(sizes, r.path_in_repo)
