@@ -126,7 +126,8 @@ HAND_S = np.array([[0.90, 0.95, 0.85],
 
 
 def test_round_robin_rule_and_target_order_on_a_hand_made_matrix():
-    from mona_ray.scoring.aggregate import PerTargetTopK, round_robin
+    from mona_ray.bench.aggregations import PerTargetTopK
+    from mona_ray.scoring.round_robin import round_robin
 
     def ours(cols, skip):  # as the pipeline does it: per-target top-k lists, then the interleaving
         top = PerTargetTopK(len(cols), 4)
@@ -204,7 +205,7 @@ def test_rds_run_selects_what_the_published_algorithm_selects(ray_local, normed_
     in id order, so the rule and the order are both checked, not only the readout."""
     from mona_ray.config import load_config
     from mona_ray.pipeline.cli import run
-    from mona_ray.scoring.aggregate import candidates_from_scores, round_robin
+    from mona_ray.scoring.round_robin import candidates_from_scores, round_robin
 
     k = 8
     want, want_scores, S = published_rds(normed_lm, rds_inputs["source"], rds_inputs["targets"], k)

@@ -17,8 +17,8 @@ import pytest
 
 from mona_ray.core.records import normalize_record
 from mona_ray.selectors import get_selector
-from mona_ray.selectors.scale import (bm25_count_part, bm25_model, bm25_part_pass, bm25_part_scores, query_terms,
-                                      score_distributed)
+from mona_ray.selectors.bm25_parts import bm25_count_part, bm25_model, bm25_part_pass, bm25_part_scores, query_terms
+from mona_ray.selectors.scale import score_distributed
 
 TOPICS = [
     "cat dog mat park sat ran sleeps garden fence ball bark".split(),

@@ -94,7 +94,7 @@ def bow_probs(flat_buckets: np.ndarray, num_buckets: int) -> np.ndarray:
 
 
 def counts_probs(counts: np.ndarray) -> np.ndarray:
-    """``bow_probs`` from bucket counts (summed over shards by ``selectors.scale``)."""
+    """``bow_probs`` from bucket counts (summed over parts by ``selectors.dsir_parts``)."""
     counts = np.asarray(counts).astype(np.float64)
     total = counts.sum()
     return counts / total if total > 0 else counts
