@@ -8,7 +8,7 @@ Example::
     df = sel.selected.to_pandas()        # the selected records, best first, with id, score, rank
     sel.scores                           # id, score, file, row of every scored source row
 
-The config is the CLI's (``conf/config.yaml``, validated and typed the same way): ``overrides``
+The config is the CLI's (``RunConfig`` in ``config/schema.py``, validated and typed the same way): ``overrides``
 are the CLI's own override strings. Ray is started for the run (a fresh local instance) or
 joined (``ray.address`` / ``RAY_ADDRESS``, or a Ray already initialised in this process), as
 the CLI does. Errors are the CLI's, raised instead of printed: ``ConfigError`` for a bad

@@ -86,7 +86,8 @@ def test_the_row_mass_cuts_every_scored_row_and_explain_sees_the_same_rows(ray_l
 
     from mona_ray.features.store import FeatureStore
     from mona_ray.scoring import rows_of
-    from mona_ray.scoring.aggregate import pairwise, sparsify_rows
+    from mona_ray.scoring.cuts import sparsify_rows
+    from mona_ray.scoring.similarity import pairwise
 
     m = _run(two_tasks, tmp_path / "cut", "select.aggregate=prototype", "select.prototype_mass=1.0", "select.row_mass=0.5")
     assert m["selection"]["aggregation"]["row_mass"] == 0.5

@@ -16,7 +16,8 @@ from mona_ray.features.engine import Batching, FeatureEngine  # noqa: E402
 from mona_ray.features.interpret import explain, write_explain  # noqa: E402
 from mona_ray.features.readouts import Readout  # noqa: E402
 from mona_ray.core.model import load_tokenizer, load_truncated  # noqa: E402
-from mona_ray.core.records import normalize_record, render, tokenize  # noqa: E402
+from mona_ray.core.records import normalize_record  # noqa: E402
+from mona_ray.core.render import render, tokenize  # noqa: E402
 from mona_ray.core.sae import load_sae  # noqa: E402
 from mona_ray.scoring import SparseRows, jaccard  # noqa: E402
 

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_overrides
 from mona_ray.core import records
+from mona_ray.core.render import render, tokenize
 from mona_ray.pipeline import report
 from mona_ray.core.model import load_tokenizer
 from mona_ray.pipeline.driver import RunError
@@ -23,8 +24,8 @@ def run_tiny(tiny_lm, tiny_sae, data, out, *extra):
 
 def naive_embedding(full, sae, tok, rec, exclude="special", max_length=64):
     """Independent path: full HF model on one row, hidden_states[3], the sparsify formula, a plain mean."""
-    r = records.render(records.normalize_record(rec), tok)
-    ids, mask = records.tokenize(r, tok, max_length, exclude)
+    r = render(records.normalize_record(rec), tok)
+    ids, mask = tokenize(r, tok, max_length, exclude)
     with torch.inference_mode():
         h = full(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[3][0]
     pre = torch.relu((h - sae.b_dec) @ sae.W_enc.T + sae.b_enc)

@@ -197,7 +197,7 @@ def test_suite_evaluation_ranks_each_target_over_its_own_pool(suite_data, tmp_pa
 
 
 def test_prototype_cut_rules_decide_from_the_target_rows():
-    from mona_ray.scoring.aggregate import sparsify_prototype
+    from mona_ray.scoring.cuts import sparsify_prototype
     from mona_ray.scoring.table import cut_prototypes, target_prototypes
 
     rng = np.random.default_rng(0)

@@ -7,11 +7,10 @@ import os
 import platform
 import resource
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..core import procmem
+from ..core.procmem import Stages  # noqa: F401 - the driver's per-stage clock, for the benchmarks too
 from ..core.io import write_text
 
 DEFAULT_OUT_DIR = Path("outputs") / "bench"
@@ -44,24 +43,6 @@ def peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-class Stages:
-    """Accumulates wall time per named stage: ``with stages("score"): ...``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-    def __getitem__(self, name: str) -> float:
-        return self.seconds.get(name, 0.0)
 
 
 class CpuMeter:

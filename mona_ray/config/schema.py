@@ -153,8 +153,9 @@ class ModelConfig:
     """The language model (``model.*``)."""
 
     path: str = "embedded:smollm2-135m-instruct"
-    """``embedded:<name>`` (shipped with the package) or a local Hugging Face checkpoint folder
-    (safetensors); weights are never fetched from a hub at run time."""
+    """``embedded:<name>`` (shipped with the package), a local Hugging Face checkpoint folder
+    (safetensors), or for ``mona_ray.run`` a hub id ``org/name[@revision]`` (only the config,
+    tokenizer and safetensors files are fetched, into the hub cache; never pickles)."""
     dtype: str = one_of(*DTYPES)
     """The forward pass dtype. auto: bf16 where native (CUDA, CPUs with AVX-512 BF16/AMX), else fp32."""
     device: str = "auto"
@@ -170,8 +171,9 @@ class SaeConfig:
     """The sparse autoencoder to read (``sae.*``)."""
 
     path: Optional[str] = "${mona_ray.asset:sae/smollm2-135m-instruct}"
-    """A sparsify root (holding ``layers.N/``) or a SAELens folder; the default: the SAEs shipped
-    for the embedded SmolLM2."""
+    """A sparsify root (holding ``layers.N/``) or a SAELens folder, or for ``mona_ray.run`` a hub id
+    ``org/name[@revision]`` (only the hooked layer's files are fetched); the default: the SAEs
+    shipped for the embedded SmolLM2."""
     format: str = one_of(*SAE_FORMATS)
     """auto: told apart by the files."""
     hookpoint: str = REFERENCE_HOOKPOINT
@@ -272,7 +274,9 @@ class SourceConfig:
     """The rows to select from (``source.*``)."""
 
     paths: List[str] = field(default_factory=lambda: ["${mona_ray.asset:demo/source.parquet}"])
-    """Files, folders or globs (.parquet, .jsonl, .json); the default: the shipped demo source set."""
+    """Files, folders or globs (.parquet, .jsonl(.gz), .json(.gz), .arrow, ``datasets``' save_to_disk
+    folders; a DatasetDict split as ``folder/train``), or hub datasets
+    ``hf://datasets/org/name[@revision][/path or glob]``; the default: the shipped demo source set."""
 
 
 @dataclass

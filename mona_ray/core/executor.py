@@ -13,7 +13,8 @@ over small dataclasses; this module runs them on a Ray cluster and hands their t
 * :func:`call`: one remote function call with resources (explain's model pass);
 * :func:`put`: a value shared by many tasks (resolved before the stage function sees it);
 * :class:`Counter`: a tiny actor that tasks report progress to, fire and forget;
-* :class:`Passes`: the baselines' multi-pass fan-out (``selectors/scale.py``), a bounded
+* :class:`Passes`: the baselines' multi-pass fan-out (``selectors/scale.py`` runs each
+  baseline's ``*_parts.py`` through it), a bounded
   number of tasks in flight, state left in the object store between passes.
 """
 
@@ -27,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -116,7 +118,34 @@ def start(address: str | None, num_cpus: int | None = None, num_gpus: int | None
     return True
 
 
+_open_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+def _closing(it: Iterator) -> Iterator:
+    """Ray Data's iterator, tracked until it ends: :func:`stop` closes one still open (a stage
+    stopped by SIGTERM or an error) before Ray shuts down. Left to the garbage collector, its
+    executor thread would report to a Ray already gone, print tracebacks and even start a new
+    local instance."""
+    gen = _drain(it)
+    _open_iterators.add(gen)
+    return gen
+
+
+def _drain(it: Iterator) -> Iterator:
+    try:
+        yield from it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 def stop(started: bool) -> None:
+    for gen in list(_open_iterators):
+        try:
+            gen.close()
+        except Exception:  # noqa: BLE001 - a stage already failing; its own error is the one to report
+            pass
     if started:
         import ray
 
@@ -202,7 +231,7 @@ def map_items(items: list, fn: Callable | None = None, *, fn_kwargs: dict | None
     else:
         ds = ds.map_batches(_ActorCall, fn_constructor_args=actor, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=size), **res)
-    return (pickle.loads(row["result"]) for row in ds.iter_rows())
+    return (pickle.loads(row["result"]) for row in _closing(ds.iter_rows()))
 
 
 class _TableCall:
@@ -220,7 +249,7 @@ def map_tables(tables: list, fn: Callable, *, fn_kwargs: dict | None = None, num
 
     ds = ray.data.from_arrow(tables).map_batches(_TableCall(fn, dict(fn_kwargs or {})), batch_format="pyarrow",
                                                  batch_size=None, num_cpus=num_cpus)
-    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    return _closing(ds.iter_batches(batch_format="pyarrow", batch_size=None))
 
 
 class Pending:

@@ -446,6 +446,16 @@ def resolve_dataset(ref: str, what: str = "source.paths") -> Resolved:
         return _resolved(r, rev, path, files)
 
 
+def here(path, pinned: str = "", kind: str = "model", hookpoint: str | None = None) -> str:
+    """The local copy of a resolved hub reference on this node: ``path`` when it is here (a local
+    run, a shared ``HF_HOME``), else the ``pinned`` reference (the same commit) fetched into this
+    node's cache. ``pinned`` empty: a local path, returned as it is."""
+    if not pinned or Path(path).exists():
+        return str(path)
+    r = resolve_sae(pinned, hookpoint) if kind == "sae" else resolve_model(pinned)
+    return str(r.path)
+
+
 def env_summary() -> dict:
     """The hub settings in effect (for the manifest; never the token itself)."""
     from huggingface_hub import constants, get_token

@@ -214,8 +214,7 @@ def resolve_model_path(path: str) -> Path:
     if not (p / "config.json").exists():
         raise ModelError(
             f"model.path={path!r}: no Hugging Face checkpoint there (expected {p / 'config.json'}). "
-            "Weights are never downloaded from a hub at run time: download the model first and "
-            "set model.path=/path/to/checkpoint on the command line.")
+            "Set model.path=/path/to/checkpoint, or a hub id (org/name[@revision]).")
     if not list(p.glob("*.safetensors")):
         raise ModelError(f"model.path={path!r}: no *.safetensors weights in {p}; only safetensors are loaded (no pickle).")
     return p

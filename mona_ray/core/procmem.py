@@ -1,4 +1,4 @@
-"""This process's memory, as Linux reports it (``/proc/self/status``); no-ops elsewhere.
+"""The driver's measurements per stage: wall time (:class:`Stages`) and this process's memory, as Linux reports it (``/proc/self/status``); no-ops elsewhere.
 
 ``VmRSS`` (and its peak ``VmHWM``) counts three kinds of pages: private memory
 (``RssAnon``), mapped files (``RssFile``) and shared memory (``RssShmem``). A Ray driver
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
+from contextlib import contextmanager
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
@@ -108,3 +110,21 @@ class StageMemory:
     def peak(self, part: str = "rss") -> float | None:
         vals = [s[part] for s in self.stages.values() if part in s]
         return max(vals) if vals else None
+
+
+class Stages:
+    """Accumulates wall time per named stage: ``with stages("score"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def __getitem__(self, name: str) -> float:
+        return self.seconds.get(name, 0.0)

@@ -103,17 +103,3 @@ def record_id(rec: dict, file: str, row: int, id_column: str = "id") -> str:
         return str(rid)
     p = Path(file)
     return f"{p.parent.name}/{p.name}:{row}"
-
-
-# used by pipeline/driver.py and stages.py until the lead switches them (and by tests that are
-# not yet moved): the reading and rendering names, importable from here without an import cycle
-_MOVED = {"ReadUnit": "readers", "input_files": "readers", "plan_units": "readers", "read_unit": "readers",
-          "Rendered": "render", "render": "render", "tokenize": "render", "tokenize_many": "render"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Selection-quality evaluation: ``python -m mona_ray.evaluate`` (Hydra config ``conf/eval/default.yaml``).
+"""Selection-quality evaluation: ``python -m mona_ray.evaluate`` (settings: ``EvalConfig`` in ``config/schema.py``).
 
 Takes a labelled pool (a ``domain`` per row), any number of target sets and a relevance
 map (target -> relevant domains), runs the selectors, and writes, for each target,
@@ -47,8 +47,8 @@ from ..scoring.table import score_rows_against
 from ..core.sae import SAEError, detect_format
 from ..selectors import get_selector
 from ..selectors.nait import combine, nait_directions, project
+from ..config.schema import AGGREGATES, TEXT_SELECTORS
 
-TEXT_SELECTORS = ("random", "bm25", "dsir", "dense")
 # A suite ranks each target over its own pool. These scores depend on the other rows of the pool (BM25's IDF,
 # DSIR's pool n-gram model, random's draw, a round robin's interleaving), so they are computed over each
 # target's pool; every other score is a function of the row and the target alone (MoNA's prototypes and
@@ -443,7 +443,7 @@ def _aggregation(spec: str) -> tuple[str, str, float | str, float]:
     (each prototype as sparse as its median member row); a rule is returned as its spec string."""
     parts = str(spec).split("/")
     agg, _, sil = parts[0].partition("@")
-    if (len(parts) not in (3, 4) or agg not in ("prototype", "clusters", "round_robin")
+    if (len(parts) not in (3, 4) or agg not in AGGREGATES
             or (sil and (agg != "clusters" or not _is_share(sil, zero=True)))):
         raise InputError(f"mona.aggregations: {spec!r} is not <prototype|clusters[@<silhouette>]|round_robin>/"
                          "<similarity>/<prototype mass | structure:<mass> | support>[/<row mass>]")

@@ -70,12 +70,13 @@ DEFAULT = "mona:sae/mean/jaccard"
 
 def ablation_groups(names: list[str]) -> dict[str, list[str]]:
     """The comparisons the MoNA paper makes, from the evaluated selectors' names."""
-    reps = [r for r in ("sae", "mlp_gate", "hidden") if f"mona:{r}/mean/jaccard" in names]
-    sims = ("jaccard", "cosine", "euclidean")
+    from ..config.schema import POOLINGS, REPRESENTATIONS, SIMILARITIES as sims
+
+    reps = [r for r in REPRESENTATIONS if f"mona:{r}/mean/jaccard" in names]
     groups = {
         "methods (MoNA default vs baselines)": [n for n in names if not n.startswith("mona:")] + [DEFAULT],
         "representation x similarity (mean pooling)": [f"mona:{r}/mean/{s}" for r in reps for s in sims],
-        "pooling (mean vs sum)": [f"mona:{r}/{p}/{s}" for r in reps for s in sims for p in ("mean", "sum")],
+        "pooling (mean vs sum)": [f"mona:{r}/{p}/{s}" for r in reps for s in sims for p in POOLINGS],
         "layer": [DEFAULT] + [n for n in names if n.startswith(DEFAULT + "@")],
         "K": [DEFAULT] + [n for n in names if n.startswith(DEFAULT + "/k=")],
         "token exclusion (pool.exclude)": [DEFAULT] + [n for n in names if n.startswith(DEFAULT + "/exclude=")],

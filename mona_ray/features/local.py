@@ -2,7 +2,7 @@
 
 :func:`embed_conversations` fills the feature stores of a job's readouts with every row they
 do not hold yet: it renders and tokenizes exactly as the pipeline's prepare stage does
-(``records.render`` + ``records.tokenize_many``), runs the engine over units of
+(``render.render`` + ``render.tokenize_many``), runs the engine over units of
 ``rows_per_unit`` rows and writes one part per readout and unit, named after its content.
 The rows land in the same folders, under the same fingerprints, as a pipeline run's, so a
 pipeline run and an evaluation reuse each other's work. Ray is not needed; the pipeline's
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import records
+from ..core.render import render, tokenize_many
 from ..core.io import sha
 from .spec import EngineJob, load_engine
 from .store import FeatureStore, embedding_fingerprint, rows_table, write_store_part
@@ -132,13 +133,13 @@ def tokenize_rows(conversations: list[list[dict]], tok, rendering: Rendering, ex
     rendered, bad = [], {}
     for i, m in enumerate(conversations):
         try:
-            rendered.append(records.render(m, tok, rendering.mode, rendering.system_prompt))
+            rendered.append(render(m, tok, rendering.mode, rendering.system_prompt))
         except Exception as e:  # noqa: BLE001 - one row never stops the run
             bad[i] = f"cannot render: {type(e).__name__}: {e}"
-            rendered.append(records.render([{"role": "user", "content": ""}], tok, "plain"))
+            rendered.append(render([{"role": "user", "content": ""}], tok, "plain"))
     ids, masks = None, {}
     for e in excludes:
-        enc = records.tokenize_many(rendered, tok, rendering.max_length, e)
+        enc = tokenize_many(rendered, tok, rendering.max_length, e)
         ids = [x[0] for x in enc] if ids is None else ids
         masks[e] = [x[1] for x in enc]
     return ids, masks, bad

@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-POOLINGS = ("mean", "sum")
-
 
 def scatter_codes(acc: torch.Tensor, seg: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
     """``acc[seg[n], indices[n, j]] += values[n, j]`` for all n, j (in place, float32)."""

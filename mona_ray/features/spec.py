@@ -29,6 +29,7 @@ class SaeRef:
     num_latents: int
     fingerprint: str  # of its weights file
     provisional: bool = False
+    hub: str = ""  # resolved from the hub: the reference at its commit (a node without ``path`` fetches it)
 
     @property
     def key(self) -> str:
@@ -91,6 +92,7 @@ class EngineJob:
     torch_threads: int = 0  # 0: torch's default
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    model_hub: str = ""  # resolved from the hub: the reference at its commit (a node without model_dir fetches it)
 
     @property
     def layer(self) -> int:
@@ -103,6 +105,7 @@ def load_engine(job: EngineJob, token_hook=None):
     compute dtype, whatever dtype they are stored in) and the readouts."""
     import torch
 
+    from ..core.hub import here
     from ..core.model import load_tokenizer, load_truncated, resolve_device
     from ..core.sae import load_sae
     from .engine import FeatureEngine
@@ -110,9 +113,11 @@ def load_engine(job: EngineJob, token_hook=None):
     if job.torch_threads > 0:
         torch.set_num_threads(job.torch_threads)
     device = resolve_device(job.device)
-    lm = load_truncated(job.model_dir, job.layer, job.dtype, device, job.trust_remote_code, job.attn_implementation)
-    saes = {s.key: load_sae(s.path, s.format, s.hookpoint, s.k, device=device, dtype=lm.dtype) for s in job.saes}
-    tok = load_tokenizer(job.model_dir, job.trust_remote_code)
+    model_dir = here(job.model_dir, job.model_hub)  # a cluster node without the driver's cache fetches the same commit
+    lm = load_truncated(model_dir, job.layer, job.dtype, device, job.trust_remote_code, job.attn_implementation)
+    saes = {s.key: load_sae(here(s.path, s.hub, "sae", s.hookpoint), s.format, s.hookpoint, s.k, device=device,
+                            dtype=lm.dtype) for s in job.saes}
+    tok = load_tokenizer(model_dir, job.trust_remote_code)
     return FeatureEngine(lm, list(job.readouts), job.batching, tok.pad_token_id, saes=saes,
                          token_hook=token_hook), tok
 

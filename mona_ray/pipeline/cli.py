@@ -17,15 +17,17 @@ from omegaconf import DictConfig
 
 from ..config import CONF_DIR, ConfigError, RunConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # registers resolver and schemas
 from ..core.executor import ClusterUnreachable
+from ..core.hub import HubError
 from ..core.io import damaged_file, filesystem_failure, set_aside
 from ..core.model import ModelError
-from .driver import Pipeline, RunError
+from . import driver
+from .driver import RunError
 from .publish import OutputBusy, PublishError
 from ..core.records import InputError
 from ..core.sae import SAEError
 
 USER_ERRORS = (ConfigError, RunError, InputError, ModelError, SAEError, OutputBusy, PublishError,
-               ClusterUnreachable)
+               ClusterUnreachable, HubError)
 
 
 class Terminated(KeyboardInterrupt):
@@ -41,11 +43,10 @@ def run(cfg: DictConfig | RunConfig, quiet: bool = False) -> dict:
     :class:`RunConfig`); returns the manifest. The job reads only the typed object."""
     from . import report
 
-    p = Pipeline(to_typed(cfg), to_plain(cfg))
-    manifest = p.run()
+    result = driver.run(to_typed(cfg), to_plain(cfg))
     if not quiet:
-        print(report.summary(manifest, p.selected), flush=True)
-    return manifest
+        print(report.summary(result.manifest, result.written.selected), flush=True)
+    return result.manifest
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)

@@ -41,8 +41,8 @@ from pathlib import Path
 
 from ..core.io import write_jsonl, write_text
 from ..core.records import ROLE_ALIASES, RecordError, record_format, normalize_record
+from ..config.schema import TRAINER_FORMATS
 
-TRAINER_FORMATS = ("auto", "messages")
 SETTING = "report.trainer_format"
 SELECTED = "selected.jsonl"
 MESSAGES = "selected.messages.jsonl"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..core.io import write_jsonl, write_parquet
+from .plan import MODEL_METHODS
 
 
 def write_selection(selected: list[dict], out: Path) -> None:
@@ -45,56 +46,71 @@ def _versions() -> dict:
             "pyarrow": pa.__version__, "platform": platform.platform()}
 
 
-def manifest(p, selected: list[dict]) -> dict:
-    """Everything needed to audit or reproduce the run (``p`` is the finished Pipeline)."""
-    st = p.embed_stats
+def manifest(r) -> dict:
+    """Everything needed to audit or reproduce the run, from its :class:`~mona_ray.pipeline.driver.RunResult`."""
+    p, st, sc, cfg = r.plan, r.embedding.stats, r.scored, r.plan.cfg
+    selected = r.written.selected
     fwd = st["forward_seconds"]
-    src = p.counts["source"]
-    src["rows_selected"] = len(selected)
+    src = {**r.rows.counts["source"], "rows_scored": len(sc.scores), "rows_selected": len(selected)}
+    sae = p.sae
+    explained = r.explain_read is not None
     return {
         "status": "complete",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "output_dir": str(p.root),
         "run_id": p.run_id,
         "run_dir": str(p.out),
-        "counts": {"source": src, "target": p.counts["target"], "embedded_now": p.counts["embedded_now"],
-                   "reused_from_store": p.counts["reused_from_store"]},
+        "counts": {"source": src, "target": dict(r.rows.counts["target"]), "embedded_now": r.embedding.embedded_now,
+                   "reused_from_store": r.embedding.reused},
         "invariant_rows_in_eq_scored_plus_rejected": src["rows_in"] == src["rows_scored"] + src["rows_rejected"],
-        "selection": {"k": int(p.k), "ratio": p.cfg.select.ratio, "count": p.cfg.select.count,
-                      "method": p.cfg.select.method,
-                      "similarity": getattr(p, "similarity", p.cfg.select.similarity),
-                      "aggregation": {k: v for k, v in getattr(p, "aggregation", {"aggregate": "prototype"}).items()
-                                      if k not in ("labels",)},
-                      **({"filter": p.selection_filter} if getattr(p, "selection_filter", None) else {}),
-                      "top_score": float(p.top_scores[0]) if len(selected) else None,
-                      "cutoff_score": float(p.top_scores[-1]) if len(selected) else None},
-        "fingerprints": {"model": p.model_fp, "sae": p.sae_info.fingerprint if p.sae_info else None,
-                         "prepared": p.prep_fp, "embedding": p.embed_fp},
-        "sae": asdict(p.sae_info) if p.sae_info else None,
-        "readout": {"name": p.readout.name, **p.readout.spec(), "width": p.width} if hasattr(p, "readout") else None,
-        "sae_provisional": bool(p.sae_info and p.sae_info.provisional),
-        "embedding_store": str(p.store.root),
-        "compute": {"device": getattr(p, "device", None), "dtype": getattr(p, "dtype", None),
-                    "dtype_reason": getattr(p, "dtype_reason", None)},
-        "units": dict(p.units),
-        "embed_rows_per_actor": dict(sorted(p.rows_per_actor.items())),
-        "timings_s": {k: round(v, 3) for k, v in p.timings.items()},
+        "selection": {"k": int(sc.k), "ratio": cfg.select.ratio, "count": cfg.select.count, "method": p.method,
+                      "similarity": p.similarity,
+                      "aggregation": dict(r.targets.aggregation) if r.targets else {"aggregate": "prototype"},
+                      **({"filter": sc.filter} if sc.filter else {}),
+                      "top_score": float(sc.top_scores[0]) if len(selected) else None,
+                      "cutoff_score": float(sc.top_scores[-1]) if len(selected) else None},
+        "fingerprints": {"model": p.model_fp, "sae": sae.fingerprint if sae else None, "prepared": p.prep_fp,
+                         "embedding": p.embed_fp},
+        "sae": asdict(sae) if sae else None,
+        "hub": _hub(p.hub),
+        "readout": {"name": p.readout.name, **p.readout.spec(), "width": p.width} if p.readout else None,
+        "sae_provisional": bool(sae and sae.provisional),
+        "embedding_store": str(p.store.root) if p.store else None,
+        "compute": {"device": p.device, "dtype": p.dtype, "dtype_reason": p.dtype_reason},
+        "units": {"prepare": r.prepared.units_run, "embed": r.embedding.units},
+        "embed_rows_per_actor": dict(sorted(r.embedding.rows_per_actor.items())),
+        "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
         "throughput": {
             "real_tokens": st["real_tokens"], "padded_tokens": st["padded_tokens"],
             "padding_fraction": round(1 - st["real_tokens"] / st["padded_tokens"], 4) if st["padded_tokens"] else None,
             "tokens_per_s_forward": round(st["real_tokens"] / fwd, 1) if fwd else None,
             # per actor, summed over its units (read + embed + write): the steady state, start-up excluded
             "tokens_per_s_units": round(st["real_tokens"] / st["unit_seconds"], 1) if st["unit_seconds"] else None,
-            "tokens_per_s_stage": round(st["real_tokens"] / p.timings["embed"], 1) if st["real_tokens"] else None,
+            "tokens_per_s_stage": round(st["real_tokens"] / r.timings["embed"], 1) if st["real_tokens"] else None,
         },
         "files": {"selected_jsonl": "selected.jsonl", "selected_parquet": "selected.parquet", "scores": "scores.parquet",
                   "rejected": "rejected.parquet", "prototype": "prototype.safetensors",
-                  "embeddings": os.path.relpath(p.store.root, p.root),
-                  "dataset_info": "dataset_info.json", "selected_messages": "selected.messages.jsonl"},
-        "trainer": getattr(p, "trainer", None),
+                  **({"embeddings": os.path.relpath(p.store.root, p.root)} if p.store else {}),
+                  "dataset_info": "dataset_info.json", "selected_messages": "selected.messages.jsonl",
+                  **({"explain": "explain.md"} if explained else {})},
+        "trainer": r.written.trainer,
         "versions": _versions(),
         "config": p.cfg_dict,
+        **({"explain_read": r.explain_read} if explained else {}),
+        "driver_memory_mb": r.memory,
+        "quarantined": r.quarantined,
     }
+
+
+def _hub(resolved: dict) -> dict | None:
+    """What each hub id resolved to (repository, revision, commit) and the hub settings; None
+    when the run named none."""
+    if not resolved:
+        return None
+    from ..core.hub import env_summary
+
+    return {**{what: [x.manifest() for x in r] if isinstance(r, list) else r.manifest() for what, r in resolved.items()},
+            "settings": env_summary()}
 
 
 def _preview(rec: dict, width: int = 90) -> str:
@@ -117,7 +133,7 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
     src, tgt = c["source"], c["target"]
     thr = m["throughput"]
     method = m["selection"].get("method", "mona")
-    mona = method in ("mona", "rds")
+    mona = method in MODEL_METHODS
     agg = m["selection"].get("aggregation") or {}
     how = f"similarity {m['selection']['similarity']}"
     if agg.get("aggregate", "prototype") != "prototype" or agg.get("clusters", 1) != 1:

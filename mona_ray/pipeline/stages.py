@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core import records
+from ..core.readers import ReadUnit, read_unit
+from ..core.render import render, tokenize, tokenize_many
 from ..core.io import read_parquet, write_part
 from ..features.local import Rendering
 from ..features.spec import EngineJob, load_engine
@@ -52,13 +54,15 @@ class RenderSettings:
     rendering: Rendering
     exclude: str = "special"
     trust_remote_code: bool = False
+    model_hub: str = ""  # resolved from the hub: the reference at its commit (a node without model_dir fetches it)
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(model_dir: str, trust_remote_code: bool):
+def _tokenizer(model_dir: str, trust_remote_code: bool, model_hub: str = ""):
+    from ..core.hub import here
     from ..core.model import load_tokenizer
 
-    return load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    return load_tokenizer(here(model_dir, model_hub), trust_remote_code=trust_remote_code)
 
 
 def _record_json(rec) -> str:
@@ -83,7 +87,7 @@ def unicode_problem(messages: list[dict]) -> str | None:
     return None
 
 
-def _render_record(rec, unit: records.ReadUnit, row: int, tok, rs: RenderSettings) -> dict:
+def _render_record(rec, unit: ReadUnit, row: int, tok, rs: RenderSettings) -> dict:
     """One record up to its rendered text (tokens follow in one batch); raises when unusable."""
     msgs = records.normalize_record(rec)
     bad = unicode_problem(msgs)
@@ -93,20 +97,20 @@ def _render_record(rec, unit: records.ReadUnit, row: int, tok, rs: RenderSetting
     blob.encode("utf-8")  # a lone surrogate in a field we do not render (metadata) cannot be stored either
     return {"id": records.record_id(rec, unit.path, row), "content_hash": records.content_hash(msgs),
             "file": unit.path, "row": row, "record": blob,
-            "_rendered": records.render(msgs, tok, rs.rendering.mode, rs.rendering.system_prompt)}
+            "_rendered": render(msgs, tok, rs.rendering.mode, rs.rendering.system_prompt)}
 
 
 def _tokenize_rows(rows: list[dict], tok, rs: RenderSettings) -> list[tuple[dict, BaseException | None]]:
     """Tokenize rendered rows in one call; if that call fails, row by row, so that one bad text
     rejects only itself."""
     try:
-        encs = records.tokenize_many([r["_rendered"] for r in rows], tok, rs.rendering.max_length, rs.exclude)
+        encs = tokenize_many([r["_rendered"] for r in rows], tok, rs.rendering.max_length, rs.exclude)
         out = [(r, None, e) for r, e in zip(rows, encs)]
     except Exception:  # noqa: BLE001 - find the row(s) that broke the batch
         out = []
         for r in rows:
             try:
-                out.append((r, None, records.tokenize(r["_rendered"], tok, rs.rendering.max_length, rs.exclude)))
+                out.append((r, None, tokenize(r["_rendered"], tok, rs.rendering.max_length, rs.exclude)))
             except Exception as e:  # noqa: BLE001
                 out.append((r, e, None))
     done = []
@@ -129,7 +133,7 @@ def _reason(e: BaseException) -> str:
 class PrepareUnit:
     """One input unit to read, validate, render and tokenize, and the two parts it writes."""
 
-    unit: records.ReadUnit
+    unit: ReadUnit
     part: str
     rejected: str
 
@@ -146,18 +150,18 @@ def prepare(task: PrepareUnit, rs: RenderSettings) -> Prepared:
     return prepare_unit(task.unit, rs, task.part, task.rejected)
 
 
-def prepare_unit(unit: records.ReadUnit, rs: RenderSettings, out_path: str, rejected_path: str) -> Prepared:
+def prepare_unit(unit: ReadUnit, rs: RenderSettings, out_path: str, rejected_path: str) -> Prepared:
     """Read, validate, render and tokenize one unit; write its prepared and rejected parts.
 
     No record can stop the unit: any exception while handling one record rejects that record
     with the exception's type and message; if reading itself fails mid-unit, the unit's
     remaining rows are rejected with the reason.
     """
-    tok = _tokenizer(rs.model_dir, rs.trust_remote_code)
+    tok = _tokenizer(rs.model_dir, rs.trust_remote_code, rs.model_hub)
     ok, bad, rendered = [], [], []
     last = unit.start - 1
     try:
-        for row, rec in records.read_unit(unit):
+        for row, rec in read_unit(unit):
             last = max(last, row)
             if isinstance(rec, records.RecordError):
                 bad.append({"file": unit.path, "row": row, "id": None, "stage": "read", "reason": safe_text(rec)})
@@ -282,7 +286,7 @@ def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, b
         emb = first_per_key(emb, "content_hash", "content_hash")
         hashes.append(emb.column("content_hash"))
         if candidates:
-            from ..scoring.aggregate import similarities
+            from ..scoring.similarity import similarities
             from ..scoring.table import scored_rows
 
             X = scored_rows(emb, dense, pooling, row_mass)

@@ -14,7 +14,7 @@ Kept positions are those the SAE is trained on: real, non-special tokens after p
 (the first token is an attention sink whose residual norm is ~100x the others). The CE
 is over every real next-token prediction.
 
-Settings: ``mona_ray/conf/sae_eval.yaml`` (schema ``SaeEvalConfig``); ``hookpoints`` lists the SAEs
+Settings: ``SaeEvalConfig`` in ``mona_ray/config/schema.py``; ``hookpoints`` lists the SAEs
 evaluated (default: ``sae.hookpoint``). Prints a table and writes JSON.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config.schema import MASS_RULES
 from .sparse import SparseRows, segment_sum
 
 
@@ -71,7 +72,6 @@ def sparsify_rows(rows: SparseRows, mass: float) -> SparseRows:
 #               structure (one broad format) keeps its one full prototype, the paper's formula
 #   support   - each prototype keeps as many latents as its median member row has (no tuned share):
 #               a prototype as sparse as the rows it stands for, so Jaccard's max-sum cannot reward breadth
-MASS_RULES = ("fixed", "structure", "support")
 
 
 def cut_to_support(proto: np.ndarray, n: int) -> np.ndarray:

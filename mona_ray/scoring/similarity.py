@@ -67,7 +67,7 @@ def dense_similarity(X: np.ndarray, proto: np.ndarray, similarity: str) -> np.nd
             return np.where(n > 0, (X @ p[0]) / n, 0.0)
     if similarity == "euclidean":
         return -np.linalg.norm(X - p, axis=1)
-    raise ValueError(f"similarity={similarity!r}: use jaccard, cosine or euclidean")
+    raise ValueError(f"similarity={similarity!r}: use one of {', '.join(SIMILARITIES)}")
 
 
 def score(rows: SparseRows, proto: np.ndarray, similarity: str = "jaccard") -> np.ndarray:
@@ -94,7 +94,7 @@ def pairwise(rows: SparseRows, targets: np.ndarray, similarity: str = "jaccard",
     if similarity == "jaccard":
         return sparse_jaccard(rows, targets, layout, chunk_nnz, block_rows)
     if similarity not in ("cosine", "euclidean"):
-        raise ValueError(f"similarity={similarity!r}: use jaccard, cosine or euclidean")
+        raise ValueError(f"similarity={similarity!r}: use one of {', '.join(SIMILARITIES)}")
     T = np.ascontiguousarray(np.atleast_2d(np.asarray(targets, dtype=np.float64)))
     out = np.zeros((len(rows), T.shape[0]), dtype=np.float64)
     t_sq = np.square(T).sum(axis=1)
@@ -126,7 +126,7 @@ def dense_pairwise(X: np.ndarray, targets: np.ndarray, similarity: str = "cosine
             return np.where(nn > 0, dot / nn, 0.0)
     if similarity == "euclidean":
         return -np.sqrt(np.maximum(xs[:, None] - 2 * dot + ts[None, :], 0.0))
-    raise ValueError(f"similarity={similarity!r}: use jaccard, cosine or euclidean")
+    raise ValueError(f"similarity={similarity!r}: use one of {', '.join(SIMILARITIES)}")
 
 
 def similarities(X, targets: np.ndarray, similarity: str, dense: bool) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ..config.schema import POOLINGS
 from .clusters import best_clusters, cluster_prototypes
 from .cuts import cut_prototypes, sparsify_prototype, sparsify_rows
 from .similarity import dense_similarity, prototype, score, similarities
@@ -18,7 +19,7 @@ from .sparse import SparseRows
 
 def rows_of(table: pa.Table, dense: bool, pooling: str = "mean"):
     """``SparseRows`` (sparse) or a float ``[n, d]`` array (dense) of a stored table's rows."""
-    if pooling not in ("mean", "sum"):
+    if pooling not in POOLINGS:
         raise ValueError(f"pool.method={pooling!r}: use mean or sum")
     vals = table.column("values").combine_chunks()
     if dense:

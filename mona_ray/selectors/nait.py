@@ -41,8 +41,7 @@ import numpy as np
 
 from .base import Messages, Selector, check_target
 from ..core.model import EMBEDDED_MODEL
-
-LAYER_NORMS = ("none", "zscore")
+from ..config.schema import NAIT_LAYER_NORMS as LAYER_NORMS
 
 
 def nait_directions(deltas: np.ndarray) -> np.ndarray:

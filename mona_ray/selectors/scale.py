@@ -44,8 +44,8 @@ import pyarrow as pa
 from ..core.executor import Passes
 from ..core.io import read_parquet
 from .base import Messages, check_target, messages_text
+from ..config.schema import TEXT_SELECTORS as METHODS
 
-METHODS = ("random", "bm25", "dsir", "dense")
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64())])
 
 Part = tuple[str, Sequence[int]]

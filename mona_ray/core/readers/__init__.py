@@ -81,7 +81,9 @@ def input_files(paths) -> list[Path]:
             out.append(p)
         else:
             raise InputError(f"input {str(p)!r} does not exist")
-    return [f.resolve() for f in out]
+    # absolute, not resolved: a file in the hub cache is a link to a blob named by its hash, without the
+    # extension that says how to read it
+    return [Path(os.path.abspath(f)) for f in out]
 
 
 def plan_units(paths, rows_per_unit: int, staging_dir: str | Path | None = None) -> list[ReadUnit]:

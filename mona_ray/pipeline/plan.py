@@ -1,0 +1,334 @@
+"""The run plan: every decision a run makes before any task starts.
+
+Two steps, because the second needs what the first may not touch yet:
+
+* :func:`check` (before Ray starts and before anything is written): the settings, every path
+  (all problems reported at once), the tokenizer against the rendering, a finished run in
+  ``run.output_dir``; returns the :class:`Inputs` it found.
+* :func:`make_plan` (under the output folder's lease, with the cluster's resources known): the
+  row units of every input file, device and dtype, the readout, the fingerprints that key the
+  prepared rows and the embedding store, the embedding job and its actors; returns a frozen
+  :class:`RunPlan` that every later step reads and none changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..config import RunConfig
+from ..config.schema import REPRESENTATIONS
+from ..core import executor, hub, readers
+from ..core.io import sha as _sha
+from ..core.io import write_json
+from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
+from ..core.readers import ReadUnit
+from ..core.records import InputError
+from ..core.render import render, tokenize
+from ..core.sae import SAEError, to_sparsify_hookpoint
+from ..features.engine import Batching
+from ..features.local import Rendering
+from ..features.readouts import Readout, rds_readout
+from ..features.spec import EngineJob, SaeRef, num_layers, readout_width, representation_readout, sae_ref
+from ..features.store import FeatureStore, embedding_fingerprint
+from . import publish
+
+FINGERPRINT_VERSION = 2
+MODEL_METHODS = ("mona", "rds")  # the methods that embed rows with the model (the others read text)
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What :func:`check` found: the model's folder, the SAE (None when the run needs none) and
+    the input files of each set."""
+
+    model_dir: Path
+    sae: SaeRef | None
+    files: dict[str, list[Path]]
+    hub: dict = field(default_factory=dict)  # setting -> what its hub ids resolved to (hub.Resolved, or a list)
+
+    @property
+    def model_hub(self) -> str:
+        """model.path's hub reference at its commit ("" for a local model)."""
+        r = self.hub.get("model.path")
+        return r.pinned if r else ""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run decided before its first task: read by every step, changed by none."""
+
+    cfg: RunConfig
+    cfg_dict: dict  # the same settings as plain data, recorded in the manifest
+    root: Path  # run.output_dir, what readers see (publish.py)
+    run_id: str
+    out: Path  # this attempt's outputs, published at the end
+    model_dir: Path
+    sae: SaeRef | None
+    hub: dict  # setting -> what its hub ids resolved to (for the manifest)
+    model_hub: str  # model.path's hub reference at its commit ("" for a local model)
+    units: dict[str, list[ReadUnit]]  # "source" / "target": each file split into row units
+    device: str
+    dtype: str
+    dtype_reason: str
+    rendering: Rendering
+    model_fp: str
+    prep_fp: str
+    embed_fp: str | None  # None (and no readout, store or job) for a text baseline: it embeds nothing
+    readout: Readout | None
+    width: int  # values per embedding row
+    similarity: str
+    aggregate: str
+    rds_published: bool  # RDS+ as its authors' code runs it (file order, a taken row spends its turn)
+    batching: Batching
+    prepared_dir: Path
+    store: FeatureStore | None
+    num_actors: int
+    actor_resources: dict  # an embedding actor's (or the explain task's) resources, as the executor takes them
+    job: EngineJob | None  # what each embedding actor loads and runs
+    folders: dict  # the folders a run writes, as they were at the start: a mount that goes away is noticed
+
+    @property
+    def method(self) -> str:
+        return self.cfg.select.method
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the run embeds rows with the model (MoNA, RDS+) rather than reading their text."""
+        return self.readout is not None
+
+    @property
+    def explains(self) -> bool:
+        return self.method == "mona" and bool(self.cfg.report.explain) and self.readout.kind == "sae"
+
+
+# ----------------------------------------------------------------------------- before anything
+
+
+def needs_sae(cfg: RunConfig) -> bool:
+    """Whether the run reads an SAE: MoNA on SAE codes, or on MLP gates at the SAE's K."""
+    if cfg.select.method != "mona":
+        return False  # RDS+ reads hidden states; the text baselines read no model at all past the tokenizer
+    return cfg.embed.representation == "sae" or (cfg.embed.representation == "mlp_gate" and not cfg.embed.mlp_k
+                                                 and bool(cfg.sae.path))
+
+
+def resolve_sae(cfg: RunConfig, resolved: dict | None = None) -> SaeRef | None:
+    """The run's SAE (metadata only; from the hub only the hooked layer's files), or None when
+    the run needs none."""
+    if not needs_sae(cfg):
+        return None
+    resolved = {} if resolved is None else resolved
+    path = _from_hub(resolved, "sae.path", cfg.sae.path, hub.resolve_sae, cfg.sae.hookpoint)
+    sae = sae_ref(path, cfg.sae.format, cfg.sae.hookpoint, cfg.sae.k)
+    return replace(sae, hub=resolved["sae.path"].pinned) if "sae.path" in resolved else sae
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to redo a finished run unless asked. Nothing is deleted: a redo writes a new
+    attempt and the finished selection stays published until the new one replaces it."""
+    if (publish.published_manifest(out) or {}).get("status") == "complete" and not overwrite:
+        raise RunError(f"run.output_dir={str(out)!r} already holds a finished run. Pass run.overwrite=true "
+                       "to redo it (the finished selection stays readable until the new one replaces it; "
+                       "prepared rows and embeddings are reused), or choose another run.output_dir.")
+
+
+def check(cfg: RunConfig) -> Inputs:
+    """Every check that needs no cluster and writes nothing: a bad path or setting fails in
+    seconds. Normalises ``cfg.sae.hookpoint`` (SAELens hook names are accepted too)."""
+    if cfg.embed.representation not in REPRESENTATIONS:
+        raise RunError(f"embed.representation={cfg.embed.representation!r}: use {', '.join(REPRESENTATIONS[:-1])} "
+                       f"or {REPRESENTATIONS[-1]}")
+    cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)
+    address = executor.address_of(cfg.ray)
+    if address:
+        executor.check_reachable(address)  # ray.init retries an unreachable address for minutes
+    parse_hookpoint(cfg.sae.hookpoint)
+    problems = []  # every path checked, all problems reported at once
+    model_dir = sae = None
+    resolved: dict = {}  # hub ids, resolved (fetched into the hub cache) before any work
+    try:
+        model_dir = resolve_model_path(str(_from_hub(resolved, "model.path", cfg.model.path, hub.resolve_model)))
+    except (ModelError, hub.HubError) as e:
+        problems.append(str(e))
+    try:
+        sae = resolve_sae(cfg, resolved)
+    except (SAEError, hub.HubError) as e:
+        problems.append(str(e))
+    files = {}
+    for role in ("source", "target"):
+        what = f"{role}.paths"
+        try:
+            paths = []
+            for x in getattr(cfg, role).paths:
+                if hub.is_hub_ref(x, "dataset"):
+                    r = hub.resolve_dataset(str(x), what)
+                    resolved.setdefault(what, []).append(r)
+                    paths += [str(f) for f in r.files]
+                else:
+                    paths.append(x)
+            files[role] = readers.input_files(paths)
+        except hub.HubError as e:
+            problems.append(str(e))
+        except InputError as e:
+            problems.append(f"{what}: {e}; set {what}=[/path/to/files_or_folders]")
+    if problems:
+        raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
+    for role in ("source", "target"):
+        if not files[role]:
+            raise InputError(f"the {role} set {getattr(cfg, role).paths} has no usable rows: no .parquet/.jsonl/.json/.arrow "
+                             f"(or .jsonl.gz/.json.gz) file or save_to_disk folder matched; set {role}.paths=[...]")
+    check_tokenizer(cfg, model_dir)
+    check_output_dir(Path(cfg.run.output_dir).expanduser().resolve(), cfg.run.overwrite)
+    return Inputs(model_dir, sae, files, resolved)
+
+
+def _from_hub(resolved: dict, what: str, ref, resolve, *args):
+    """``ref`` itself when it is a local path, else the local folder of what it names on the hub
+    (recorded in ``resolved[what]``)."""
+    if not hub.is_hub_ref(ref, "sae" if what == "sae.path" else "model"):
+        return ref
+    r = resolve(str(ref), *args, what=what)
+    resolved[what] = r
+    return r.path
+
+
+def check_tokenizer(cfg: RunConfig, model_dir: Path) -> None:
+    """Render and tokenize one conversation on the driver before any task starts, so a
+    rendering that cannot work with this model's tokenizer fails here, clearly."""
+    from ..core.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    probe = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    try:
+        rendered = render(probe, tok, cfg.render.mode, cfg.render.system_prompt)
+        tokenize(rendered, tok, cfg.render.max_length, cfg.pool.exclude)
+    except (InputError, ValueError) as e:
+        hint = (" The tokenizer at model.path has no chat template (a base model, e.g. Meta-Llama-3-8B): "
+                "set render.mode=plain." if cfg.render.mode == "chat_template" and not getattr(tok, "chat_template", None)
+                else "")
+        raise InputError(f"render.mode={cfg.render.mode!r} cannot render with the tokenizer of "
+                         f"model.path={str(cfg.model.path)!r}: {e}.{hint}") from None
+    except Exception as e:  # noqa: BLE001 - a template that raises on an ordinary conversation
+        raise InputError(f"render.mode={cfg.render.mode!r}: the tokenizer of model.path={str(cfg.model.path)!r} "
+                         f"failed on a plain two-turn conversation ({type(e).__name__}: {e}); "
+                         "set render.mode=plain or fix the chat template") from None
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan_units(cfg: RunConfig, inputs: Inputs, root: Path) -> dict[str, list[ReadUnit]]:
+    """Each set's files split into row units (one indexing pass per file; compressed or
+    JSON-array files staged under ``root/staged``: run under the folder's lease)."""
+    units = {}
+    for role in ("source", "target"):
+        units[role] = readers.plan_units(inputs.files[role], cfg.embed.rows_per_unit, staging_dir=root / "staged")
+        if not units[role]:
+            raise InputError(f"the {role} set {getattr(cfg, role).paths} has no usable rows: its files are empty "
+                             f"({', '.join(map(str, inputs.files[role]))})")
+    return units
+
+
+def make_plan(cfg: RunConfig, cfg_dict: dict, inputs: Inputs, units: dict[str, list[ReadUnit]], root: Path,
+              run_id: str, resources: dict[str, float]) -> RunPlan:
+    """The frozen plan of one attempt (``resources``: the cluster's, which decide the device
+    and the number of embedding actors). Creates the store's folder (a run that embeds);
+    writes nothing else."""
+    device = "cuda" if _use_gpu(cfg.model.device, resources) else "cpu"
+    dtype, dtype_reason = _resolve_dtype(str(cfg.model.dtype), device)
+    model_fp = fingerprint_model(inputs.model_dir)
+    if inputs.model_hub:  # the commit too: a moved branch re-embeds, a pinned revision reproduces
+        model_fp = _sha([model_fp, inputs.hub["model.path"].commit])[:16]
+    rendering = Rendering.of(cfg.render)
+    render_spec = rendering.spec()
+    prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": model_fp, **render_spec, "exclude": cfg.pool.exclude})
+    # RDS+: position-weighted mean hidden states, cosine, round-robin; select.rds_variant=published reads
+    # hidden_states[-1] and interleaves as the authors' code does (targets in file order, a taken row spends the turn)
+    rds_published = cfg.select.method == "rds" and cfg.select.rds_variant == "published"
+    similarity, aggregate = cfg.select.similarity, cfg.select.aggregate
+    readout = store = job = embed_fp = None
+    width, n_actors, actor_resources = 0, 0, {}
+    if cfg.select.method == "rds":
+        readout = (rds_readout(num_layers(inputs.model_dir, cfg.model.trust_remote_code)) if rds_published
+                   else Readout("hidden", parse_hookpoint(cfg.sae.hookpoint), "none", weighting="position"))
+        similarity, aggregate = "cosine", "round_robin"
+    elif cfg.select.method in MODEL_METHODS:
+        readout = representation_readout(cfg.embed.representation, cfg.sae.hookpoint, cfg.pool.exclude, inputs.sae,
+                                         cfg.embed.mlp_k)
+    batching = Batching.of(cfg.embed)
+    folders = {"run.output_dir": (root, publish.identity(root))}
+    if readout is not None:  # a run that embeds: its store, its actors and what they run
+        sae = inputs.sae if readout.kind == "sae" else None
+        embed_fp = embedding_fingerprint(model_fp, dtype, render_spec, readout.spec(), sae.fingerprint if sae else None,
+                                         batching.pad_multiple, batching.sae_chunk_tokens, batching.value_dtype)
+        store = FeatureStore(Path(cfg.embed.store_dir or str(root / "embeddings")).expanduser().resolve() / embed_fp)
+        store.root.mkdir(parents=True, exist_ok=True)
+        folders["the embedding store"] = (store.root, publish.identity(store.root))
+        width = readout_width(readout, inputs.model_dir, inputs.sae, cfg.model.trust_remote_code)
+        n_actors = _num_actors(cfg.embed.num_actors, device, resources)
+        custom = dict(cfg.embed.actor_resources)  # e.g. pin actors to a node type
+        actor_resources = ({"num_gpus": 1, "num_cpus": cfg.embed.actor_num_cpus_gpu, "custom": custom}
+                           if device == "cuda" else {"num_cpus": cfg.embed.actor_num_cpus_cpu, "custom": custom})
+        threads = cfg.embed.torch_threads
+        if threads in (None, "auto"):
+            threads = 0 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, n_actors))
+        job = EngineJob(model_dir=str(inputs.model_dir), dtype=dtype, device=device, readouts=(readout,),
+                        saes=(sae,) if sae else (), batching=batching, torch_threads=int(threads),
+                        trust_remote_code=cfg.model.trust_remote_code,
+                        attn_implementation=cfg.model.attn_implementation, model_hub=inputs.model_hub)
+    return RunPlan(
+        cfg=cfg, cfg_dict=cfg_dict, root=root, run_id=run_id, out=root / publish.RUNS / run_id,
+        model_dir=inputs.model_dir, sae=inputs.sae, hub=inputs.hub, model_hub=inputs.model_hub, units=units,
+        device=device, dtype=dtype, dtype_reason=dtype_reason,
+        rendering=rendering, model_fp=model_fp, prep_fp=prep_fp, embed_fp=embed_fp, readout=readout, width=width,
+        similarity=similarity, aggregate=aggregate, rds_published=rds_published, batching=batching,
+        prepared_dir=root / "prepared" / prep_fp, store=store, num_actors=n_actors, actor_resources=actor_resources,
+        job=job, folders=folders)
+
+
+def store_fingerprint(plan: RunPlan) -> dict:
+    """What keys the embedding store (``<store>/fingerprint.json``): what a reader needs to trust its rows."""
+    sae = plan.sae if plan.readout.kind == "sae" else None
+    return {"model": str(plan.cfg.model.path), "model_fingerprint": plan.model_fp, "sae": asdict(sae) if sae else None,
+            "readout": plan.readout.spec(), "readout_name": plan.readout.name, "render": plan.rendering.spec(),
+            "dtype": plan.dtype, "value_dtype": plan.cfg.embed.value_dtype, "pad_multiple": plan.batching.pad_multiple,
+            "sae_chunk_tokens": plan.batching.sae_chunk_tokens}
+
+
+def begin(plan: RunPlan) -> None:
+    """The attempt's folder, the store's fingerprint and a "running" manifest: the plan on disk."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.store is not None:
+        write_json(store_fingerprint(plan), plan.store.root / "fingerprint.json")
+    write_json({"status": "running", "run_id": plan.run_id, "config": plan.cfg_dict}, plan.out / "manifest.json")
+
+
+def _use_gpu(device: str, resources: dict) -> bool:
+    if device == "cuda":
+        return True
+    return device == "auto" and resources.get("GPU", 0) >= 1
+
+
+def _num_actors(n, device: str, resources: dict) -> int:
+    if n not in (None, "auto"):
+        return int(n)
+    return max(1, int(resources.get("GPU", 0))) if device == "cuda" else 1
+
+
+def _resolve_dtype(name: str, device: str) -> tuple[str, str]:
+    """The compute dtype every actor uses (decided once, here) and why."""
+    import torch
+
+    from ..core.model import dtype_name, resolve_dtype_reason
+
+    if name == "auto" and device == "cuda" and not torch.cuda.is_available():
+        # the driver has no GPU to ask; the actors' GPUs are assumed to be Ampere or newer
+        return "bfloat16", "auto: CUDA actors (bf16 assumed: Ampere or newer; set model.dtype otherwise)"
+    dt, why = resolve_dtype_reason(name, device)
+    return dtype_name(dt), why

@@ -1,0 +1,122 @@
+"""A whole run started with hub ids (model.path, sae.path, source.paths), against the loopback
+stand-in for the hub (tests/_hub_server.py), then again offline from the filled cache.
+
+The command is the product's own (``python -m mona_ray.run``) in a fresh process with
+``HF_HOME``/``HF_ENDPOINT`` in its environment, as a user's run would have them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _hub_server import HubServer, Repo, folder_files
+from _tiny_lm import make_rows, make_tiny_lm
+from conftest import make_random_sae, tiny_overrides
+
+LLAMA, SAE, DATA = "tiny/llama", "tiny/sae", "tiny/data"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hub_run")
+    lm = make_tiny_lm(tmp / "lm", layers=4, hidden=32)
+    sae = tmp / "sae"
+    for layer in range(4):  # one folder per layer, as EleutherAI's SAE repositories are laid out
+        make_random_sae(sae, d_in=32, latents=128, k=8, hookpoint=f"layers.{layer}", seed=layer)
+    rows = make_rows(60, seed=1)
+    source = tmp / "source.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = tmp / "target.jsonl"
+    target.write_text("".join(json.dumps({**r, "id": f"t{i}"}) + "\n" for i, r in enumerate(make_rows(8, seed=2))))
+    with HubServer() as server:
+        server.llama = server.add(Repo(LLAMA))
+        server.llama_v1 = server.llama.commit({**folder_files(lm), "README.md": b"# tiny llama\n"})
+        server.sae_v1 = server.add(Repo(SAE)).commit({**folder_files(sae), "README.md": b"#\n"}, "main", "v1.0")
+        server.data = server.add(Repo(DATA, repo_type="dataset")).commit(
+            {"data/train.jsonl": source.read_bytes(), "README.md": b"# tiny data\n"})
+        server.local = {"lm": lm, "sae": sae, "source": source, "target": target}
+        yield server
+
+
+def run(args: list[str], home: Path, endpoint: str, offline: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "mona_ray.run", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def ok(p) -> None:
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def selection(out: Path) -> list[tuple[str, float]]:
+    return [(r["id"], round(r["score"], 6)) for r in map(json.loads, (out / "selected.jsonl").read_text().splitlines())]
+
+
+def test_a_run_from_hub_ids_fetches_only_what_it_needs_then_runs_offline(hub, tmp_path):
+    home, loc = tmp_path / "hf_home", hub.local
+    data = {"source": f"hf://datasets/{DATA}", "target": loc["target"]}
+    args = tiny_overrides(LLAMA, f"{SAE}@v1.0", data, tmp_path / "out", "report.explain=false")
+    mark = hub.mark()
+    p = run(args, home, hub.url)
+    ok(p)
+    fetched = hub.fetched(mark)
+    sae_files = sorted(f for f in fetched if f.startswith(SAE + ":"))
+    assert sae_files == [f"{SAE}:layers.2/cfg.json", f"{SAE}:layers.2/sae.safetensors"], sae_files  # one layer of four
+    assert f"{DATA}:data/train.jsonl" in fetched and not any(f.endswith("README.md") for f in fetched), fetched
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["hub"]["sae.path"]["commit"] == hub.sae_v1 and m["hub"]["sae.path"]["revision"] == "v1.0"
+    assert m["hub"]["source.paths"][0]["commit"] == hub.data and m["hub"]["model.path"]["repo_id"] == LLAMA
+    assert m["sae"]["hub"] == f"{SAE}@{hub.sae_v1}"  # what a node without the driver's cache fetches
+
+    # the same files from local paths select the same rows with the same scores
+    local = tiny_overrides(loc["lm"], loc["sae"], {"source": loc["source"], "target": loc["target"]},
+                           tmp_path / "local", "report.explain=false")
+    ok(run(local, home, hub.url))
+    assert selection(tmp_path / "out") == selection(tmp_path / "local") and len(selection(tmp_path / "out")) == 10
+
+    # offline, from the filled cache: nothing is requested, the same selection comes back
+    mark = hub.mark()
+    again = run(args + ["run.overwrite=true"], home, hub.url, offline=True)
+    ok(again)
+    assert hub.requests(mark) == []
+    assert selection(tmp_path / "out") == selection(tmp_path / "local")
+    m1 = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m1["counts"]["embedded_now"] == 0 and m1["fingerprints"] == m["fingerprints"]
+
+    # main moves (a new commit): the embeddings are keyed by the commit, so the run embeds again ...
+    moved = hub.llama.commit({**hub.llama.commits[hub.llama_v1], "README.md": b"# tiny llama, v2\n"})
+    ok(run(args + ["run.overwrite=true"], home, hub.url))
+    m2 = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m2["hub"]["model.path"]["commit"] == moved and m2["fingerprints"]["model"] != m["fingerprints"]["model"]
+    assert m2["counts"]["embedded_now"] == m["counts"]["embedded_now"] > 0  # every row again, as the first run did
+    # ... and a revision pinned to the first commit reproduces the first run, from the store
+    pinned = [a.replace(f"model.path={LLAMA}", f"model.path={LLAMA}@{hub.llama_v1}") for a in args]
+    ok(run(pinned + ["run.overwrite=true"], home, hub.url))
+    m3 = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m3["fingerprints"] == m["fingerprints"] and m3["counts"]["embedded_now"] == 0
+    assert selection(tmp_path / "out") == selection(tmp_path / "local")
+
+
+def test_hub_failures_are_one_line(hub, tmp_path):
+    loc = hub.local
+    data = {"source": loc["source"], "target": loc["target"]}
+    p = run(tiny_overrides("tiny/missing", loc["sae"], data, tmp_path / "out"), tmp_path / "home", hub.url)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("mona_ray: error:")]
+    assert "model.path='tiny/missing'" in line, line
+    args = [a.replace("sae.hookpoint=layers.2", "sae.hookpoint=layers.7") for a in tiny_overrides(LLAMA, SAE, data,
+                                                                                                 tmp_path / "out")]
+    p = run(args, tmp_path / "home", hub.url)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("mona_ray: error:")]
+    assert "layers.7" in line and "layers.0" in line and "layers.3" in line, line  # the hookpoints it has
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs resolve
