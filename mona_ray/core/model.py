@@ -213,8 +213,8 @@ def resolve_model_path(path: str) -> Path:
     p = Path(path).expanduser()
     if not (p / "config.json").exists():
         raise ModelError(
-            f"model.path={path!r}: no Hugging Face checkpoint there (expected {p / 'config.json'}). "
-            "Set model.path=/path/to/checkpoint, or a hub id (org/name[@revision]).")
+            f"model.path={path!r}: no Hugging Face checkpoint there (expected {p / 'config.json'}); "
+            "set model.path=/path/to/checkpoint or a hub id (org/name[@revision])")
     if not list(p.glob("*.safetensors")):
         raise ModelError(f"model.path={path!r}: no *.safetensors weights in {p}; only safetensors are loaded (no pickle).")
     return p

@@ -2,7 +2,7 @@
 small typed units (:class:`PrepareUnit` -> :class:`Prepared`, :class:`EmbedUnit` ->
 :class:`Embedded`, a score group as an Arrow table).
 
-``driver.py`` hands these to the executor (``core/executor.py``, the one module that talks to
+``steps.py`` hands these to the executor (``core/executor.py``, the one module that talks to
 Ray); nothing here imports Ray, so each stage can be called (and tested) on its own. Every file a stage writes is written to a temporary
 name and renamed into place, and its name is derived from its content or its input
 unit, never from a random id: a retried or resumed task rewrites the same file with
