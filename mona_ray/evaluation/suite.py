@@ -111,14 +111,17 @@ def split_halves(strata: dict[str, str], seed: int) -> dict[str, str]:
 
 def build_suite(source_pool, scoring_pool, out_dir, seed: int = 0, n_rows: int = 32,
                 mixture_sizes=DEFAULT_MIXTURE_SIZES, rows_per_task: int = 3,
-                public: dict[str, str] | None = None, relevance=None) -> dict:
+                public: dict[str, str] | None = None, relevance=None, avoid=(), one_half: str | None = None,
+                round_of: str | None = None) -> dict:
     """Write ``out_dir/suite.json`` and ``out_dir/targets/*.parquet``; returns the suite document.
-    ``public``: ``{name: target file}`` scored on the whole scoring pool with ``relevance`` (a JSON map)."""
+    ``public``: ``{name: target file}`` scored on the whole scoring pool with ``relevance`` (a JSON map).
+    ``avoid``: Parquet files whose rows (by id and by text) are never target rows (an earlier round's
+    pool and targets). ``one_half``: every target goes to that half instead of the split (a fresh
+    round that only confirms). ``round_of``: the earlier suite this one is a fresh round of (recorded)."""
     out = Path(out_dir)
     (out / "targets").mkdir(parents=True, exist_ok=True)
     src, sp = _read(source_pool), _read(scoring_pool)
-    sp_ids = set(sp.column("id").to_pylist())
-    sp_text = {_text_key(*r) for r in zip(*(sp.column(c).to_pylist() for c in ("instruction", "input", "output")))}
+    sp_ids, sp_text = _keys([sp] + [_read(a) for a in avoid])
     cols = {c: src.column(c).to_pylist() for c in COLUMNS}
     sp_dom = sp.column("domain").to_pylist()
     sp_cat = sp.column("category").to_pylist()
@@ -167,7 +170,8 @@ def build_suite(source_pool, scoring_pool, out_dir, seed: int = 0, n_rows: int =
                          "rows": len(rows), "categories": cats, "exclude_categories": cats,
                          "relevant_domains": doms, "domain": "mixture", "notes": [DOMAIN_NOTES["mixture"]]}
         _write_rows(cols, sorted(rows), out / targets[name]["file"])
-    halves = split_halves({t: v["domain"] for t, v in targets.items()}, seed)
+    halves = ({t: one_half for t in targets} if one_half
+              else split_halves({t: v["domain"] for t, v in targets.items()}, seed))
     for t, h in halves.items():
         targets[t]["half"] = h
     rel = json.loads(Path(relevance).read_text()) if relevance else {}
@@ -186,9 +190,67 @@ def build_suite(source_pool, scoring_pool, out_dir, seed: int = 0, n_rows: int =
     doc = {"version": SUITE_VERSION, "seed": int(seed), "n_rows": int(n_rows), "rows_per_task": int(rows_per_task),
            "mixture_sizes": [int(s) for s in mixture_sizes],
            "source_pool": str(Path(source_pool).resolve()), "pool": str(Path(scoring_pool).resolve()),
-           "split": "task targets and mixtures: stratified by domain (mixtures one stratum), seeded, alternating "
-                    "halves within each stratum; public targets: all confirmation",
+           "split": (f"every target in the {one_half} half" if one_half else
+                     "task targets and mixtures: stratified by domain (mixtures one stratum), seeded, alternating "
+                     "halves within each stratum; public targets: all confirmation"),
+           **({"round_of": round_of, "avoid": [str(Path(a).resolve()) for a in avoid]} if round_of else {}),
            "targets": dict(sorted(targets.items())), "skipped": skipped, "domain_notes": DOMAIN_NOTES}
+    (out / "suite.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def _keys(tables) -> tuple[set, set]:
+    """The ids and the text keys of every row of ``tables``."""
+    ids, texts = set(), set()
+    for t in tables:
+        ids.update(t.column("id").to_pylist())
+        texts.update(_text_key(*r) for r in zip(*(t.column(c).to_pylist() for c in ("instruction", "input", "output"))))
+    return ids, texts
+
+
+def draw_pool(source_pool, like_pool, out_path, seed: int, avoid=()) -> dict[str, int]:
+    """A fresh scoring pool: from ``source_pool``, per category as many rows as ``like_pool`` has of it,
+    seeded, none of them in ``like_pool`` or ``avoid`` (by id and by text); a category with fewer such
+    rows gives what it has. Writes ``out_path``; returns ``{category: rows short}`` for the short ones."""
+    src, like = _read(source_pool), _read(like_pool)
+    ids, texts = _keys([like] + [_read(a) for a in avoid])
+    cols = {c: src.column(c).to_pylist() for c in COLUMNS}
+    want: dict[str, int] = {}
+    for c in like.column("category").to_pylist():
+        want[c] = want.get(c, 0) + 1
+    free: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for i, (rid, c) in enumerate(zip(cols["id"], cols["category"])):
+        k = _text_key(cols["instruction"][i], cols["input"][i], cols["output"][i])
+        if c in want and rid not in ids and k not in texts and k not in seen:
+            seen.add(k)
+            free.setdefault(c, []).append(i)
+    rows, short = [], {}
+    for c in sorted(want):
+        cand = free.get(c, [])
+        n = min(want[c], len(cand))
+        if n < want[c]:
+            short[c] = want[c] - n
+        rng = _rng(seed, "pool", c)
+        rows += [cand[i] for i in rng.choice(len(cand), n, replace=False)] if n else []
+    _write_rows(cols, sorted(rows), Path(out_path))
+    return short
+
+
+def fresh_round(earlier_suite, out_dir, seed: int, source_pool=None, **kw) -> dict:
+    """A fresh held-out round of ``earlier_suite``: a new scoring pool drawn like the earlier one's and
+    disjoint from it and from the earlier targets (``draw_pool``), task targets and mixtures built as
+    before from rows in none of them, every target in the confirmation half, no public targets (they
+    were in the earlier round). What the earlier round chose is judged here on rows nobody has seen."""
+    earlier = load_suite(earlier_suite)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source_pool = source_pool or earlier["source_pool"]
+    earlier_targets = [v["path"] for v in earlier["targets"].values() if v["kind"] != "public"]
+    short = draw_pool(source_pool, earlier["pool"], out / "pool.parquet", seed, avoid=earlier_targets)
+    doc = build_suite(source_pool, out / "pool.parquet", out, seed, avoid=[earlier["pool"]] + earlier_targets,
+                      one_half="confirmation", round_of=str(Path(earlier_suite).resolve()), **kw)
+    doc["pool_short"] = short
     (out / "suite.json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 
@@ -383,18 +445,31 @@ def main(argv=None) -> None:
                     help="tasks per mixture, comma-separated ('' for none)")
     ap.add_argument("--public", default=str(data / "targets"), help="folder of gsm8k/mbpp/mmlu/bbh.parquet ('' for none)")
     ap.add_argument("--relevance", default=str(data / "relevance.json"))
+    ap.add_argument("--fresh-from", default="", help="an earlier suite.json: build a fresh round of it (a new "
+                    "scoring pool drawn like its pool and disjoint from it and its targets, new target rows, all "
+                    "confirmation, no public targets); --pool, --public and --relevance are then not used")
     a = ap.parse_args(argv)
+    sizes = [int(s) for s in a.mixtures.split(",") if s.strip()]
+    if a.fresh_from:
+        doc = fresh_round(a.fresh_from, a.out, a.seed, a.source_pool, n_rows=a.rows, mixture_sizes=sizes)
+        _summary(doc, a.out)
+        if doc["pool_short"]:
+            print(f"  pool: categories short of rows: {doc['pool_short']}")
+        return
     public = {}
     if a.public:
         public = {n: str(Path(a.public) / f"{n}.parquet") for n in ("gsm8k", "mbpp", "mmlu", "bbh")
                   if (Path(a.public) / f"{n}.parquet").exists()}
-    sizes = [int(s) for s in a.mixtures.split(",") if s.strip()]
     doc = build_suite(a.source_pool, a.pool, a.out, a.seed, a.rows, sizes, public=public,
                       relevance=a.relevance if public else None)
+    _summary(doc, a.out)
+
+
+def _summary(doc: dict, out) -> None:
     by = {}
     for t in doc["targets"].values():
         by.setdefault(t["half"], []).append(t)
-    print(f"suite: {len(doc['targets'])} targets -> {Path(a.out) / 'suite.json'}")
+    print(f"suite: {len(doc['targets'])} targets -> {Path(out) / 'suite.json'}")
     for h, ts in sorted(by.items()):
         print(f"  {h}: {len(ts)} targets ({sum(t['kind'] == 'task' for t in ts)} tasks, "
               f"{sum(t['kind'] == 'mixture' for t in ts)} mixtures, {sum(t['kind'] == 'public' for t in ts)} public)")
