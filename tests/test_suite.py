@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_lm import WORDS  # noqa: E402
 from conftest import make_random_sae  # noqa: E402
 
-from mona_ray.evaluation.suite import build_suite, load_suite, pool_masks, split_halves  # noqa: E402
+from mona_ray.evaluation.suite import build_suite, fresh_round, load_suite, paired, pool_masks, split_halves  # noqa: E402
 
 # domain -> category -> words: categories of a domain share half their words
 VOCAB = {"math": {"m_add": WORDS[9:16], "m_mul": WORDS[12:20]},
@@ -110,6 +110,44 @@ def test_builder_leave_task_out_invariants(suite_data, tmp_path):
 
 def CATS_BY_ID(i: str) -> str:
     return i.rsplit("-", 1)[0]
+
+
+def test_a_fresh_round_shares_no_row_with_the_earlier_round(tmp_path):
+    rows = _source_rows(per_category=40, seed=1)
+    rows.append(dict(rows[0], id="dup-of-m_add"))  # the same text under another id: must not come back
+    src = _write(tmp_path / "pool.parquet", rows)
+    scoring = _write(tmp_path / "pool_small.parquet", [r for r in rows if r["id"].split("-")[1].isdigit()
+                                                       and int(r["id"].split("-")[1]) % 4 == 0])
+    kw = {"n_rows": 4, "mixture_sizes": (3,), "rows_per_task": 2}
+    build_suite(src, scoring, tmp_path / "r1", 0, **kw)
+    doc = fresh_round(tmp_path / "r1" / "suite.json", tmp_path / "r2", 1, **kw)
+    r1, r2 = load_suite(tmp_path / "r1" / "suite.json"), load_suite(tmp_path / "r2" / "suite.json")
+    text = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
+    old_pool = pq.read_table(scoring).to_pylist()
+    new_pool = pq.read_table(r2["pool"]).to_pylist()
+    old_targets = [r for v in r1["targets"].values() for r in pq.read_table(v["path"]).to_pylist()]
+    new_targets = [r for v in r2["targets"].values() for r in pq.read_table(v["path"]).to_pylist()]
+    seen = old_pool + old_targets
+    # the new pool: the earlier pool's count per category, and no row of the earlier round, by id or text
+    count = lambda rs: {c: sum(r["category"] == c for r in rs) for c in CATS}  # noqa: E731
+    assert count(new_pool) == count(old_pool) and doc["pool_short"] == {}
+    assert not {r["id"] for r in new_pool} & {r["id"] for r in seen}
+    assert not {text(r) for r in new_pool} & {text(r) for r in seen}
+    # new targets: in neither pool nor the earlier targets; all confirm; the same categories as before
+    assert not {text(r) for r in new_targets} & {text(r) for r in seen + new_pool}
+    assert {v["half"] for v in r2["targets"].values()} == {"confirmation"}
+    assert sorted(t for t in r2["targets"] if t.startswith("task:")) == sorted(t for t in r1["targets"]
+                                                                                 if t.startswith("task:"))
+    assert r2["round_of"] == str((tmp_path / "r1" / "suite.json").resolve())
+
+
+def test_paired_difference_on_known_numbers():
+    res = {f"t{i}": {"selectors": {"a": {"ap": a}, "b": {"ap": b}}}
+           for i, (a, b) in enumerate([(0.5, 0.4), (0.3, 0.3), (0.2, 0.4), (0.9, 0.5)])}
+    p = paired(res, "a", "b")
+    assert p["diff"] == pytest.approx((0.1 + 0.0 - 0.2 + 0.4) / 4) and (p["wins"], p["losses"], p["ties"]) == (2, 1, 1)
+    assert p["ci95"][0] < p["diff"] < p["ci95"][1] and -0.2 <= p["ci95"][0] and p["ci95"][1] <= 0.4
+    assert paired(res, "a", "b", targets=["t2"])["ci95"] == pytest.approx((-0.2, -0.2))
 
 
 def test_builder_is_deterministic_and_split_is_stratified(suite_data, tmp_path):

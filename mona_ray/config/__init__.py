@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .renames import RENAMES, rename_message, renamed
 from .schema import (EmbedConfig, EvalConfig, ModelConfig, PoolConfig, RenderConfig, RunConfig, SaeConfig,
-                     SaeEvalConfig, SCHEMAS, TrainSaeConfig, field_docs)
+                     SaeEvalConfig, SCHEMAS, SELECT_K, SHIPPED_SAE, TrainSaeConfig, field_docs)
 from .validate import ConfigError, composition_error, split_override, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -39,8 +39,22 @@ def asset_path(rel: str) -> str:
     return str(Path(str(files("mona_ray") / "assets" / rel)))
 
 
+def shipped_sae_k(sae_path) -> int | None:
+    """``${mona_ray.select_k:${sae.path}}``, the run's default ``sae.k``: ``SELECT_K`` (16) when
+    ``sae.path`` is the shipped SmolLM2 SAE, which it was chosen for (docs/evaluation.md, round 2);
+    None (the SAE's own K) for any other SAE."""
+    shipped = Path(asset_path(SHIPPED_SAE))
+    try:
+        same = sae_path is not None and Path(str(sae_path)).expanduser().resolve() == shipped.resolve()
+    except OSError:
+        same = False
+    return SELECT_K if same else None
+
+
 if not OmegaConf.has_resolver("mona_ray.asset"):
     OmegaConf.register_new_resolver("mona_ray.asset", asset_path)
+if not OmegaConf.has_resolver("mona_ray.select_k"):
+    OmegaConf.register_new_resolver("mona_ray.select_k", shipped_sae_k)
 
 for _store_name, _schema in SCHEMAS.values():  # the primary YAML files' defaults lists name these
     ConfigStore.instance().store(name=_store_name, node=_schema)

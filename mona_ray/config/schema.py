@@ -62,6 +62,8 @@ SPLITS = ("heldout", "train")  # eval_sae's data.split
 
 # The blocks of the embedded SmolLM2-135M-Instruct (30 blocks) that its shipped SAEs read.
 SELECT_HOOKPOINT = "layers.15"  # the middle block: the default selector (docs/evaluation.md)
+SELECT_K = 16  # the default selector reads the shipped K=64 SAE's codes at K=16 (docs/evaluation.md, round 2)
+SHIPPED_SAE = "sae/smollm2-135m-instruct"  # the SAEs shipped for the embedded SmolLM2 (package assets)
 REFERENCE_HOOKPOINT = "layers.28"  # the penultimate block (the paper's choice): evaluation and SAE tools
 SHIPPED_HOOKPOINTS = (SELECT_HOOKPOINT, REFERENCE_HOOKPOINT)
 
@@ -170,7 +172,7 @@ class ModelConfig:
 class SaeConfig:
     """The sparse autoencoder to read (``sae.*``)."""
 
-    path: Optional[str] = "${mona_ray.asset:sae/smollm2-135m-instruct}"
+    path: Optional[str] = "${mona_ray.asset:" + SHIPPED_SAE + "}"
     """A sparsify root (holding ``layers.N/``) or a SAELens folder, or for ``mona_ray.run`` a hub id
     ``org/name[@revision]`` (only the hooked layer's files are fetched); the default: the SAEs
     shipped for the embedded SmolLM2."""
@@ -182,7 +184,8 @@ class SaeConfig:
     ``layers.15`` (the middle block: it selects as well as the penultimate ``layers.28``, the paper's
     choice, at half the forward cost; docs/evaluation.md); the evaluation and eval_sae read ``layers.28``."""
     k: Optional[int] = positive(None)
-    """TopK K; null: the SAE's own."""
+    """TopK K (a ReLU/JumpReLU SAE keeps the K largest); null: the SAE's own. ``mona_ray.run``'s default
+    reads the shipped SmolLM2 SAE at 16 and any other SAE at its own K (docs/evaluation.md, round 2)."""
 
 
 @dataclass
@@ -305,10 +308,10 @@ class SelectConfig:
     """Over the target examples: prototype (the paper: one mean) | clusters (one prototype per cluster
     of target rows, silhouette picks their number; a row scores its best cluster) | round_robin (one
     ranking per target row, interleaved, as RDS+)."""
-    prototype_mass: float = fraction(0.65)
-    """< 1: each prototype keeps its largest latents carrying this share of its L1 mass (the default
-    selector, docs/evaluation.md; the paper's exact MoNA: ``+experiment=mona_paper``). Codes only
-    (sae, mlp_gate): dense readouts (hidden, rds) are compared whole."""
+    prototype_mass: float = fraction(1.0)
+    """< 1: each prototype keeps its largest latents carrying this share of its L1 mass (1.0: whole, the
+    paper's formula and the default; docs/evaluation.md: a fixed cut loses on the leave-task-out suite).
+    Codes only (sae, mlp_gate): dense readouts (hidden, rds) are compared whole."""
     row_mass: float = fraction(1.0)
     """< 1: each source row's SAE code, as it is compared, keeps its largest latents carrying this
     share of its L1 mass (the same fix on the row side; docs/evaluation.md: 0.75 helps MMLU at
@@ -321,8 +324,11 @@ class SelectConfig:
     """How each prototype is cut, from the target rows alone (scoring.table.cut_prototypes): fixed
     (prototype_mass, always) | structure (prototype_mass only when the target rows split into clusters;
     one cluster keeps its full prototype) | support (as many latents as its median member row)."""
-    min_silhouette: float = fraction(0.25, zero=True)
-    """clusters: a best silhouette below this means one cluster (no structure)."""
+    min_silhouette: float = fraction(0.5, zero=True)
+    """clusters: a best silhouette below this means one cluster, exactly the paper's one prototype. 0.5
+    is Kaufman and Rousseeuw's "reasonable structure" (0.25: "weak"); chosen on the leave-task-out suite's
+    round 1 and confirmed on round 2 (docs/evaluation.md): single-task targets keep one prototype,
+    a mixture like BBH splits into its tasks."""
     rds_variant: str = one_of(*RDS_VARIANTS)
     """method=rds: published (Ivison et al. 2025's code: the last block through the final norm, HF
     hidden_states[-1]; targets in file order; a target whose next row is taken spends its turn) |
@@ -381,8 +387,11 @@ class RunConfig:
     """The target task's examples."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The language model."""
-    sae: SaeConfig = field(default_factory=lambda: SaeConfig(hookpoint=SELECT_HOOKPOINT))
-    """The SAE; the pipeline reads the middle block (``layers.15``, docs/evaluation.md)."""
+    sae: SaeConfig = field(default_factory=lambda: SaeConfig(hookpoint=SELECT_HOOKPOINT,
+                                                             k="${mona_ray.select_k:${sae.path}}"))
+    """The SAE; the pipeline reads the middle block (``layers.15``); ``sae.k``: the shipped SmolLM2 SAE
+    (trained at K=64) is read with each token's 16 strongest latents (docs/evaluation.md, round 2),
+    any other SAE at its own K unless ``sae.k`` is set."""
     render: RenderConfig = field(default_factory=RenderConfig)
     """How records are rendered."""
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -436,7 +445,7 @@ class MonaVariantsConfig:
     ks: List[int] = positive([16, 32, 128])
     """sae/mean/jaccard with these K instead of the SAE's own."""
     aggregations: List[str] = field(default_factory=lambda: [
-        "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/jaccard/0.65/0.75",
+        "clusters@0.5/jaccard/1.0", "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/jaccard/0.65/0.75",
         "clusters/cosine/1.0",
         "round_robin/jaccard/1.0", "round_robin/cosine/1.0"])
     """sae/mean at sae.hookpoint (and at each of aggregation_hookpoints) aggregated over the target
@@ -447,8 +456,10 @@ class MonaVariantsConfig:
     ``clusters@0.5/...``: one cluster unless the best silhouette reaches 0.5; ``.../structure:0.65``:
     cut to 0.65 only when the targets form clusters; ``.../support``: each prototype as sparse as its
     median member row."""
-    aggregation_hookpoints: List[str] = field(default_factory=lambda: list(SHIPPED_HOOKPOINTS))
-    """Blocks the aggregations are also scored at; ``'layers.15/k=16'`` (quoted): the SAE at that block used at K=16."""
+    aggregation_hookpoints: List[str] = field(default_factory=lambda: [*SHIPPED_HOOKPOINTS,
+                                                                       f"{SELECT_HOOKPOINT}/k={SELECT_K}"])
+    """Blocks the aggregations are also scored at; ``'layers.15/k=16'`` (quoted): the SAE at that block used
+    at K=16 (with ``clusters@0.5/jaccard/1.0``: the run's default selector)."""
     cluster_seed: int = 0
     """Seed of the target-row clustering."""
     rds: bool = True

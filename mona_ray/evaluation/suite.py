@@ -343,6 +343,20 @@ def paper_formula(block: str, hookpoint: str) -> str:
     return "mona:sae/mean/jaccard" + ("" if block == hookpoint else f"@{block}") + "/prototype"
 
 
+def paired(results: dict, a: str, b: str, targets=None, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Selector ``a`` against ``b`` over ``targets`` (default: all), each target weighing the same: the
+    mean AP difference, wins / losses / ties, and a 95% bootstrap interval of the mean difference
+    (targets resampled with replacement, seeded)."""
+    ts = list(targets or results)
+    d = np.array([results[t]["selectors"][a]["ap"] - results[t]["selectors"][b]["ap"] for t in ts])
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    return {"a": a, "b": b, "targets": len(ts), "mean_a": _mean(results[t]["selectors"][a]["ap"] for t in ts),
+            "mean_b": _mean(results[t]["selectors"][b]["ap"] for t in ts), "diff": float(d.mean()),
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
+            "ci95": (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)))}
+
+
 def choose_default(results: dict, hookpoint: str) -> dict:
     """The rule that picks the default, fixed before any result was seen: among the MoNA settings
     (SAE codes, ``mona:sae/...``), the best mean AP over the SELECTION half's targets (every target

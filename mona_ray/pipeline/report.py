@@ -136,8 +136,13 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
     mona = method in MODEL_METHODS
     agg = m["selection"].get("aggregation") or {}
     how = f"similarity {m['selection']['similarity']}"
+    sae = m.get("sae") or {}
+    if method == "mona" and sae.get("k") and (m.get("readout") or {}).get("kind") == "sae":
+        how = f"SAE {sae['hookpoint']} at K={sae['k']}, " + how
     if agg.get("aggregate", "prototype") != "prototype" or agg.get("clusters", 1) != 1:
-        how += f", {agg['aggregate']}" + (f" ({agg['clusters']} clusters)" if agg.get("aggregate") == "clusters" else "")
+        n = agg.get("clusters", 1)
+        how += f", {agg['aggregate']}" + (f" ({n} cluster{'s' if n != 1 else ''})" if agg.get("aggregate") == "clusters"
+                                          else "")
     if agg.get("mass", 1.0) < 1:
         how += f", prototype mass {agg['mass']:g}"
     if agg.get("row_mass", 1.0) < 1:
