@@ -52,6 +52,25 @@ def test_each_entry_point_reads_its_own_hookpoint():
     assert e.sae.hookpoint == "layers.28" and list(e.hookpoints) == ["layers.28"]
 
 
+def test_the_shipped_sae_alone_is_read_at_the_default_selectors_k(tmp_path):
+    """sae.k's run default: 16 for the shipped SmolLM2 SAE (docs/evaluation.md, round 2), the SAE's
+    own K for any other SAE (a folder or a hub id), an explicit sae.k always; the paper's experiment
+    and the evaluation read the SAE's own K. The rest of the default selector with it."""
+    from mona_ray.config import asset_path
+
+    d = load_config([])
+    assert (d.sae.k, d.select.aggregate, d.select.min_silhouette, d.select.prototype_mass) == (16, "clusters", 0.5, 1.0)
+    assert load_config([f"sae.path={asset_path('sae/smollm2-135m-instruct')}"]).sae.k == 16
+    (tmp_path / "sae").mkdir()
+    assert load_config([f"sae.path={tmp_path / 'sae'}"]).sae.k is None
+    assert load_config(["sae.path=EleutherAI/sae-llama-3-8b-32x"]).sae.k is None
+    assert load_config([f"sae.path={tmp_path / 'sae'}", "sae.k=32"]).sae.k == 32
+    assert load_config(["sae.k=null"]).sae.k is None
+    assert load_config(["+experiment=mona_paper"]).sae.k is None
+    assert load_config(["+experiment=openhermes_llama3"]).sae.k == 192
+    assert load_config([], "eval/default").sae.k is None
+
+
 def _leaves(node: dict, prefix: str = ""):
     for key, value in node.items():
         if isinstance(value, dict) and value:
