@@ -98,8 +98,8 @@ def test_evaluate_end_to_end_and_cached_rerun(eval_inputs, tmp_path):
     assert {"random", "bm25", "dsir", "dense", "nait", "nait:zscore", "mona:sae/mean/jaccard",
             "mona:sae/mean/jaccard@layers.1", "mona:sae/mean/jaccard/k=4", "mona:sae/mean/jaccard/exclude=none",
             "mona:mlp_gate/sum/cosine", "mona:hidden/mean/euclidean"} <= sels
-    assert len([s for s in sels if s.startswith("mona:")]) == 18 + 2 + 1 + 1 + 7  # + the aggregations at layers.2
-    assert {"rds", "mona:sae/mean/jaccard/clusters/mass=0.65", "mona:sae/mean/jaccard/clusters/mass=0.65/row_mass=0.75",
+    assert len([s for s in sels if s.startswith("mona:")]) == 18 + 2 + 1 + 1 + 8  # + the aggregations at layers.2
+    assert {"rds", "mona:sae/mean/jaccard/clusters@0.5", "mona:sae/mean/jaccard/clusters/mass=0.65", "mona:sae/mean/jaccard/clusters/mass=0.65/row_mass=0.75",
             "mona:sae/mean/cosine/round_robin"} <= sels
     # the topics have disjoint vocabularies: lexical selectors must be perfect at k = 10
     for t in ("math", "code"):
