@@ -323,8 +323,9 @@ def half_table(results: dict, targets: list[str], selectors: list[str]) -> list[
     rows.sort(key=lambda r: -r[0])
     best = [max(r[2][j] for r in rows) for j in range(len(head) - 3)] if rows else []
     out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    top = rows[0][0] if rows else None
     for m, s, cells, nb in rows:
-        out.append(f"| {s} | **{m:.3f}** | " + " | ".join(("**%.3f**" if c == b else "%.3f") % c
+        out.append(f"| {s} | " + ("**%.3f**" if m == top else "%.3f") % m + " | " + " | ".join(("**%.3f**" if c == b else "%.3f") % c
                                                        for c, b in zip(cells, best)) + f" | {nb} |")
     return out
 
