@@ -445,7 +445,8 @@ class MonaVariantsConfig:
     ks: List[int] = positive([16, 32, 128])
     """sae/mean/jaccard with these K instead of the SAE's own."""
     aggregations: List[str] = field(default_factory=lambda: [
-        "clusters@0.5/jaccard/1.0", "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/jaccard/0.65/0.75",
+        "clusters@0.5/jaccard/1.0",  # the run's default selector (at layers.15/k=16)
+        "prototype/jaccard/0.65", "clusters/jaccard/1.0", "clusters/jaccard/0.65", "clusters/jaccard/0.65/0.75",
         "clusters/cosine/1.0",
         "round_robin/jaccard/1.0", "round_robin/cosine/1.0"])
     """sae/mean at sae.hookpoint (and at each of aggregation_hookpoints) aggregated over the target

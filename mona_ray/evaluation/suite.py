@@ -317,16 +317,16 @@ def half_table(results: dict, targets: list[str], selectors: list[str]) -> list[
             continue
         ap = {t: results[t]["selectors"][s]["ap"] for t in targets}
         below = [t for t in targets if ap[t] < results[t]["base_rate"]]
-        rows.append((_mean(ap.values()), s, [_mean(ap[t] for t in tasks), _mean(ap[t] for t in mixes)]
+        mean = _mean(ap.values())
+        rows.append((mean, s, [mean, _mean(ap[t] for t in tasks), _mean(ap[t] for t in mixes)]
                      + [_mean(ap[t] for t in tasks if kinds[t]["domain"] == d) for d in domains]
                      + [ap[t] for t in public], len(below)))
     rows.sort(key=lambda r: -r[0])
-    best = [max(r[2][j] for r in rows) for j in range(len(head) - 3)] if rows else []
+    best = [max(r[2][j] for r in rows) for j in range(len(head) - 2)] if rows else []  # the best of each column
     out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    top = rows[0][0] if rows else None
-    for m, s, cells, nb in rows:
-        out.append(f"| {s} | " + ("**%.3f**" if m == top else "%.3f") % m + " | " + " | ".join(("**%.3f**" if c == b else "%.3f") % c
-                                                       for c, b in zip(cells, best)) + f" | {nb} |")
+    for _, s, cells, nb in rows:
+        out.append(f"| {s} | " + " | ".join(("**%.3f**" if c == b else "%.3f") % c for c, b in zip(cells, best))
+                   + f" | {nb} |")
     return out
 
 
