@@ -141,6 +141,29 @@ def test_a_fresh_round_shares_no_row_with_the_earlier_round(tmp_path):
     assert r2["round_of"] == str((tmp_path / "r1" / "suite.json").resolve())
 
 
+def test_a_fresh_round_of_a_fresh_round_shares_no_row_with_any_round_before(tmp_path):
+    rows = _source_rows(per_category=60, seed=2)
+    src = _write(tmp_path / "pool.parquet", rows)
+    scoring = _write(tmp_path / "pool_small.parquet", [r for r in rows if r["id"].split("-")[1].isdigit()
+                                                       and int(r["id"].split("-")[1]) % 6 == 0])
+    kw = {"n_rows": 4, "mixture_sizes": (3,), "rows_per_task": 2}
+    build_suite(src, scoring, tmp_path / "r1", 0, **kw)
+    fresh_round(tmp_path / "r1" / "suite.json", tmp_path / "r2", 1, **kw)
+    doc = fresh_round(tmp_path / "r2" / "suite.json", tmp_path / "r3", 2, **kw)
+    text = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
+    seen = []
+    for r in ("r1", "r2"):
+        s = load_suite(tmp_path / r / "suite.json")
+        seen += pq.read_table(s["pool"]).to_pylist()
+        seen += [x for v in s["targets"].values() for x in pq.read_table(v["path"]).to_pylist()]
+    r3 = load_suite(tmp_path / "r3" / "suite.json")
+    new = pq.read_table(r3["pool"]).to_pylist() + [x for v in r3["targets"].values() for x in pq.read_table(v["path"]).to_pylist()]
+    assert doc["pool_short"] == {} and len(new) > 0
+    assert not {r["id"] for r in new} & {r["id"] for r in seen}  # round 1 too, not only the round it is made from
+    assert not {text(r) for r in new} & {text(r) for r in seen}
+    assert str(scoring.resolve()) in r3["avoid"]
+
+
 def test_paired_difference_on_known_numbers():
     res = {f"t{i}": {"selectors": {"a": {"ap": a}, "b": {"ap": b}}}
            for i, (a, b) in enumerate([(0.5, 0.4), (0.3, 0.3), (0.2, 0.4), (0.9, 0.5)])}

@@ -54,6 +54,7 @@ TEXT_SELECTORS = ("random", "bm25", "dsir", "dense")  # the baselines that read 
 SIMILARITIES = ("jaccard", "cosine", "euclidean")  # select.similarity
 AGGREGATES = ("clusters", "prototype", "round_robin")  # select.aggregate
 MASS_RULES = ("fixed", "structure", "support")  # select.mass_rule
+BACKGROUNDS = ("none", "idf", "contrast", "lr", "lda")  # select.background (scoring/background.py)
 RDS_VARIANTS = ("published", "hooked_block")  # select.rds_variant
 TRAINER_FORMATS = ("auto", "messages")  # report.trainer_format
 NAIT_LAYER_NORMS = ("none", "zscore")  # nait.layer_norms
@@ -316,6 +317,16 @@ class SelectConfig:
     """< 1: each source row's SAE code, as it is compared, keeps its largest latents carrying this
     share of its L1 mass (the same fix on the row side; docs/evaluation.md: 0.75 helps MMLU at
     layers.15 but not at layers.28, so off)."""
+    background: str = one_of(*BACKGROUNDS)
+    """How the source pool's per-latent statistics weigh the score (scoring/background.py; SAE codes
+    only): none (the paper's formula) | idf (each latent weighted by its rarity in the pool, rows and
+    prototypes alike, then ``similarity``) | contrast (the prototype minus the pool's mean activation,
+    clipped at 0) | lr (the mean log-likelihood ratio of target to pool over a row's latent mass) |
+    lda (a closed-form linear probe of the target against the pool). docs/evaluation.md, round 3."""
+    background_rows: int = positive(65536)
+    """The pool statistics are read from about this many source rows: all of them up to this many,
+    else whole store parts drawn by a hash of their names (the same parts on every run; a part in
+    a smaller draw is in every larger one). Cached in the store by the rows read."""
     cluster_seed: int = 0
     """Seed of the target-row clustering."""
     max_clusters: Optional[int] = positive(None)

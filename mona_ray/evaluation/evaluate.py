@@ -47,7 +47,7 @@ from ..scoring.table import score_rows_against
 from ..core.sae import SAEError, detect_format
 from ..selectors import get_selector
 from ..selectors.nait import combine, nait_directions, project
-from ..config.schema import AGGREGATES, TEXT_SELECTORS
+from ..config.schema import AGGREGATES, BACKGROUNDS, TEXT_SELECTORS
 
 # A suite ranks each target over its own pool. These scores depend on the other rows of the pool (BM25's IDF,
 # DSIR's pool n-gram model, random's draw, a round robin's interleaving), so they are computed over each
@@ -317,11 +317,11 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str 
         nait = Readout("nait", max(layers), "special", blocks=tuple(layers))
     if part == "pool":  # only the selectors whose scores depend on the other pool rows (the round robins)
         kept, readout_of, nait = [], {}, None
-        agg = [x for x in agg if x[2] in POOL_DEPENDENT]
+        agg = [x for x in agg if _pool_dependent(x[2], x[3])]
         if not agg:
             return {}, None
     elif part == "per_row":
-        agg = [x for x in agg if x[2] not in POOL_DEPENDENT]
+        agg = [x for x in agg if not _pool_dependent(x[2], x[3])]
     readouts = list(dict.fromkeys(list(readout_of.values()) + [a[1] for a in agg] + ([nait] if nait else [])))
     threads = cfg.embed.torch_threads
     job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
@@ -460,6 +460,23 @@ def _aggregation(spec: str) -> tuple[str, str, float | str, float]:
             float(parts[3]) if len(parts) > 3 else 1.0)
 
 
+def _background_of(similarity: str) -> tuple[str, str]:
+    """An aggregation's similarity token -> (``select.background``, ``select.similarity``):
+    ``jaccard`` -> (none, jaccard), ``idf-cosine`` -> (idf, cosine), ``lr`` -> (lr, jaccard)."""
+    if similarity in BACKGROUNDS:
+        return similarity, "jaccard"
+    bg, _, sim = similarity.rpartition("-")
+    bg = bg or "none"
+    if bg not in BACKGROUNDS:
+        raise InputError(f"mona.aggregations: similarity {similarity!r}: use [<{'|'.join(BACKGROUNDS)}>-]<similarity>")
+    return bg, sim
+
+
+def _pool_dependent(aggregate: str, similarity: str) -> bool:
+    """Whether an aggregation's scores depend on the other pool rows (round robins; the pool's latent statistics)."""
+    return aggregate in POOL_DEPENDENT or _background_of(similarity)[0] != "none"
+
+
 def _is_share(x: str, zero: bool = False) -> bool:
     try:
         v = float(x)
@@ -506,25 +523,28 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     per target row (RDS+), and a row's score is minus its position in the interleaving. Pool rows
     are compared as the pipeline compares them (``scored_rows``: cut to ``row_mass``)."""
     from ..scoring.round_robin import candidates_from_scores, round_robin
-    from ..scoring.similarity import similarities
-    from ..scoring.table import build_targets, scored_rows
+    from ..scoring.table import build_targets, scored_rows, similarities_of
+
+    from ..scoring.background import Background, PoolStats
 
     rr = aggregate in ("round_robin", "rds")  # rds: the published rule, a taken row spends the target's turn
     rule, min_sil = "fixed", 0.25
+    bg, similarity = _background_of(similarity)
+    # the pool's latent statistics (select.background): over exactly this target's pool, as a run over it computes them
+    background = Background.of(bg, PoolStats.of(rows_of(pool, dense), width)) if bg != "none" else None
     if not rr:
         aggregate, mass, rule, min_sil = _cut_settings(aggregate, mass)
     _, P, info = build_targets(tgt, width, dense, aggregate, mass, seed, mass_rule=rule, min_silhouette=min_sil,
                                search=_cached_search(seed))
     if rr:
-        X = scored_rows(pool, dense, row_mass=row_mass)
-        S = similarities(X, P, similarity, dense)
+        S = similarities_of(scored_rows(pool, dense, row_mass=row_mass), P, similarity, dense, background)
         ids = np.asarray([f"{i:09d}" for i in range(S.shape[0])], dtype=object)  # ties: pool order
         order, _, _ = round_robin(candidates_from_scores(S, ids, len(ids)), len(ids), skip_taken=aggregate != "rds")
         out = np.empty(len(ids))
         out[np.asarray([int(i) for i in order])] = -np.arange(len(order), dtype=np.float64)
         return out, {**info, "row_mass": row_mass}
-    return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass),
-            {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass})
+    return (score_rows_against(pool, P, similarity, dense, row_mass=row_mass, background=background),
+            {**{k: v for k, v in info.items() if k != "labels"}, "row_mass": row_mass, "background": bg})
 
 
 def _cached_search(seed: int):

@@ -241,14 +241,16 @@ def fresh_round(earlier_suite, out_dir, seed: int, source_pool=None, **kw) -> di
     """A fresh held-out round of ``earlier_suite``: a new scoring pool drawn like the earlier one's and
     disjoint from it and from the earlier targets (``draw_pool``), task targets and mixtures built as
     before from rows in none of them, every target in the confirmation half, no public targets (they
-    were in the earlier round). What the earlier round chose is judged here on rows nobody has seen."""
+    were in the earlier round). What the earlier round chose is judged here on rows nobody has seen. A fresh
+    round of a fresh round avoids every round of the chain (the earlier suite's ``avoid`` list too)."""
     earlier = load_suite(earlier_suite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source_pool = source_pool or earlier["source_pool"]
-    earlier_targets = [v["path"] for v in earlier["targets"].values() if v["kind"] != "public"]
-    short = draw_pool(source_pool, earlier["pool"], out / "pool.parquet", seed, avoid=earlier_targets)
-    doc = build_suite(source_pool, out / "pool.parquet", out, seed, avoid=[earlier["pool"]] + earlier_targets,
+    # every round before: the earlier round's own pool and targets, and what it avoided (its rounds before)
+    before = list(earlier.get("avoid", [])) + [v["path"] for v in earlier["targets"].values() if v["kind"] != "public"]
+    short = draw_pool(source_pool, earlier["pool"], out / "pool.parquet", seed, avoid=before)
+    doc = build_suite(source_pool, out / "pool.parquet", out, seed, avoid=[earlier["pool"]] + before,
                       one_half="confirmation", round_of=str(Path(earlier_suite).resolve()), **kw)
     doc["pool_short"] = short
     (out / "suite.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -131,17 +131,22 @@ def explain_prototype(engine, readout, tokenizer, target_ids: list[list[int]], t
 
 def explain_prototypes(engine, readout, tokenizer, target_ids: list[list[int]], target_masks: list[list[int]],
                        prototypes, groups: list[list[int]], *, top_latents: int = TOP_LATENTS,
-                       tokens_per_latent: int = 8, context: int = 6) -> list[dict]:
+                       tokens_per_latent: int = 8, context: int = 6, weights=None) -> list[dict]:
     """:func:`explain_prototype` for each prototype on its group of target rows (the overall
-    prototype on all rows, each cluster's on its own), with one model pass over the rows."""
+    prototype on all rows, each cluster's on its own), with one model pass over the rows.
+    ``weights``: per prototype, how much each latent counts in the score (``select.background``:
+    ``Background.latent_weights``); the top latents are then the heaviest by it, not by mass."""
     protos = [np.asarray(p, dtype=np.float64) for p in prototypes]
-    tops = [strongest_latents(p, top_latents) for p in protos]
+    ranks = protos if weights is None else [np.asarray(w, dtype=np.float64) for w in weights]
+    tops = [strongest_latents(w, top_latents) for w in ranks]
     acts = top_activating_tokens(engine, readout, target_ids, target_masks, list(zip(groups, tops)), tokens_per_latent)
     docs = []
-    for proto, top, act, rows in zip(protos, tops, acts, groups):
+    for proto, rank, top, act, rows in zip(protos, ranks, tops, acts, groups):
         ids = [target_ids[i] for i in rows]
-        p_l1 = float(proto.sum())
+        p_l1, w_l1 = float(proto.sum()), float(np.maximum(rank, 0).sum())
         latents = [{"latent": j, "value": float(proto[j]), "share_of_prototype": float(proto[j]) / p_l1 if p_l1 else 0.0,
+                    **({"weight": float(rank[j]), "share_of_weight": float(rank[j]) / w_l1 if w_l1 else 0.0}
+                       if weights is not None else {}),
                     "top_tokens": [{"row": r, "position": pos, "token": _token_text(tokenizer, ids[r][pos]),
                                     "activation": a, "context": _context(tokenizer, ids[r], pos, context)}
                                    for a, r, pos in act[j]]}
@@ -152,13 +157,21 @@ def explain_prototypes(engine, readout, tokenizer, target_ids: list[list[int]], 
 
 
 def explain_row(rid: str, idx: np.ndarray, val: np.ndarray, proto: np.ndarray, top_set: set[int],
-                shared_per_row: int = 10) -> dict:
-    """One selected row: its score recomputed and the shared latents that contribute most."""
+                shared_per_row: int = 10, linear: str | None = None) -> dict:
+    """One selected row: its score recomputed and the shared latents that contribute most.
+    ``val`` and ``proto`` as the score compares them (weighted by ``select.background``);
+    ``linear``: ``lr`` / ``lda``, scores linear in the row (``proto`` holds each latent's weight:
+    a latent contributes ``z_j w_j``, ``lr`` divides the sum by ``|z|_1``), else generalized Jaccard."""
     idx = np.asarray(idx, dtype=np.int64)
     z = np.asarray(val, dtype=np.float64)
-    c = np.minimum(z, proto[idx])
-    s_min = float(c.sum())
-    denom = float(z.sum()) + float(proto.sum()) - s_min
+    if linear:
+        c = z * proto[idx]
+        s_min = float(c.sum())
+        denom = float(z.sum()) if linear == "lr" else 1.0
+    else:
+        c = np.minimum(z, proto[idx])
+        s_min = float(c.sum())
+        denom = float(z.sum()) + float(proto.sum()) - s_min
     keep = _largest(c, idx, shared_per_row)
     return {"id": str(rid), "score": s_min / denom if denom > 0 else 0.0, "sum_min": s_min,
             "shared_latents": int(np.count_nonzero(c > 0)),
@@ -205,25 +218,33 @@ def write_explain(doc: dict, out_dir: str | Path, selected_lines: list[str] | No
         fh.write("\n  ]\n}\n")
     shown = [json.loads(x) for x in selected_lines[:max_rows_md]]
     p = doc["prototype"]
+    bg = doc.get("background")  # select.background: latents ranked by the weight the score gives them
+    weighted = bool(p["top_latents"]) and "weight" in p["top_latents"][0]
     md = ["# Why these rows were selected", "",
           f"Prototype: mean of {p['target_rows']} target rows; {p['nonzero']} of {p['num_latents']} latents active, "
-          f"L1 = {p['l1']:.4g}.", "", "## The prototype's top latents", "",
-          "| latent | p_k | share of L1 | target tokens that activate it most (token in [[ ]], activation) |",
-          "|---|---|---|---|"]
-    for lat in p["top_latents"]:
-        toks = "<br>".join(f"`{t['context'].replace('|', '/').replace('`', '')}` ({t['activation']:.3g})"
-                           for t in lat["top_tokens"][:4])
-        md.append(f"| {lat['latent']} | {lat['value']:.4g} | {lat['share_of_prototype']:.1%} | {toks} |")
-    for c in doc.get("clusters", []):
-        md += ["", f"## Cluster {c['cluster']}: {c['size']} target rows (e.g. {', '.join(map(str, c['target_ids'][:5]))})", "",
-               "| latent | p_k | share of L1 | target tokens that activate it most |", "|---|---|---|---|"]
-        for lat in c["top_latents"][:10]:
+          f"L1 = {p['l1']:.4g}." + (f" Scored with select.background={bg}: latents are ranked by the weight the "
+                                    "score gives them, not by their mass." if bg else ""),
+          "", "## The prototype's top latents", ""]
+
+    def latent_table(lats, n_tokens):
+        head = "| latent | p_k | share of L1 |" + (" weight | share of weight |" if weighted else "")
+        rows = [head + " target tokens that activate it most (token in [[ ]], activation) |",
+                "|" + "---|" * (head.count("|"))]
+        for lat in lats:
             toks = "<br>".join(f"`{t['context'].replace('|', '/').replace('`', '')}` ({t['activation']:.3g})"
-                               for t in lat["top_tokens"][:3])
-            md.append(f"| {lat['latent']} | {lat['value']:.4g} | {lat['share_of_prototype']:.1%} | {toks} |")
+                               for t in lat["top_tokens"][:n_tokens])
+            w = f" {lat['weight']:.4g} | {lat['share_of_weight']:.1%} |" if weighted else ""
+            rows.append(f"| {lat['latent']} | {lat['value']:.4g} | {lat['share_of_prototype']:.1%} |{w} {toks} |")
+        return rows
+
+    md += latent_table(p["top_latents"], 4)
+    for c in doc.get("clusters", []):
+        md += ["", f"## Cluster {c['cluster']}: {c['size']} target rows (e.g. {', '.join(map(str, c['target_ids'][:5]))})", ""]
+        md += latent_table(c["top_latents"][:10], 3)
     md += ["", "## Selected rows: the shared latents that contribute most", "",
-           "Contribution of latent k = min(z_k, p_k); share = its part of the row's Jaccard numerator. "
-           "Latents marked * are among the prototype's top latents above.", "",
+           ("Contribution of latent k = its term in the score's numerator as the score weighs it "
+            f"(select.background={bg}); " if bg else "Contribution of latent k = min(z_k, p_k); ")
+           + "share = its part of the row's numerator. Latents marked * are among the prototype's top latents above.", "",
            "| rank | id | score | shared latents | top contributions (latent: contribution, share) |", "|---|---|---|---|---|"]
     for i, r in enumerate(shown, 1):
         tops = ", ".join(f"{s['latent']}{'*' if s['prototype_top'] else ''}: {s['contribution']:.3g} ({s['share']:.0%})"

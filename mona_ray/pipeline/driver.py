@@ -113,12 +113,14 @@ def _steps(plan: RunPlan, lock: publish.OutputLock, clock: procmem.Stages, mem) 
     if plan.embeds:
         embedding, rows = step("embed", steps.embed, plan, prepared, rows)
         targets = step("prototype", steps.targets, plan, rows)
-        scored = step("score", steps.score, plan, rows, targets)
+        background = step("background", steps.background, plan, rows)
+        scored = step("score", steps.score, plan, rows, targets, background)
     else:
-        embedding, targets = steps.Embedding(), None
+        embedding, targets, background = steps.Embedding(), None, None
         scored = step("score", steps.score_baseline, plan, prepared, rows)
     written = step("write", steps.write_outputs, plan, prepared, rows, scored)
-    explain_read = step("explain", steps.explain, plan, prepared, rows, targets, scored) if plan.explains else None
+    explain_read = (step("explain", steps.explain, plan, prepared, rows, targets, scored, background)
+                    if plan.explains else None)
     result = RunResult(plan, prepared, rows, embedding, targets, scored, written, explain_read, dict(clock.seconds),
                        dict(mem.stages), quarantined + (plan.store.quarantined if plan.store else []))
     return replace(result, manifest=report.manifest(result))

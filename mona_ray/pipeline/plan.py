@@ -144,6 +144,10 @@ def check(cfg: RunConfig) -> Inputs:
     if cfg.embed.representation not in REPRESENTATIONS:
         raise RunError(f"embed.representation={cfg.embed.representation!r}: use {', '.join(REPRESENTATIONS[:-1])} "
                        f"or {REPRESENTATIONS[-1]}")
+    if cfg.select.background != "none" and (cfg.select.method != "mona" or cfg.embed.representation == "hidden"):
+        raise RunError(f"select.background={cfg.select.background} weighs sparse codes: it needs select.method=mona "
+                       f"with embed.representation=sae or mlp_gate (here {cfg.select.method}, "
+                       f"{cfg.embed.representation}); set select.background=none")
     cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)
     address = executor.address_of(cfg.ray)
     if address:

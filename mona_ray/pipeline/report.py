@@ -67,6 +67,7 @@ def manifest(r) -> dict:
                       "similarity": p.similarity,
                       "aggregation": dict(r.targets.aggregation) if r.targets else {"aggregate": "prototype"},
                       **({"filter": sc.filter} if sc.filter else {}),
+                      **({"background": sc.background} if sc.background else {}),
                       "top_score": float(sc.top_scores[0]) if len(selected) else None,
                       "cutoff_score": float(sc.top_scores[-1]) if len(selected) else None},
         "fingerprints": {"model": p.model_fp, "sae": sae.fingerprint if sae else None, "prepared": p.prep_fp,
@@ -135,7 +136,12 @@ def summary(m: dict, selected: list[dict], top: int = 5) -> str:
     method = m["selection"].get("method", "mona")
     mona = method in MODEL_METHODS
     agg = m["selection"].get("aggregation") or {}
-    how = f"similarity {m['selection']['similarity']}"
+    bg = m["selection"].get("background")
+    how = (f"{bg['kind']}-weighted " if bg and bg["kind"] in ("idf", "contrast") else "") + f"similarity {m['selection']['similarity']}"
+    if bg and bg["kind"] in ("lr", "lda"):
+        how = f"score {bg['kind']} against the pool"
+    if bg:
+        how += f" (pool statistics from {bg['rows']:,} rows{', cached' if bg.get('cached') else ''})"
     sae = m.get("sae") or {}
     if method == "mona" and sae.get("k") and (m.get("readout") or {}).get("kind") == "sae":
         how = f"SAE {sae['hookpoint']} at K={sae['k']}, " + how

@@ -256,45 +256,58 @@ class EmbedActor:
                         time.perf_counter() - t0, rejected, self.name)
 
 
-def explain_task(job: EngineJob, target_ids, target_masks, protos, groups) -> list[dict]:
+def explain_task(job: EngineJob, target_ids, target_masks, protos, groups, weights=None) -> list[dict]:
     """Load the run's model and SAE and explain each prototype on its group of target rows
     (``interpret.explain_prototypes``: the overall prototype, then one per cluster), in one
-    model pass over the target rows."""
+    model pass over the target rows; ``weights``: each prototype's latents as the score weighs them."""
     from ..features.interpret import explain_prototypes
 
     engine, tok = load_engine(job)
-    return explain_prototypes(engine, job.readouts[0], tok, target_ids, target_masks, protos, groups)
+    return explain_prototypes(engine, job.readouts[0], tok, target_ids, target_masks, protos, groups, weights=weights)
 
 
 # ----------------------------------------------------------------------------- score
 
 
+def pool_stats_parts(batch: pa.Table, paths, width: int, pooling: str) -> pa.Table:
+    """The pool statistics (``scoring.background.PoolStats``) of this run's rows held by some store
+    parts (``batch`` as for :func:`score_parts`), as one Arrow row: the driver adds them up."""
+    from ..scoring.background import PoolStats
+    from ..scoring.table import rows_of
+
+    st = PoolStats.empty(width)
+    for emb in read_wanted(paths, batch, ["content_hash", "n_pooled", "indices", "values"]):
+        st = st + PoolStats.of(rows_of(first_per_key(emb, "content_hash", "content_hash"), False, pooling), width)
+    return pa.table({"rows": pa.array([st.rows], pa.int64()), "df": pa.array([st.df], pa.list_(pa.int64())),
+                     "mass": pa.array([st.mass], pa.list_(pa.float64())), "sq": pa.array([st.sq], pa.list_(pa.float64()))})
+
+
 def score_parts(batch: pa.Table, protos, paths, similarity: str, pooling: str, batch_rows: int,
-                dense: bool = False, candidates: int = 0, row_mass: float = 1.0) -> pa.Table:
+                dense: bool = False, candidates: int = 0, row_mass: float = 1.0, background=None) -> pa.Table:
     """Score this run's rows held by some store parts: ``batch`` is ``(id, row_at, content_hash,
     part)`` for the rows wanted (``row_at``: the row's position in the driver's index; ``part``
     numbers ``paths``). Returns ``(id, row_at, score, target)``: every row with ``target = -1``
     and its best score over the prototypes ``protos [c, L]``; with ``candidates = k``
     (round-robin) also, per prototype ``j``, its ``k`` best rows with ``target = j`` (``row_at = -1``).
     ``row_mass < 1``: each row is cut to its largest latents carrying that share of its mass
-    before it is compared (``select.row_mass``). Reads each part once, only the needed columns."""
+    before it is compared (``select.row_mass``). ``background``: the pool's latent weighting
+    (``select.background``). Reads each part once, only the needed columns."""
     from ..scoring import topk
-    from ..scoring.table import score_rows_against
+    from ..scoring.table import score_rows_against, similarities_of
 
     hashes, scores, per = [], [], []
     for emb in read_wanted(paths, batch, ["content_hash", "n_pooled", "indices", "values"]):
         emb = first_per_key(emb, "content_hash", "content_hash")
         hashes.append(emb.column("content_hash"))
         if candidates:
-            from ..scoring.similarity import similarities
             from ..scoring.table import scored_rows
 
-            X = scored_rows(emb, dense, pooling, row_mass)
-            S = similarities(X, protos, similarity, dense)
+            S = similarities_of(scored_rows(emb, dense, pooling, row_mass), protos, similarity, dense, background)
             scores.append(S.max(axis=1))
             per.append(S)
         else:
-            scores.append(score_rows_against(emb, protos, similarity, dense, pooling, batch_rows, row_mass))
+            scores.append(score_rows_against(emb, protos, similarity, dense, pooling, batch_rows, row_mass,
+                                             background))
     h = pa.concat_arrays([c.combine_chunks() for c in hashes]) if hashes else pa.array([], pa.string())
     out = pa.table({"content_hash": h, "score": pa.array(np.concatenate(scores) if scores else [], pa.float64())})
     rows = batch.select(["id", "row_at", "content_hash"]).join(out, "content_hash").select(["id", "row_at", "score"])

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core import executor
-from ..core.io import read_parquet, reusable, sha, write_parquet
+from ..core.io import atomic_path, read_parquet, reusable, sha, write_parquet
 from ..core.records import InputError, normalize_record
 from ..features.store import first_per_key, groups_of
 from . import report, stages
@@ -352,15 +352,12 @@ class Scored:
     top_scores: np.ndarray
     k: int
     filter: dict | None = None  # rows a baseline scored lowest on purpose, and why (dsir's length filter)
+    background: dict | None = None  # select.background: the pool statistics used (PoolBackground.info)
 
 
-def score(plan: RunPlan, rows: Rows, tg: Targets) -> Scored:
-    """Every source row scored by tasks, one group of store parts each; the results stream
-    through a running top-k here, which keeps only (id, score) in Arrow."""
-    from ..scoring import RunningTopK, selection_size
-    from ..scoring.round_robin import round_robin
-
-    sel = plan.cfg.select
+def _source_locations(plan: RunPlan, rows: Rows) -> pa.Table:
+    """``(id, content_hash, row_at, part, ...)``: where each source row's embedding is in the store,
+    sorted by part (``row_at``: the row's position in the driver's index)."""
     idx = rows.index["source"].select(["id", "content_hash"])
     idx = idx.append_column("row_at", pa.array(np.arange(len(idx), dtype=np.int64)))
     loc = idx.join(plan.store.index(), "content_hash", join_type="left outer")
@@ -368,20 +365,84 @@ def score(plan: RunPlan, rows: Rows, tg: Targets) -> Scored:
     if len(missing):
         raise RunError(f"{len(missing)} source rows have no embedding in {plan.store.root} (first: "
                        f"{missing.column('id')[0].as_py()}); this is a bug, please report it")
-    loc = loc.sort_by([("part", "ascending"), ("id", "ascending")])
-    k = selection_size(len(idx), sel.ratio, sel.count)
+    return loc.sort_by([("part", "ascending"), ("id", "ascending")])
+
+
+@dataclass(frozen=True)
+class PoolBackground:
+    """The source pool's latent statistics as the score uses them (``select.background``) and how
+    they were had (``info``: rows and parts read, whether from the cache; in the manifest)."""
+
+    background: object  # scoring.background.Background
+    info: dict
+
+
+def background(plan: RunPlan, rows: Rows) -> PoolBackground | None:
+    """The pool statistics ``select.background`` needs (``None`` for the paper's score): a reduce
+    over store parts in tasks, each summing its rows' per-latent counts and masses. At most about
+    ``select.background_rows`` rows are read (all of them when there are that few; else whole parts
+    drawn by a hash of their names, so a refresh draws the same parts), and the sums are cached in
+    the store under a digest of the rows read: a rerun over the same rows reads nothing."""
+    from ..scoring.background import Background, PoolStats
+
+    sel = plan.cfg.select
+    if sel.background == "none":
+        return None
+    loc = _source_locations(plan, rows)
+    n, budget = len(loc), int(sel.background_rows)
+    names = [Path(p).name for p in plan.store.paths]
+    if n > budget:  # whole parts, each kept when the hash of its name falls under the share wanted
+        share = budget / n
+        drawn = np.asarray([int(sha(name, 15), 16) / 16 ** 15 < share for name in names])
+        parts = loc.column("part").to_numpy()
+        loc = loc.filter(pa.array(drawn[parts]))
+    hashes = sorted(set(loc.column("content_hash").to_pylist()))
+    key = sha({"store": plan.embed_fp, "pooling": plan.cfg.pool.method, "rows": sha(hashes, 32)}, 24)
+    cache = plan.store.root / "pool_stats" / f"{key}.npz"
+    info = {"kind": sel.background, "rows": len(hashes), "of_rows": n,
+            "parts": int(len(set(loc.column("part").to_pylist()))), "cache": str(cache)}
+    if reusable(cache, "pool statistics"):
+        with np.load(cache) as z:
+            stats = PoolStats(int(z["rows"]), z["df"], z["mass"], z["sq"])
+        return PoolBackground(Background.of(sel.background, stats), {**info, "cached": True})
+    width = plan.width
+    stats = PoolStats.empty(width)
+    for b in executor.map_tables(_groups_of_parts(loc, int(sel.score_batch_rows)), stages.pool_stats_parts,
+                                 num_cpus=plan.cfg.ray.task_num_cpus,
+                                 fn_kwargs={"paths": executor.put(list(plan.store.paths)), "width": width,
+                                            "pooling": plan.cfg.pool.method}):
+        for r in b.to_pylist():
+            stats = stats + PoolStats(int(r["rows"]), np.asarray(r["df"], np.int64), np.asarray(r["mass"]),
+                                      np.asarray(r["sq"]))
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=stats.rows, df=stats.df, mass=stats.mass, sq=stats.sq)
+    return PoolBackground(Background.of(sel.background, stats), {**info, "cached": False})
+
+
+def score(plan: RunPlan, rows: Rows, tg: Targets, bg: PoolBackground | None = None) -> Scored:
+    """Every source row scored by tasks, one group of store parts each; the results stream
+    through a running top-k here, which keeps only (id, score) in Arrow."""
+    from ..scoring import RunningTopK, selection_size
+    from ..scoring.round_robin import round_robin
+
+    sel = plan.cfg.select
+    loc = _source_locations(plan, rows)
+    n = len(rows.index["source"])
+    k = selection_size(n, sel.ratio, sel.count)
     rr = plan.aggregate == "round_robin"
     batches = executor.map_tables(
         _groups_of_parts(loc, int(sel.score_batch_rows)), stages.score_parts, num_cpus=plan.cfg.ray.task_num_cpus,
         fn_kwargs={"protos": executor.put(tg.protos), "paths": executor.put(list(plan.store.paths)),
                    "similarity": plan.similarity, "pooling": plan.cfg.pool.method,
                    "batch_rows": sel.score_batch_rows, "dense": not plan.readout.sparse,
-                   "candidates": k if rr else 0, "row_mass": float(sel.row_mass)})
+                   "candidates": k if rr else 0, "row_mass": float(sel.row_mass),
+                   "background": bg.background if bg else None})
     top = RunningTopK(k) if not rr else None
     per_target = [RunningTopK(k) for _ in range(len(tg.protos))] if rr else None
-    scores = np.zeros(len(idx))  # by position in the index: no join on the ids afterwards
-    seen = np.zeros(len(idx), dtype=bool)
-    with _tqdm(total=len(idx), desc="score (rows)", unit="row") as bar:
+    scores = np.zeros(n)  # by position in the index: no join on the ids afterwards
+    seen = np.zeros(n, dtype=bool)
+    with _tqdm(total=n, desc="score (rows)", unit="row") as bar:
         for b in batches:
             j = b.column("target").to_numpy()
             if rr:  # each task's best k rows per target row, merged here into one list per target
@@ -398,7 +459,7 @@ def score(plan: RunPlan, rows: Rows, tg: Targets) -> Scored:
         top_ids, _, top_scores = round_robin([t.result() for t in per_target], k, skip_taken=not plan.rds_published)
     else:
         top_scores, top_ids = top.result()
-    return Scored(_scores_table(rows, scores, seen), top_ids, top_scores, k)
+    return Scored(_scores_table(rows, scores, seen), top_ids, top_scores, k, background=bg.info if bg else None)
 
 
 def score_baseline(plan: RunPlan, prepared: PreparedSets, rows: Rows) -> Scored:
@@ -516,7 +577,8 @@ def _selected_records(prepared: PreparedSets, rows: Rows, scored: Scored) -> lis
 # ----------------------------------------------------------------------------- explain
 
 
-def explain(plan: RunPlan, prepared: PreparedSets, rows: Rows, tg: Targets, scored: Scored) -> dict:
+def explain(plan: RunPlan, prepared: PreparedSets, rows: Rows, tg: Targets, scored: Scored,
+            bg: PoolBackground | None = None) -> dict:
     """explain.json / explain.md: the prototype's latents and why each selected row was chosen;
     returns what the selected rows' explanation read from the store.
 
@@ -538,11 +600,15 @@ def explain(plan: RunPlan, prepared: PreparedSets, rows: Rows, tg: Targets, scor
         for c, rids in enumerate(members):
             protos.append(tg.protos[c])
             groups.append([pos[r] for r in rids if r in pos])
-    pending = executor.call(stages.explain_task, plan.job, tgt_ids, tgt_masks, protos, groups, **plan.actor_resources)
+    background = bg.background if bg else None  # select.background: latents ranked by the weight the score gives them
+    weights = [background.latent_weights(p[None, :], plan.similarity)[0] for p in protos] if background else None
+    pending = executor.call(stages.explain_task, plan.job, tgt_ids, tgt_masks, protos, groups, weights,
+                            **plan.actor_resources)
     # the selected rows are explained here while the task runs (their marks need only the prototype)
-    lines, read = _explain_selected(plan, tg, scored, set(strongest_latents(tg.proto).tolist()))
+    lines, read = _explain_selected(plan, tg, scored, set(strongest_latents(weights[0] if weights else tg.proto).tolist()),
+                                    background)
     docs = pending.result()
-    doc = {"prototype": docs[0]}
+    doc = {"prototype": docs[0], **({"background": background.kind} if background else {})}
     if members:
         doc["clusters"] = [{"cluster": c, "size": len(m), "target_ids": m[:10], **d}
                            for c, (m, d) in enumerate(zip(members, docs[1:]))]
@@ -550,14 +616,14 @@ def explain(plan: RunPlan, prepared: PreparedSets, rows: Rows, tg: Targets, scor
     return read
 
 
-def _explain_selected(plan: RunPlan, tg: Targets, scored: Scored, top_set: set[int]) -> tuple[list[str], dict]:
+def _explain_selected(plan: RunPlan, tg: Targets, scored: Scored, top_set: set[int], background=None
+                      ) -> tuple[list[str], dict]:
     """Each selected row's explanation as one line of JSON, in rank order. The rows are read
     from the store one part at a time (only the selected rows of each part), so memory is
     bounded by a part whatever the selection's size; with several prototypes, a row is
     explained against the one it scored best with."""
     from ..features.interpret import explain_row
-    from ..scoring.similarity import pairwise
-    from ..scoring.table import scored_rows
+    from ..scoring.table import scored_rows, similarities_of
 
     sel = _selected_of(scored.scores, scored)
     ranks: dict[str, list[int]] = {}  # content -> the ranks of the selected rows with it
@@ -566,13 +632,19 @@ def _explain_selected(plan: RunPlan, tg: Targets, scored: Scored, top_set: set[i
         ranks.setdefault(h, []).append(rank_of[rid])
     lines: list[str | None] = [None] * len(scored.top_ids)
     many = len(tg.protos) > 1
+    # the rows and prototypes as the score compares them (weighted by the pool when select.background says so)
+    protos = background.prototypes(tg.protos) if background else tg.protos
+    linear = background.kind if background and background.kind in ("lr", "lda") else None
     for t in plan.store.iter_read(sel.column("content_hash"), ["indices", "values"]):
         X = scored_rows(t, False, row_mass=float(plan.cfg.select.row_mass))  # the values as they were scored
-        best = pairwise(X, tg.protos, plan.similarity).argmax(1) if many else np.zeros(len(t), np.int64)
+        best = (similarities_of(X, tg.protos, plan.similarity, False, background).argmax(1) if many
+                else np.zeros(len(t), np.int64))
+        X = background.rows(X) if background else X
         for j, h in enumerate(t.column("content_hash").to_pylist()):
             a, b = X.indptr[j], X.indptr[j + 1]
             for r in ranks.pop(h, ()):
-                row = explain_row(scored.top_ids[r], X.indices[a:b], X.values[a:b], tg.protos[int(best[j])], top_set)
+                row = explain_row(scored.top_ids[r], X.indices[a:b], X.values[a:b], protos[int(best[j])], top_set,
+                                  linear=linear)
                 if many:
                     row["cluster"] = int(best[j])
                 lines[r] = json.dumps(row, ensure_ascii=False)

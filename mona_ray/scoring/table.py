@@ -142,14 +142,25 @@ def build_targets(tgt: pa.Table, width: int, dense: bool, aggregate: str = "prot
 
 
 def score_rows_against(table: pa.Table, P: np.ndarray, similarity: str, dense: bool, pooling: str = "mean",
-                       batch_rows: int = 4096, row_mass: float = 1.0) -> np.ndarray:
+                       batch_rows: int = 4096, row_mass: float = 1.0, background=None) -> np.ndarray:
     """Each stored row's best similarity over the prototypes ``P [c, L]`` (c = 1: :func:`score_rows`,
-    bit for bit)."""
-    if len(P) == 1:
+    bit for bit). ``background``: a ``scoring.background.Background`` that weighs latents by the
+    pool's statistics (``select.background``; sparse codes only); ``None`` or ``none``: the paper's score."""
+    active = background is not None and background.active
+    if len(P) == 1 and not active:
         return score_rows(table, P[0], similarity, dense, pooling, batch_rows, row_mass)
     out = []
     for start in range(0, len(table), batch_rows):
         X = scored_rows(table.slice(start, batch_rows), dense, pooling, row_mass)
-        S = similarities(X, P, similarity, dense)
-        out.append(S.max(axis=1))
+        out.append(similarities_of(X, P, similarity, dense, background).max(axis=1))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+
+def similarities_of(X, P: np.ndarray, similarity: str, dense: bool, background=None) -> np.ndarray:
+    """``[n, c]``: rows as compared (:func:`scored_rows`) against every prototype, under the pool's
+    latent weighting when there is one (``background``, SAE codes only)."""
+    if background is None or not background.active:
+        return similarities(X, P, similarity, dense)
+    if dense:
+        raise ValueError(f"select.background={background.kind}: SAE codes only (dense readouts are compared whole)")
+    return background.similarities(X, P, similarity)
