@@ -332,3 +332,24 @@ def test_pipeline_runs_the_cut_rules_as_the_evaluation_scores_them(suite_data, t
     pipe = pq.read_table(tmp_path / "run" / "scores.parquet").to_pydict()
     assert len(pipe["id"]) == len(got) > 0
     assert all(got[i] == s for i, s in zip(pipe["id"], pipe["score"]))  # equal, not close
+
+
+def test_rounds_pick_on_the_choosing_rounds_and_decide_on_the_fresh_one():
+    from mona_ray.evaluation.rounds import choose, decide
+
+    def res(aps: dict[str, list[float]]):
+        n = len(next(iter(aps.values())))
+        return {f"t{i}": {"base_rate": 0.1, "suite": {"domain": "d", "kind": "task"},
+                          "selectors": {s: {"ap": v[i]} for s, v in aps.items()}} for i in range(n)}
+
+    a, b, c = "mona:sae/mean/jaccard/x", "mona:sae/mean/idf-cosine/x", "mona:sae/mean/lr/x"
+    r1 = res({a: [0.5, 0.5], b: [0.9, 0.1], c: [0.4, 0.4], "bm25": [1.0, 1.0]})  # a baseline is no candidate
+    r2 = res({a: [0.5, 0.5, 0.5], b: [0.6, 0.6, 0.6], c: [0.4, 0.4, 0.4]})
+    ch = choose([r1, r2])
+    assert ch["targets"] == 5 and ch["pick"] == b and ch["ranking"] == [b, a, c]
+    assert ch["mean"][b] == pytest.approx((0.9 + 0.1 + 1.8) / 5) and ch["per_round"][b] == pytest.approx([0.5, 0.6])
+    better = res({a: [0.4, 0.5, 0.3, 0.6], b: [0.5, 0.6, 0.4, 0.7]})
+    assert decide(b, a, better)["adopt"] is True
+    mixed = res({a: [0.4, 0.5, 0.3, 0.6], b: [0.9, 0.1, 0.4, 0.7]})  # higher mean, interval spans zero
+    d = decide(b, a, mixed)
+    assert d["paired"]["diff"] > 0 and d["paired"]["ci95"][0] < 0 and d["adopt"] is False

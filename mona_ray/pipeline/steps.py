@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core import executor
-from ..core.io import atomic_path, read_parquet, reusable, sha, write_parquet
+from ..core.io import read_parquet, recorded_path, reusable, set_aside, sha, write_parquet
 from ..core.records import InputError, normalize_record
 from ..features.store import first_per_key, groups_of
 from . import report, stages
@@ -402,9 +402,12 @@ def background(plan: RunPlan, rows: Rows) -> PoolBackground | None:
     info = {"kind": sel.background, "rows": len(hashes), "of_rows": n,
             "parts": int(len(set(loc.column("part").to_pylist()))), "cache": str(cache)}
     if reusable(cache, "pool statistics"):
-        with np.load(cache) as z:
-            stats = PoolStats(int(z["rows"]), z["df"], z["mass"], z["sq"])
-        return PoolBackground(Background.of(sel.background, stats), {**info, "cached": True})
+        try:
+            with np.load(cache) as z:
+                stats = PoolStats(int(z["rows"]), z["df"], z["mass"], z["sq"])
+            return PoolBackground(Background.of(sel.background, stats), {**info, "cached": True})
+        except (OSError, ValueError, KeyError) as e:  # the right size, but not what was written: computed again
+            set_aside(cache, str(e)[:200], "pool statistics", "they are computed again")
     width = plan.width
     stats = PoolStats.empty(width)
     for b in executor.map_tables(_groups_of_parts(loc, int(sel.score_batch_rows)), stages.pool_stats_parts,
@@ -414,7 +417,7 @@ def background(plan: RunPlan, rows: Rows) -> PoolBackground | None:
         for r in b.to_pylist():
             stats = stats + PoolStats(int(r["rows"]), np.asarray(r["df"], np.int64), np.asarray(r["mass"]),
                                       np.asarray(r["sq"]))
-    with atomic_path(cache) as tmp:
+    with recorded_path(cache) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, rows=stats.rows, df=stats.df, mass=stats.mass, sq=stats.sq)
     return PoolBackground(Background.of(sel.background, stats), {**info, "cached": False})
