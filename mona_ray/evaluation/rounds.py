@@ -25,8 +25,17 @@ from pathlib import Path
 from .suite import _mean, half_table, paired
 
 
-def _results(path) -> dict:
-    return json.loads(Path(path).read_text())["results"]
+def _results(paths) -> dict:
+    """One round's results from one or more ``results.json`` of the same suite (e.g. the baselines
+    and the MoNA settings evaluated apart): each target's selectors merged."""
+    out: dict = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for t, r in json.loads(Path(path).read_text())["results"].items():
+            if t in out:
+                out[t]["selectors"].update(r["selectors"])
+            else:
+                out[t] = r
+    return out
 
 
 def _renamed(results: dict, tag: str) -> dict:
@@ -115,7 +124,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mona_ray.evaluation.rounds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--choose", nargs="+", required=True, help="results.json of the rounds the pick is chosen on")
     ap.add_argument("--default", required=True, help="the default's selector name in the results")
-    ap.add_argument("--confirm", default=None, help="results.json of the fresh round that decides")
+    ap.add_argument("--confirm", nargs="+", default=None, help="results.json of the fresh round that decides (several "
+                    "files of one round are merged)")
     ap.add_argument("--out", default=None, help="write the report here (Markdown) as well")
     a = ap.parse_args(argv)
     choice = choose([_results(p) for p in a.choose])
