@@ -523,9 +523,8 @@ def aggregated_scores(pool, tgt, width: int, dense: bool, aggregate: str, simila
     per target row (RDS+), and a row's score is minus its position in the interleaving. Pool rows
     are compared as the pipeline compares them (``scored_rows``: cut to ``row_mass``)."""
     from ..scoring.round_robin import candidates_from_scores, round_robin
-    from ..scoring.table import build_targets, scored_rows, similarities_of
-
     from ..scoring.background import Background, PoolStats
+    from ..scoring.table import build_targets, scored_rows, similarities_of
 
     rr = aggregate in ("round_robin", "rds")  # rds: the published rule, a taken row spends the target's turn
     rule, min_sil = "fixed", 0.25

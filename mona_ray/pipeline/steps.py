@@ -390,10 +390,9 @@ def background(plan: RunPlan, rows: Rows) -> PoolBackground | None:
         return None
     loc = _source_locations(plan, rows)
     n, budget = len(loc), int(sel.background_rows)
-    names = [Path(p).name for p in plan.store.paths]
     if n > budget:  # whole parts, each kept when the hash of its name falls under the share wanted
         share = budget / n
-        drawn = np.asarray([int(sha(name, 15), 16) / 16 ** 15 < share for name in names])
+        drawn = np.asarray([int(sha(Path(p).name, 15), 16) / 16 ** 15 < share for p in plan.store.paths])
         parts = loc.column("part").to_numpy()
         loc = loc.filter(pa.array(drawn[parts]))
     hashes = sorted(set(loc.column("content_hash").to_pylist()))
@@ -604,7 +603,7 @@ def explain(plan: RunPlan, prepared: PreparedSets, rows: Rows, tg: Targets, scor
             protos.append(tg.protos[c])
             groups.append([pos[r] for r in rids if r in pos])
     background = bg.background if bg else None  # select.background: latents ranked by the weight the score gives them
-    weights = [background.latent_weights(p[None, :], plan.similarity)[0] for p in protos] if background else None
+    weights = [background.latent_weights(p[None, :])[0] for p in protos] if background else None
     pending = executor.call(stages.explain_task, plan.job, tgt_ids, tgt_masks, protos, groups, weights,
                             **plan.actor_resources)
     # the selected rows are explained here while the task runs (their marks need only the prototype)

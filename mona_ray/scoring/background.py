@@ -144,7 +144,7 @@ class Background:
                 return np.where(norm[:, None] > 0, out / norm[:, None], -np.inf)
         return pairwise(self.rows(X), Pb, similarity)
 
-    def latent_weights(self, P: np.ndarray, similarity: str) -> np.ndarray:
+    def latent_weights(self, P: np.ndarray) -> np.ndarray:
         """``[c, L]``: how much each latent of each prototype counts in this score (the explanation's
         order): the prototype as compared (``idf``: weighted; ``contrast``: what exceeds the pool),
         ``lr`` / ``lda``: the prototype's mass times its positive log-ratio / probe weight."""
