@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from .. import storage
 from ..records import InputError, RecordError
 from .arrow import _plan_arrow, _read_arrow, saved_dataset_files
 from .common import ReadUnit, _CorruptInput, _need_staging, _stage_gzip
@@ -61,17 +62,22 @@ def _folder_files(top: Path) -> list[Path]:
     return sorted(out)
 
 
-def input_files(paths) -> list[Path]:
+def input_files(paths) -> list[Path | str]:
     """Expand files, folders and globs into a sorted list of input files.
 
     Folders contribute their ``.parquet``, ``.arrow``, ``.jsonl``, ``.json``, ``.jsonl.gz`` and
     ``.json.gz`` files (anything else in them is ignored; a ``datasets`` ``save_to_disk`` folder
     its listed data files, see ``arrow.py``); globs and named files are taken as they are.
+    A URL (``s3://bucket/prefix/``, a glob of objects) gives its objects' URLs, as strings
+    (``core/storage.py``); a local file is a ``Path``.
     """
     import glob
 
-    out: list[Path] = []
+    out: list[Path | str] = []
     for p in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        if storage.is_url(p):
+            out += storage.list_files(p.strip(), lambda name: _kind(name, strict=True) is not None)
+            continue
         p = Path(str(p)).expanduser()
         if p.is_dir():
             out += _folder_files(p)
@@ -83,7 +89,7 @@ def input_files(paths) -> list[Path]:
             raise InputError(f"input {str(p)!r} does not exist")
     # absolute, not resolved: a file in the hub cache is a link to a blob named by its hash, without the
     # extension that says how to read it
-    return [Path(os.path.abspath(f)) for f in out]
+    return [f if storage.is_url(f) else Path(os.path.abspath(f)) for f in out]
 
 
 def plan_units(paths, rows_per_unit: int, staging_dir: str | Path | None = None) -> list[ReadUnit]:
@@ -97,7 +103,7 @@ def plan_units(paths, rows_per_unit: int, staging_dir: str | Path | None = None)
     if int(rows_per_unit) < 1:
         raise ValueError(f"rows_per_unit={rows_per_unit!r}: must be at least 1")
     rows_per_unit = int(rows_per_unit)
-    staging = None if staging_dir is None else Path(str(staging_dir)).expanduser()
+    staging = None if staging_dir is None else Path(str(staging_dir)).expanduser()  # always local
     units: list[ReadUnit] = []
     for f in input_files(paths):
         kind = _kind(f)

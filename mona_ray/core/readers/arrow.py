@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .. import storage
 from ..records import InputError
 from .common import ReadUnit
 
@@ -67,7 +68,7 @@ def saved_dataset_files(d: Path) -> list[Path] | None:
 
 def _batches(src: str):
     """The file's record batches in order (memory-mapped; stream or file format)."""
-    with pa.memory_map(src) as mm:
+    with (storage.open_input(src) if storage.is_url(src) else pa.memory_map(src)) as mm:
         if mm.read(len(_FILE_MAGIC)) == _FILE_MAGIC:
             mm.seek(0)
             reader = pa.ipc.open_file(mm)
@@ -78,7 +79,7 @@ def _batches(src: str):
             yield from pa.ipc.open_stream(mm)
 
 
-def _plan_arrow(f: Path, rpu: int) -> list[ReadUnit]:
+def _plan_arrow(f: Path | str, rpu: int) -> list[ReadUnit]:
     n = 0
     try:
         for batch in _batches(str(f)):

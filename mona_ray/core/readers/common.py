@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import storage
 from ..io import recorded_path, reusable
 from ..records import InputError, RecordError
 
@@ -60,9 +63,10 @@ def _need_staging(staging: Path | None, f: Path, why: str) -> Path:
     return staging
 
 
-def _staged_name(f: Path, *extra) -> str:
-    st = f.stat()
-    return hashlib.sha256(":".join(map(str, (f, st.st_size, st.st_mtime_ns, *extra))).encode()).hexdigest()[:32]
+def _staged_name(f: Path | str, *extra) -> str:
+    """A staged copy's name: its input's path or URL and version (size and mtime or ETag), ``extra``."""
+    v = storage.stat(f)
+    return hashlib.sha256(":".join(map(str, (f, v.size, v.version, *extra))).encode()).hexdigest()[:32]
 
 
 def _stage_once(dest: Path, write) -> Path:
@@ -81,7 +85,7 @@ def _stage_once(dest: Path, write) -> Path:
 def _stage_gzip(f: Path, kind: str, staging: Path) -> Path:
     """Decompress ``f`` once (streaming) into ``staging/<sha>.<kind>``; reuse an existing copy."""
     def write(tmp: Path) -> None:
-        with gzip.open(f, "rb") as src, open(tmp, "wb") as out:
+        with storage.open_stream(f) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as src, open(tmp, "wb") as out:
             while True:
                 try:
                     block = src.read(_CHUNK)
@@ -92,6 +96,14 @@ def _stage_gzip(f: Path, kind: str, staging: Path) -> Path:
                 out.write(block)
 
     return _stage_once(staging / f"{_staged_name(f)}.{kind}", write)
+
+
+@contextmanager
+def _open_lines(src, gz: bool):
+    """``src`` read front to back, buffered (lines iterate), decompressed when ``gz``."""
+    with storage.open_stream(src) as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz
+                                           else io.BufferedReader(raw, _CHUNK)) as fh:
+        yield fh
 
 
 def _loads(text: str, where):

@@ -9,14 +9,13 @@ one unit whose reading reports the byte where it broke.
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import re
 from pathlib import Path
 
+from .. import storage
 from ..records import RecordError
-from .common import _BOM, _CHUNK, ReadUnit, _loads
+from .common import _BOM, _CHUNK, ReadUnit, _loads, _open_lines
 
 _AHEAD = 1 << 20  # a JSON element shorter than this is always whole in the scan buffer
 _BOM_L1 = _BOM.decode("latin-1")
@@ -201,11 +200,11 @@ def _bad_array(offset: int, near: str) -> RecordError:
                        "delimited and are not read")
 
 
-def _plan_json(f: Path, read_path: str | None, rpu: int) -> list[ReadUnit]:
+def _plan_json(f: Path | str, read_path: str | None, rpu: int) -> list[ReadUnit]:
     src = read_path or str(f)
     units: list[ReadUnit] = []
     n, first, last = 0, 0, 0
-    with open(src, "rb", buffering=0) as fh:
+    with storage.open_stream(src) as fh:
         for ev in _JsonScan(fh).events():
             if ev[0] == "row":
                 if n % rpu == 0:
@@ -218,7 +217,7 @@ def _plan_json(f: Path, read_path: str | None, rpu: int) -> list[ReadUnit]:
             if n % rpu:
                 units.append(ReadUnit(str(f), n - n % rpu, n, first, last, read_path))
             if ev[0] == "bad":  # the rest is one unit whose reading reports where the array breaks
-                units.append(ReadUnit(str(f), n, -1, ev[1], os.path.getsize(src), read_path))
+                units.append(ReadUnit(str(f), n, -1, ev[1], storage.stat(src).size, read_path))
             else:  # not an array or object: reading reports it
                 units.append(ReadUnit(str(f), 0, -1, read_path=read_path))
             return units
@@ -241,7 +240,7 @@ def _element_record(text: str, obj, at: int):
 
 def _read_json(src: str, kind: str, unit: ReadUnit):
     if unit.offset >= 0:
-        with open(src, "rb") as fh:
+        with storage.open_input(src) as fh:
             fh.seek(unit.offset)
             if unit.stop < 0:  # the rest of a malformed array
                 yield -1, _bad_array(unit.offset, fh.read(40).decode("utf-8", "replace"))
@@ -262,7 +261,7 @@ def _read_json(src: str, kind: str, unit: ReadUnit):
             yield r, _element_record(sc.text(p, end), obj, p)
             p = end
         return
-    with (gzip.open if kind == "json.gz" else open)(src, "rb") as fh:  # no byte range: scan from the start
+    with _open_lines(src, kind == "json.gz") as fh:  # no byte range: scan from the start
         sc = _JsonScan(fh, keep=True)
         r = 0
         for ev in sc.events():

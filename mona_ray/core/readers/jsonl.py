@@ -7,20 +7,20 @@ a JSON value (or not UTF-8, or empty) is one bad row, never the end of the file.
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..records import RecordError
-from .common import _BOM, _CHUNK, ReadUnit, _loads
+from .common import _BOM, _CHUNK, ReadUnit, _loads, _open_lines
 
 
-def _plan_jsonl(f: Path, read_path: str | None, rpu: int) -> list[ReadUnit]:
+def _plan_jsonl(f: Path | str, read_path: str | None, rpu: int) -> list[ReadUnit]:
     src = read_path or str(f)
     starts, n_nl, pos, last = [0], 0, 0, 10
     buf = bytearray(_CHUNK)
-    with open(src, "rb", buffering=0) as fh:
+    with storage.open_stream(src) as fh:
         while True:
             k = fh.readinto(buf)
             if not k:
@@ -42,7 +42,7 @@ def _plan_jsonl(f: Path, read_path: str | None, rpu: int) -> list[ReadUnit]:
 
 def _read_jsonl(src: str, kind: str, unit: ReadUnit):
     if unit.offset >= 0 and unit.stop >= 0:
-        with open(src, "rb") as fh:
+        with storage.open_input(src) as fh:
             fh.seek(unit.offset)
             data = fh.read(unit.end - unit.offset) if unit.end >= 0 else b"".join(
                 fh.readline() for _ in range(unit.stop - unit.start))
@@ -52,7 +52,7 @@ def _read_jsonl(src: str, kind: str, unit: ReadUnit):
         for r, raw in zip(range(unit.start, unit.stop), lines):
             yield r, _parse_line(raw[3:] if r == 0 and raw.startswith(_BOM) else raw)
         return  # rows missing (the file changed since planning) are reported by read_unit
-    with (gzip.open if kind == "jsonl.gz" else open)(src, "rb") as fh:  # no byte range: scan from the start
+    with _open_lines(src, kind == "jsonl.gz") as fh:  # no byte range: scan from the start
         for r, raw in enumerate(fh):
             if r < unit.start:
                 continue

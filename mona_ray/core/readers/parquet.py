@@ -12,18 +12,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
 from .common import ReadUnit, _CorruptInput, _need_staging, _stage_once, _staged_name
 
 
 def _parquet_file(src) -> pq.ParquetFile:
     # buffered, not pre-buffered reads: a column chunk is streamed page by page instead of
     # being read whole, so one huge row group does not mean the whole file in memory
-    return pq.ParquetFile(src, pre_buffer=False, buffer_size=1 << 20)
+    return pq.ParquetFile(storage.arrow_source(src), pre_buffer=False, buffer_size=1 << 20)
 
 
-def _plan_parquet(f: Path, rpu: int, staging: Path | None) -> list[ReadUnit]:
+def _plan_parquet(f: Path | str, rpu: int, staging: Path | None) -> list[ReadUnit]:
     try:
-        md = pq.read_metadata(f)
+        md = pq.read_metadata(storage.arrow_source(f))
     except Exception:  # corrupt or not Parquet: one unit whose reading reports the error
         return [ReadUnit(str(f), 0, -1)]
     n = md.num_rows
@@ -37,7 +38,7 @@ def _plan_parquet(f: Path, rpu: int, staging: Path | None) -> list[ReadUnit]:
     return [ReadUnit(str(f), s, min(n, s + rpu), read_path=read_path) for s in range(0, n, rpu)]
 
 
-def _stage_parquet(f: Path, rpu: int, staging: Path) -> Path:
+def _stage_parquet(f: Path | str, rpu: int, staging: Path) -> Path:
     """Copy ``f`` once into ``staging/<sha>.parquet`` with row groups of ``rpu`` rows, streaming."""
     def write(tmp: Path) -> None:
         with _parquet_file(f) as pf, pq.ParquetWriter(tmp, schema := pf.schema_arrow) as w:
