@@ -246,7 +246,8 @@ class EmbedConfig:
     with other jobs use 1: two OpenMP threads fighting for busy cores ran 5x slower."""
     store_dir: Optional[str] = None
     """The feature store; null: ``<run.output_dir>/embeddings``. Share it across runs (and with
-    the evaluation) to refresh cheaply: the same model, SAE, rendering and dtype reuse its parts."""
+    the evaluation) to refresh cheaply: the same model, SAE, rendering and dtype reuse its parts.
+    A POSIX folder (local or shared), never an object-store URL."""
     executor: str = one_of(*EXECUTORS)
     """Evaluation only: the model pass in this process (local) or on Ray actors (ray: embed.num_actors,
     one GPU each when model.device is cuda); the same units, the same bits."""
@@ -260,7 +261,8 @@ class RunSection:
     """Where a run writes and how it shares its folder (``run.*``)."""
 
     output_dir: str = "outputs/demo"
-    """One folder per run; re-running the same command resumes it."""
+    """One folder per run; re-running the same command resumes it. A POSIX folder (local or
+    shared: NFS, Lustre, a mounted bucket), never an object-store URL."""
     overwrite: bool = False
     """true: redo a finished run (published atomically; the old one stays readable till then)."""
     max_rejected_fraction: float = fraction(0.5, zero=True)
@@ -279,8 +281,10 @@ class SourceConfig:
 
     paths: List[str] = field(default_factory=lambda: ["${mona_ray.asset:demo/source.parquet}"])
     """Files, folders or globs (.parquet, .jsonl(.gz), .json(.gz), .arrow, ``datasets``' save_to_disk
-    folders; a DatasetDict split as ``folder/train``), or hub datasets
-    ``hf://datasets/org/name[@revision][/path or glob]``; the default: the shipped demo source set."""
+    folders; a DatasetDict split as ``folder/train``), hub datasets
+    ``hf://datasets/org/name[@revision][/path or glob]``, or objects by URL (``s3://bucket/prefix/``,
+    ``gs://...``, a glob of objects; read in place, credentials from the environment); the
+    default: the shipped demo source set."""
 
 
 @dataclass

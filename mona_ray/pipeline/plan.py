@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..config.schema import REPRESENTATIONS
-from ..core import executor, hub, readers
+from ..core import executor, hub, readers, storage
 from ..core.io import sha as _sha
 from ..core.io import write_json
 from ..core.model import ModelError, fingerprint_model, parse_hookpoint, resolve_model_path
@@ -44,13 +44,15 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Inputs:
-    """What :func:`check` found: the model's folder, the SAE (None when the run needs none) and
-    the input files of each set."""
+    """What :func:`check` found: the model's folder, the SAE (None when the run needs none), the
+    input files of each set (a local ``Path`` or an object's URL) and each file's version, taken
+    before any of it is read: an object that changes after it is indexed is seen by the next run."""
 
     model_dir: Path
     sae: SaeRef | None
-    files: dict[str, list[Path]]
+    files: dict[str, list[Path | str]]
     hub: dict = field(default_factory=dict)  # setting -> what its hub ids resolved to (hub.Resolved, or a list)
+    versions: dict = field(default_factory=dict)  # str(file) -> storage.FileVersion (size, mtime or ETag)
 
     @property
     def model_hub(self) -> str:
@@ -71,6 +73,7 @@ class RunPlan:
     model_dir: Path
     sae: SaeRef | None
     hub: dict  # setting -> what its hub ids resolved to (for the manifest)
+    versions: dict  # str(input file) -> storage.FileVersion, as planned: names the prepared parts
     model_hub: str  # model.path's hub reference at its commit ("" for a local model)
     units: dict[str, list[ReadUnit]]  # "source" / "target": each file split into row units
     device: str
@@ -149,6 +152,7 @@ def check(cfg: RunConfig) -> Inputs:
                        f"with embed.representation=sae or mlp_gate (here {cfg.select.method}, "
                        f"{cfg.embed.representation}); set select.background=none")
     cfg.sae.hookpoint = to_sparsify_hookpoint(cfg.sae.hookpoint)
+    check_posix_outputs(cfg)
     address = executor.address_of(cfg.ray)
     if address:
         executor.check_reachable(address)  # ray.init retries an unreachable address for minutes
@@ -180,7 +184,12 @@ def check(cfg: RunConfig) -> Inputs:
         except hub.HubError as e:
             problems.append(str(e))
         except InputError as e:
-            problems.append(f"{what}: {e}; set {what}=[/path/to/files_or_folders]")
+            problems.append(f"{what}: {e}; set {what}=[/path/to/files_or_folders or URLs]")
+    versions = {}
+    try:
+        versions = storage.versions([f for role in files for f in files[role]])
+    except InputError as e:  # an object gone between its listing and its HEAD, access denied
+        problems.append(str(e))
     if problems:
         raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
     for role in ("source", "target"):
@@ -189,7 +198,17 @@ def check(cfg: RunConfig) -> Inputs:
                              f"(or .jsonl.gz/.json.gz) file or save_to_disk folder matched; set {role}.paths=[...]")
     check_tokenizer(cfg, model_dir)
     check_output_dir(Path(cfg.run.output_dir).expanduser().resolve(), cfg.run.overwrite)
-    return Inputs(model_dir, sae, files, resolved)
+    return Inputs(model_dir, sae, files, resolved, versions)
+
+
+def check_posix_outputs(cfg: RunConfig) -> None:
+    """Outputs and the embedding store are written with atomic renames and leases: a POSIX
+    filesystem (a local disk, NFS, Lustre, a mounted bucket), never an object-store URL."""
+    for what, value in (("run.output_dir", cfg.run.output_dir), ("embed.store_dir", cfg.embed.store_dir)):
+        if value and storage.is_url(str(value)):
+            raise RunError(f"{what}={str(value)!r}: outputs and the embedding store are written to a POSIX "
+                           "filesystem (atomic renames, a lease); object-store URLs are read as inputs only. "
+                           f"Set {what} to a local or shared folder (NFS, Lustre, or the bucket mounted)")
 
 
 def _from_hub(resolved: dict, what: str, ref, resolve, *args):
@@ -288,7 +307,8 @@ def make_plan(cfg: RunConfig, cfg_dict: dict, inputs: Inputs, units: dict[str, l
                         attn_implementation=cfg.model.attn_implementation, model_hub=inputs.model_hub)
     return RunPlan(
         cfg=cfg, cfg_dict=cfg_dict, root=root, run_id=run_id, out=root / publish.RUNS / run_id,
-        model_dir=inputs.model_dir, sae=inputs.sae, hub=inputs.hub, model_hub=inputs.model_hub, units=units,
+        model_dir=inputs.model_dir, sae=inputs.sae, hub=inputs.hub, versions=inputs.versions,
+        model_hub=inputs.model_hub, units=units,
         device=device, dtype=dtype, dtype_reason=dtype_reason,
         rendering=rendering, model_fp=model_fp, prep_fp=prep_fp, embed_fp=embed_fp, readout=readout, width=width,
         similarity=similarity, aggregate=aggregate, rds_published=rds_published, batching=batching,

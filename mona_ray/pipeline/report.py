@@ -74,6 +74,7 @@ def manifest(r) -> dict:
                          "embedding": p.embed_fp},
         "sae": asdict(sae) if sae else None,
         "hub": _hub(p.hub),
+        "objects": _objects(p),
         "readout": {"name": p.readout.name, **p.readout.spec(), "width": p.width} if p.readout else None,
         "sae_provisional": bool(sae and sae.provisional),
         "embedding_store": str(p.store.root) if p.store else None,
@@ -112,6 +113,16 @@ def _hub(resolved: dict) -> dict | None:
 
     return {**{what: [x.manifest() for x in r] if isinstance(r, list) else r.manifest() for what, r in resolved.items()},
             "settings": env_summary()}
+
+
+def _objects(p) -> dict | None:
+    """The inputs read from object storage, per set: URL, bytes, ETag, last modified (the
+    version their prepared rows are named after); None when every input is a local file."""
+    from ..core.storage import is_url
+
+    out = {role: [p.versions[f].manifest(f) for f in dict.fromkeys(u.path for u in units) if is_url(f)]
+           for role, units in p.units.items()}
+    return {role: objs for role, objs in out.items() if objs} or None
 
 
 def _preview(rec: dict, width: int = 90) -> str:

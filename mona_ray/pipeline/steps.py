@@ -70,8 +70,8 @@ def prepare(plan: RunPlan, quarantined: list[dict]) -> PreparedSets:
     for role in ROLES:
         parts[role] = []
         for u in plan.units[role]:
-            st = Path(u.path).stat()
-            key = sha([u.path, st.st_size, st.st_mtime_ns, u.start, u.stop])
+            v = plan.versions[u.path]  # taken before the file was indexed: a changed file or object is prepared again
+            key = sha([u.path, v.size, v.version, u.start, u.stop])
             p = stages.PrepareUnit(u, str(plan.prepared_dir / role / f"{key}.parquet"),
                                    str(plan.prepared_dir / role / f"{key}.rejected.parquet"))
             parts[role].append(p)
