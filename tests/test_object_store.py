@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import boto3
 import pytest
+from moto import server as moto_server
 
 from conftest import tiny_overrides
 from mona_ray.config import load_config, to_typed
@@ -29,8 +31,6 @@ from mona_ray.core.records import InputError
 from mona_ray.pipeline.cli import run
 from mona_ray.pipeline.plan import RunError, check
 
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
 
 BUCKET = "mona-inputs"
 
@@ -75,16 +75,16 @@ def ok(p) -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tiny_data, tmp_path_factory):
-    """The tiny pool as three files (Parquet in row groups, JSONL with one bad line, a JSON array) and
+    """Half the tiny pool as three files (Parquet in row groups, JSONL with one bad line, a JSON array) and
     the target as JSONL plus a gzip'd JSON array, in a local folder."""
     d = tmp_path_factory.mktemp("inputs")
     rows = pq.read_table(tiny_data["source"]).to_pylist()
     (d / "src" / "pool").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows[:30]), d / "src" / "a.parquet", row_group_size=8)
-    lines = [json.dumps(r) for r in rows[30:60]]
+    pq.write_table(pa.Table.from_pylist(rows[:15]), d / "src" / "a.parquet", row_group_size=4)
+    lines = [json.dumps(r) for r in rows[15:30]]
     lines.insert(5, '{"id": "broken", "instruction": ')
     (d / "src" / "pool" / "b.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "src" / "pool" / "c.json").write_text(json.dumps(rows[60:], indent=1))
+    (d / "src" / "pool" / "c.json").write_text(json.dumps(rows[30:45], indent=1))
     (d / "src" / "pool" / "notes.txt").write_text("not an input: a folder's other files are ignored\n")
     tgt = [json.loads(x) for x in tiny_data["target"].read_text().splitlines()]
     (d / "tgt").mkdir()
@@ -123,15 +123,15 @@ def s3_run(s3, inputs, tiny_lm, tiny_sae, tmp_path_factory):
 
 def test_objects_select_exactly_as_the_same_local_files(local_run, s3_run):
     (lout, lm), (out, m, _) = local_run, s3_run
-    assert scores(out) == scores(lout) and len(scores(out)) == 90
+    assert scores(out) == scores(lout) and len(scores(out)) == 45
     assert selected(out) == selected(lout)
     assert m["counts"]["source"] == lm["counts"]["source"] and m["counts"]["target"] == lm["counts"]["target"]
     rej = pq.read_table(out / "rejected.parquet").to_pylist()  # the bad line: named by URL and row
     assert [(r["file"], r["row"]) for r in rej] == [(f"s3://{BUCKET}/pool-v1/pool/b.jsonl", 5)]
     assert "malformed JSON" in rej[0]["reason"]
     files = Counter(pq.read_table(out / "scores.parquet").column("file").to_pylist())
-    assert files == {f"s3://{BUCKET}/pool-v1/a.parquet": 30, f"s3://{BUCKET}/pool-v1/pool/b.jsonl": 30,
-                     f"s3://{BUCKET}/pool-v1/pool/c.json": 30}
+    assert files == {f"s3://{BUCKET}/pool-v1/a.parquet": 15, f"s3://{BUCKET}/pool-v1/pool/b.jsonl": 15,
+                     f"s3://{BUCKET}/pool-v1/pool/c.json": 15}
 
 
 def test_the_manifest_records_each_object_and_nothing_plain_is_copied(s3, s3_run):
@@ -154,7 +154,7 @@ def test_a_changed_object_is_prepared_again_on_refresh(s3, s3_run):
     p = cli([*args, "run.overwrite=true"], s3.env)
     ok(p)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["units"]["prepare"] == 2  # c.json's two units (30 rows, 16 a unit); the other objects' parts reused
+    assert m["units"]["prepare"] == 1  # c.json's unit; the other objects' prepared parts are reused
     assert m["counts"]["embedded_now"] == 1  # the one changed row
     etag = {o["url"]: o["etag"] for o in m["objects"]["source"]}
     old = {o["url"]: o["etag"] for o in before["objects"]["source"]}
@@ -191,21 +191,33 @@ def test_other_fsspec_schemes_read_the_same(inputs):
             mem.pipe(f"/mona-mem/{f.relative_to(inputs / 'src')}", f.read_bytes())
     local = [(r, str(x)) for u in plan_units(input_files([inputs / "src"]), 9) for r, x in read_unit(u)]
     remote = [(r, str(x)) for u in plan_units(input_files(["memory://mona-mem/"]), 9) for r, x in read_unit(u)]
-    assert remote == local and len(local) == 91
+    assert remote == local and len(local) == 46
 
 
-def _check(tiny_lm, tiny_sae, tmp_path, source, *extra):
-    data = {"source": source, "target": f"s3://{BUCKET}/target/t.jsonl"}
-    return check(to_typed(load_config(tiny_overrides(tiny_lm, tiny_sae, data, tmp_path / "out", *extra))))
+@pytest.fixture
+def check_with(tiny_lm, tiny_sae, tmp_path):
+    """``check_with(source, **settings)``: :func:`check` of the tiny run with that source (config loaded once)."""
+    import copy
+
+    data = {"source": f"s3://{BUCKET}/pool-v1/", "target": f"s3://{BUCKET}/target/t.jsonl"}
+    base = to_typed(load_config(tiny_overrides(tiny_lm, tiny_sae, data, tmp_path / "out")))
+
+    def check_with(source, output_dir=None, store_dir=None):
+        cfg = copy.deepcopy(base)
+        cfg.source.paths = [source]
+        cfg.run.output_dir = output_dir or cfg.run.output_dir
+        cfg.embed.store_dir = store_dir
+        return check(cfg)
+    return check_with
 
 
-def test_object_store_failures_are_one_line(s3, s3_run, inputs, tiny_lm, tiny_sae, tmp_path):
+def test_object_store_failures_are_one_line(s3, s3_run, check_with):
+    """Checked before any work (the CLI prints each as ``mona_ray: error: <the line>``, exit 2)."""
     missing = f"s3://{BUCKET}/pool-v1/nope.parquet"
-    p = cli(tiny_overrides(tiny_lm, tiny_sae, {"source": missing, "target": inputs / "tgt"}, tmp_path / "o"), s3.env)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    errors = [x for x in p.stderr.splitlines() if x.startswith("mona_ray: error:")]
-    assert errors == [f"mona_ray: error: source.paths: input {missing!r} does not exist; "
-                      "set source.paths=[/path/to/files_or_folders or URLs]"], p.stderr[-2000:]
+    with pytest.raises(InputError) as e:
+        check_with(missing)
+    assert str(e.value) == (f"source.paths: input {missing!r} does not exist; "
+                            "set source.paths=[/path/to/files_or_folders or URLs]")
     cases = {
         "s3://no-such-bucket/x.jsonl": "input 's3://no-such-bucket/x.jsonl' ",
         "foo://bucket/x.jsonl": "input 'foo://bucket/x.jsonl': no filesystem reads foo:// URLs",
@@ -213,16 +225,16 @@ def test_object_store_failures_are_one_line(s3, s3_run, inputs, tiny_lm, tiny_sa
     }
     for url, want in cases.items():
         with pytest.raises(InputError) as e:
-            _check(tiny_lm, tiny_sae, tmp_path, url)
+            check_with(url)
         assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
     import importlib.util
 
     if importlib.util.find_spec("ossfs") is None:
         with pytest.raises(InputError, match=r"input 'oss://b/x.jsonl': reading oss:// URLs needs the ossfs package: "
                                              r"pip install ossfs"):
-            _check(tiny_lm, tiny_sae, tmp_path, "oss://b/x.jsonl")
-    for setting in ("run.output_dir", "embed.store_dir"):
-        with pytest.raises(RunError, match=rf"^{setting}='s3://{BUCKET}/out': outputs and the embedding store are "
-                                           "written to a POSIX filesystem") as e:
-            _check(tiny_lm, tiny_sae, tmp_path, f"s3://{BUCKET}/pool-v1/", f"{setting}=s3://{BUCKET}/out")
+            check_with("oss://b/x.jsonl")
+    for setting in ("output_dir", "store_dir"):
+        with pytest.raises(RunError, match=rf"^(run|embed).{setting}='s3://{BUCKET}/out': outputs and the embedding "
+                                           "store are written to a POSIX filesystem") as e:
+            check_with(f"s3://{BUCKET}/pool-v1/", **{setting: f"s3://{BUCKET}/out"})
         assert "\n" not in str(e.value)
