@@ -17,9 +17,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
-import boto3
 import pytest
 from moto import server as moto_server
 
@@ -30,7 +30,6 @@ from mona_ray.core.readers import input_files, plan_units, read_unit
 from mona_ray.core.records import InputError
 from mona_ray.pipeline.cli import run
 from mona_ray.pipeline.plan import RunError, check
-
 
 BUCKET = "mona-inputs"
 

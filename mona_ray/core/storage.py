@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .hub import one_line as _one_line
 from .records import InputError
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -110,9 +111,9 @@ def _store(scheme: str, netloc: str, query: str) -> _Store:
     except ImportError as e:
         hint = (known_implementations.get(scheme) or {}).get("err") or str(e)
         pkg = re.search(r"[Ii]nstall (\S+)", hint)
-        need = (f"the {pkg.group(1)} package: pip install {pkg.group(1)}" if pkg
-                else f"a package fsspec names thus: {_one_line(hint, 160)}")
-        raise InputError(f"reading {scheme}:// URLs needs {need}") from None
+        need = (f"needs the {pkg.group(1)} package: pip install {pkg.group(1)}" if pkg
+                else f"cannot start its filesystem: {_one_line(hint, 160)}")
+        raise InputError(f"reading {scheme}:// URLs {need}") from None
     except Exception as e:  # noqa: BLE001 - a filesystem that cannot start (missing credentials, bad options)
         raise InputError(f"cannot open its filesystem ({_one_line(e)})") from None
     return _Store(PyFileSystem(FSSpecHandler(spec)), root or "/", base, query, spec)
@@ -127,11 +128,6 @@ def _resolve(url: str, shown: str | None = None) -> tuple[_Store, str]:
     except InputError as e:
         raise InputError(f"input {(shown or url).strip()!r}: {e}") from None
     return st, st.path(path)
-
-
-def _one_line(e, limit: int = 240) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _failure(url: str, e: BaseException) -> InputError:
