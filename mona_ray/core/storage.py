@@ -7,11 +7,12 @@ package for that scheme installed, e.g. ``ossfs`` for ``oss://``), wrapped so th
 like a ``pyarrow.fs`` filesystem. Credentials, endpoints and regions come from where each
 library reads them (for S3: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
 ``AWS_PROFILE`` and ``~/.aws/``, ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``;
-for GCS: ``GOOGLE_APPLICATION_CREDENTIALS``); URL query options (``s3://bucket/key?anonymous=true``)
-are passed to ``pyarrow.fs.FileSystem.from_uri``. Nothing is ever copied whole: the plan streams
+for GCS: ``GOOGLE_APPLICATION_CREDENTIALS``); URL query options
+(``?region=...``) are passed to ``pyarrow.fs.FileSystem.from_uri``. Nothing is ever copied whole: the plan streams
 an object once, a task reads its byte range (or row groups) with ranged GETs.
 
-Keys are taken literally (no percent-decoding), as S3 stores them. Every failure is an
+Keys are taken literally (no percent-decoding), as S3 stores them; ``?`` starts the URL's options, so a
+glob matches one character with ``[...]``, not ``?``. Every failure is an
 :class:`~mona_ray.core.records.InputError` with one line naming the URL.
 """
 
@@ -29,6 +30,7 @@ from .records import InputError
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _ARROW_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")  # pyarrow.fs reads these itself, no extra package
 _GLOB = re.compile(r"[*?\[]")
+_STREAM_BUFFER = 8 << 20  # bytes per request when an object is read front to back
 
 
 def is_url(s) -> bool:
@@ -262,7 +264,8 @@ def open_stream(src):
     if not is_url(src):
         return open(src, "rb", buffering=0)
     store, path = _resolve(src)
-    return store.fs.open_input_stream(path, compression=None)
+    # buffered: a reader asking for small blocks (gzip reads 128 KiB) still makes one GET per 8 MiB
+    return store.fs.open_input_stream(path, compression=None, buffer_size=_STREAM_BUFFER)
 
 
 def arrow_source(src):
