@@ -109,9 +109,13 @@ def local_run(ray_local, tiny_lm, tiny_sae, inputs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3, inputs, tiny_lm, tiny_sae, tmp_path_factory):
+def uploaded(s3, inputs):
     upload(s3, inputs / "src", "pool-v1")
     upload(s3, inputs / "tgt", "target")
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, uploaded, tiny_lm, tiny_sae, tmp_path_factory):
     out = tmp_path_factory.mktemp("s3") / "out"
     data = {"source": f"s3://{BUCKET}/pool-v1/", "target": f"s3://{BUCKET}/target/t.jsonl,s3://{BUCKET}/target/*.gz"}
     args = tiny_overrides(tiny_lm, tiny_sae, data, out)
@@ -210,7 +214,7 @@ def check_with(tiny_lm, tiny_sae, tmp_path):
     return check_with
 
 
-def test_object_store_failures_are_one_line(s3, s3_run, check_with):
+def test_object_store_failures_are_one_line(s3, uploaded, check_with):
     """Checked before any work (the CLI prints each as ``mona_ray: error: <the line>``, exit 2)."""
     missing = f"s3://{BUCKET}/pool-v1/nope.parquet"
     with pytest.raises(InputError) as e:
