@@ -50,7 +50,9 @@ class CpuMeter:
 
     A background thread polls every ``interval`` s and keeps each process's latest CPU time,
     so a child that exits between two polls loses at most one interval of its CPU time.
-    CPU time, unlike wall time, barely moves when other jobs share the machine.
+    CPU time, unlike wall time, barely moves when other jobs share the machine. The same
+    polls keep each descendant's largest RSS seen (``child_peak_rss_mb``: the largest of them,
+    e.g. an embedding actor's; sampled, so a peak shorter than ``interval`` can be missed).
     """
 
     def __init__(self, interval: float = 0.5):
@@ -58,6 +60,7 @@ class CpuMeter:
 
         self.interval = interval
         self._seen: dict[tuple[int, float], float] = {}
+        self._rss: dict[tuple[int, float], tuple[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -67,8 +70,13 @@ class CpuMeter:
         me = psutil.Process()
         for p in [me, *me.children(recursive=True)]:
             try:
+                key = (p.pid, p.create_time())
                 t = p.cpu_times()
-                self._seen[(p.pid, p.create_time())] = t.user + t.system
+                self._seen[key] = t.user + t.system
+                if p.pid != me.pid:
+                    rss = p.memory_info().rss
+                    if rss > self._rss.get(key, ("", 0))[1]:
+                        self._rss[key] = (" ".join(p.cmdline()[:3])[:120], rss)
             except psutil.Error:
                 pass
 
@@ -87,6 +95,9 @@ class CpuMeter:
         self._thread.join()
         self._poll()
         self.seconds = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
+        peaks = sorted(self._rss.values(), key=lambda x: -x[1])
+        self.child_peak_rss_mb = peaks[0][1] / 2**20 if peaks else None
+        self.child_peaks = [{"process": name, "peak_rss_mb": round(b / 2**20, 1)} for name, b in peaks[:6]]
 
 
 # ----------------------------------------------------------------------------- machine

@@ -558,6 +558,7 @@ def run(args) -> tuple[dict, str]:
         "ray_initialised_before": ray_was_up,
         "timings_s": tim, "stage_sum_s": sum(tim.values()), "pipeline_wall_s": wall,
         "unaccounted_s": wall - sum(tim.values()), "pipeline_cpu_s": cpu.seconds,
+        "workers_peak_rss_mb": cpu.child_peak_rss_mb, "workers_peak_rss_top": cpu.child_peaks,
         "rows_per_s": c["rows_in"] / wall,
         "counts": {"rows_in": c["rows_in"], "rows_scored": c.get("rows_scored"), "rows_rejected": c["rows_rejected"],
                    "rows_selected": c.get("rows_selected"), "target": manifest["counts"].get("target"),
@@ -622,6 +623,7 @@ def _text(r: dict) -> str:
             for k, v in r["driver_memory_mb_by_stage"].items()))
     lines.append(f"driver peak RSS {fmt(r['driver_peak_rss_mb'])} MB, private {fmt(r['driver_peak_private_mb'])} MB "
                  f"(before the run {fmt(r['driver_rss_before_mb'])} MB; "
+                 f"largest Ray process {fmt(r.get('workers_peak_rss_mb'))} MB, sampled every 0.5 s; "
                  f"Ray {'already running' if r['ray_initialised_before'] else 'started inside the run'})")
     if r["run_dir"]:
         lines.append(f"run folder kept: {r['run_dir']}")
