@@ -84,13 +84,14 @@ def read_wanted(paths, wanted: pa.Table, columns: list[str] | None = None):
 def rows_table(hashes, n_tokens, n_pooled, outputs, value_dtype: str = "float32") -> pa.Table:
     """A part's table from per-row outputs: ``(indices, values)`` pairs (sparse) or vectors (dense)."""
     sparse = bool(outputs) and isinstance(outputs[0], tuple)
+    # float16 values are handed to Arrow as float16 (pyarrow converts no float32 array into a float16 list)
+    vdt, vtype = (np.float16, pa.float16()) if value_dtype == "float16" else (np.float32, pa.float32())
     if sparse:
         idx = [o[0] for o in outputs]
-        vals = [np.asarray(o[1], dtype=np.float32) for o in outputs]
+        vals = [np.asarray(o[1], dtype=vdt) for o in outputs]
     else:
         idx = [np.zeros(0, np.int32)] * len(outputs)
-        vals = [np.asarray(o, dtype=np.float32) for o in outputs]
-    vtype = pa.float16() if value_dtype == "float16" else pa.float32()
+        vals = [np.asarray(o, dtype=vdt) for o in outputs]
     return pa.table({
         "content_hash": pa.array(list(hashes), pa.string()),
         "n_tokens": pa.array(list(n_tokens), pa.int32()),
