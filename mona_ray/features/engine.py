@@ -310,22 +310,29 @@ class FeatureEngine:
         width = self.width(group[0])
         dense_fn, ks = self._encoder(kind, group)
         accs = {r.name: torch.zeros(B, width, dtype=torch.float32, device=x.device) for r in group}
+        for a, e in self._chunks(seg, B):
+            p = pos[a:e]
+            acts = dense_fn(x[p[:, 0], p[:, 1]])
+            codes = {}
+            for r in group:
+                k = ks[r.name]
+                if k not in codes:
+                    codes[k] = acts(k)
+                vals, idx = codes[k]
+                pooling.scatter_codes(accs[r.name], seg[a:e], vals, idx)
+                if self.token_hook is not None:
+                    self.token_hook(r, [rows[b] for b in seg[a:e].tolist()], p[:, 1].tolist(), vals, idx)
+        return {name: pooling.finish(acc, counts, "mean") for name, acc in accs.items()}
+
+    def _chunks(self, seg: torch.Tensor, B: int):
+        """``(a, e)``: the pooled tokens ``a:e`` (``seg``: each one's row, ascending) encoded in one
+        call. Row by row, at most ``sae_chunk_tokens`` at a time: a token set is only ever encoded
+        with itself (the determinism rule)."""
         step = max(1, int(self.b.sae_chunk_tokens))
         bounds = torch.searchsorted(seg, torch.arange(B + 1, device=seg.device)).tolist()
-        for b in range(B):  # row by row: a token set is only ever encoded with itself
+        for b in range(B):
             for a in range(bounds[b], bounds[b + 1], step):
-                p = pos[a:min(a + step, bounds[b + 1])]
-                acts = dense_fn(x[p[:, 0], p[:, 1]])
-                codes = {}
-                for r in group:
-                    k = ks[r.name]
-                    if k not in codes:
-                        codes[k] = acts(k)
-                    vals, idx = codes[k]
-                    pooling.scatter_codes(accs[r.name], seg[a:a + len(p)], vals, idx)
-                    if self.token_hook is not None:
-                        self.token_hook(r, [rows[b]] * len(p), p[:, 1].tolist(), vals, idx)
-        return {name: pooling.finish(acc, counts, "mean") for name, acc in accs.items()}
+                yield a, min(a + step, bounds[b + 1])
 
     def _encoder(self, kind: str, group: list[Readout]):
         """``dense_fn(tokens) -> codes(k) -> (values, indices)``: the group's shared dense map, and
