@@ -90,13 +90,17 @@ def read_parquet(path: str | Path, columns: list[str] | None = None, rows=None):
     return table if rows is None else table.take(pa.array(rows, pa.int64()))
 
 
-def write_parquet(table, path: str | Path, row_group_size: int = 1024, rows_record: bool = False) -> None:
-    """Write ``table`` atomically; with ``rows_record``, also its record (:func:`write_part`)."""
+def write_parquet(table, path: str | Path, row_group_size: int = 1024, rows_record: bool = False,
+                  encoding: dict | None = None) -> None:
+    """Write ``table`` atomically; with ``rows_record``, also its record (:func:`write_part`).
+    ``encoding``: more ``pq.write_table`` options (``column_encoding``, ``use_dictionary``...): how
+    Parquet lays out the bytes, never what a reader gets back."""
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
         # page checksums: read_parquet verifies them, so a damaged page fails loudly, never as other values
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, write_page_checksum=True)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, write_page_checksum=True,
+                       **(encoding or {}))
         if rows_record:
             _write_record(Path(path), tmp.stat().st_size, len(table))
 
@@ -144,9 +148,9 @@ def recorded_path(dest: str | Path):
         _write_record(Path(dest), tmp.stat().st_size, None)
 
 
-def write_part(table, path: str | Path, row_group_size: int = 1024) -> None:
+def write_part(table, path: str | Path, row_group_size: int = 1024, encoding: dict | None = None) -> None:
     """:func:`write_parquet` with its record: row count and byte size (a part a later run reuses)."""
-    write_parquet(table, path, row_group_size, rows_record=True)
+    write_parquet(table, path, row_group_size, rows_record=True, encoding=encoding)
 
 
 def check_recorded(path: str | Path) -> str | None:
