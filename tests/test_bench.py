@@ -50,6 +50,9 @@ def test_gpu_tiny_on_cpu(tmp_path):
     (["gpu", "--tiny", "--sae-k", "9999"], "--sae-k"),
     (["gpu", "--tiny", "--dtype", "int3"], "dtype"),
     (["embed", "--rows", "0"], "--rows"),
+    (["width", "--phases", "store"], "--nnz"),
+    (["width", "--phases", "store,x"], "--phases"),
+    (["width", "--nnz", "10", "--encodings", "int8"], "--encodings"),
 ])
 def test_bad_flags_give_one_line_errors(argv, msg, tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "x.json")]) == 2
@@ -68,6 +71,32 @@ def test_flops_match_a_hand_count():
     assert 13.5e9 < f < 13.6e9  # ~2 x 6.76e9 parameters in 31 blocks
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("Tesla T4") is None
+
+
+def test_width_store_and_encode_tiny(tmp_path, capsys):
+    """``bench width``: every store layout selects what today's layout selects (float32 bit for bit),
+    and the batched encode is compared with the engine's row-by-row one."""
+    out = tmp_path / "width.json"
+    assert main(["width", "--phases", "store,encode", "--latents", "2048", "--sae-k", "16", "--nnz", "150",
+                 "--store-rows", "600", "--part-rows", "256", "--pool-rows", "300", "--encode-rows", "4", "--hidden", "32",
+                 "--work-dir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    (st,) = rep["store"]
+    assert 100 < st["nnz_per_row"] < 200 and st["density"] == st["nnz_per_row"] / 2048
+    enc = {r["encoding"]: r for r in st["encodings"]}
+    assert set(enc) == {"int32-f32", "delta-f32", "delta-bss-f32", "delta-bss-f32-zstd3", "int32-f16", "delta-bss-f16"}
+    for name, r in enc.items():
+        assert r["rows"] == 600 and r["explained"] == 30 and len(r["write_s_runs"]) == 2
+        assert r["bytes_per_row"] > 0 and r["write_s"] > 0 and r["score_s"] > 0 and r["explain_s"] > 0
+        if name.endswith("f32") and name != "int32-f32":  # a layout: the same bits, the same selection
+            sel = r["selection_vs_int32-f32"]
+            assert sel["ids_identical_in_order"] and sel["max_abs_score_diff"] == 0.0
+    assert enc["delta-bss-f32"]["bytes_per_row"] < enc["int32-f32"]["bytes_per_row"]
+    assert not list((tmp_path / "w").glob("store-*"))  # the parts are removed
+    assert {p["encoding"] for p in rep["projection"]} == set(enc) and rep["projection"][0]["rows"] == 1_000_000
+    e = rep["encode"]
+    assert e["rows"] == 4 and e["sae"] == {"latents": 2048, "k": 16, "d_in": 32} and isinstance(e["bitwise_equal"], bool)
+    assert "selection vs int32-f32" in capsys.readouterr().out
 
 
 def test_synthetic_rows_are_valid_csr_and_blocks_stream():
@@ -106,6 +135,7 @@ def test_pipeline_bench_end_to_end(ray_local, tmp_path):
     assert {"plan", "prepare", "embed", "score", "write"} <= set(mem)
     assert all(0 < m["anon"] <= m["rss"] for m in mem.values()) and r["driver_peak_private_mb"] <= r["driver_peak_rss_mb"]
     assert r["throughput"]["real_tokens"] > 0
+    assert r["workers_peak_rss_mb"] > 0 and r["workers_peak_rss_top"][0]["peak_rss_mb"] == round(r["workers_peak_rss_mb"], 1)
     assert r["run_dir"] is None and not list((tmp_path / "work" / "runs").iterdir())  # removed without --keep
     # the tiny model carries the embedded model's tokenizer and chat template
     from transformers import AutoConfig, AutoTokenizer

@@ -1,4 +1,4 @@
-"""``python -m mona_ray.bench {score,embed,gpu,pipeline} [flags]``: print a table, write JSON."""
+"""``python -m mona_ray.bench {score,embed,gpu,pipeline,width} [flags]``: print a table, write JSON."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "embed": ("mona_ray.bench.embed", "pipeline tokens/s vs the bare truncated forward, and vs the naive approach"),
     "gpu": ("mona_ray.bench.gpu", "the embedding actor's inner loop on a Llama-3-8B-shaped model: tokens/s and MFU"),
     "pipeline": ("mona_ray.bench.pipeline", "the real job end to end on N OpenHermes-shaped rows (tiny model, real tokenizer)"),
+    "width": ("mona_ray.bench.width", "the paper's SAE width (131,072 x K=192): row density, store encodings, "
+                                      "store/score/explain cost, row-by-row vs batched encode"),
 }
 
 

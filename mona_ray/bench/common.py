@@ -20,6 +20,19 @@ class BenchError(ValueError):
     """A bad flag or an impossible setting; printed as one line, no traceback."""
 
 
+def check_positive(args, names, within: tuple[str, str] | None = None, ratio: str | None = "ratio") -> None:
+    """The flags every benchmark checks alike: ``names`` positive; ``within = (small, large)``:
+    --small no larger than --large; ``ratio``: in (0, 1]."""
+    flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
+    for name in names:
+        if getattr(args, name) < 1:
+            raise BenchError(f"{flag(name)}={getattr(args, name)} must be positive")
+    if within and getattr(args, within[0]) > getattr(args, within[1]):
+        raise BenchError(f"{flag(within[0])}={getattr(args, within[0])} exceeds {flag(within[1])}={getattr(args, within[1])}")
+    if ratio and not 0 < getattr(args, ratio) <= 1:
+        raise BenchError(f"{flag(ratio)}={getattr(args, ratio)} must be in (0, 1]")
+
+
 # ----------------------------------------------------------------------------- memory
 
 

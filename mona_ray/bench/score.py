@@ -41,7 +41,7 @@ from ..scoring.round_robin import round_robin
 from ..scoring.similarity import pairwise
 from ..scoring.sparse import SparseRows, segment_sum
 from . import aggregations
-from .common import BenchError, Stages, peak_rss_mb, reset_peak_rss, table
+from .common import BenchError, Stages, check_positive, peak_rss_mb, reset_peak_rss, table
 from .synth import Generator, RowPool, SynthSpec, prototype_from
 
 
@@ -95,13 +95,7 @@ def _sizes(text: str) -> list[int]:
 
 def _check(args) -> list[int]:
     sizes = _sizes(args.sizes)
-    for name in ("block_rows", "latents", "targets", "pool_rows"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
-    if args.block_rows > args.pool_rows:
-        raise BenchError(f"--block-rows={args.block_rows} exceeds --pool-rows={args.pool_rows}")
-    if not 0 < args.ratio <= 1:
-        raise BenchError(f"--ratio={args.ratio} must be in (0, 1]")
+    check_positive(args, ("block_rows", "latents", "targets", "pool_rows"), within=("block_rows", "pool_rows"))
     for name in _aggregations(args):
         if name not in AGGREGATIONS:
             raise BenchError(f"--aggregations: unknown {name!r}; use any of {', '.join(AGGREGATIONS)}")
