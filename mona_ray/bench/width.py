@@ -188,7 +188,8 @@ def _encodings() -> dict[str, tuple[dict, str]]:
 
 ENCODINGS = ("int32-f32", "delta-f32", "delta-bss-f32", "delta-bss-f32-zstd3", "int32-f16", "delta-bss-f16")
 BASE = "int32-f32"
-STAGES = ("write_s", "read_s", "score_s", "explain_s")  # each reported as the best of --repeats runs
+# each reported as the best of --repeats runs, wall and CPU seconds
+STAGES = ("write_s", "read_s", "score_s", "explain_s", "write_cpu_s", "read_cpu_s", "score_cpu_s", "explain_cpu_s")
 
 
 def _column_bytes(paths: list[str]) -> dict[str, int]:
@@ -205,11 +206,13 @@ def _column_bytes(paths: list[str]) -> dict[str, int]:
     return out
 
 
-def _timed(fn):
-    """(result, wall s, peak RSS MB of this process while ``fn`` ran)."""
+def _timed(fn, cpu: dict, stage: str):
+    """(result, wall s, peak RSS MB of this process while ``fn`` ran); its CPU s into ``cpu[stage]``
+    (on a shared machine, CPU time moves far less than wall time)."""
     reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = fn()
+    cpu[stage] = time.process_time() - c0
     return r, time.perf_counter() - t0, peak_rss_mb()
 
 
@@ -226,6 +229,7 @@ def store_one(nnz: int, blocks: list, proto: np.ndarray, folder: Path, enc: str,
     from ..scoring.table import scored_rows
 
     layout, vdt = _encodings()[enc]
+    cpu: dict[str, float] = {}
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     n = sum(len(b[0]) for b in blocks)
@@ -237,7 +241,7 @@ def store_one(nnz: int, blocks: list, proto: np.ndarray, folder: Path, enc: str,
             t = rows_table(ids, [int(args.tokens)] * len(ids), [int(args.tokens)] * len(ids), outs, vdt)
             write_store_part(t, folder / f"part-{j:06d}.parquet", layout)
 
-    _, write_s, write_mb = _timed(write)
+    _, write_s, write_mb = _timed(write, cpu, "write_cpu_s")
     store = FeatureStore(folder)
     store.index()  # the pipeline indexes the store once, before scoring
     paths = [str(p) for p in store.parts()]
@@ -247,7 +251,7 @@ def store_one(nnz: int, blocks: list, proto: np.ndarray, folder: Path, enc: str,
     def read():
         return sum(len(read_parquet(p, ["content_hash", "n_pooled", "indices", "values"])) for p in paths)
 
-    got, read_s, read_mb = _timed(read)
+    got, read_s, read_mb = _timed(read, cpu, "read_cpu_s")
     assert got == n
     k = selection_size(n, args.ratio)
     protos = proto[None, :]
@@ -262,7 +266,7 @@ def store_one(nnz: int, blocks: list, proto: np.ndarray, folder: Path, enc: str,
             top.add(t.column("score").to_numpy(), t.column("id").to_numpy(zero_copy_only=False))
         return top.result()
 
-    (top_s, top_ids), score_s, score_mb = _timed(score)
+    (top_s, top_ids), score_s, score_mb = _timed(score, cpu, "score_cpu_s")
     top_set = {int(x) for x in strongest_latents(proto)}
 
     def explain():
@@ -275,12 +279,12 @@ def store_one(nnz: int, blocks: list, proto: np.ndarray, folder: Path, enc: str,
                 lines += 1
         return lines
 
-    explained, explain_s, explain_mb = _timed(explain)
+    explained, explain_s, explain_mb = _timed(explain, cpu, "explain_cpu_s")
     assert explained == len(top_ids)
     shutil.rmtree(folder, ignore_errors=True)
     return {"encoding": enc, "value_dtype": vdt, "layout": {k: v for k, v in layout.items()}, "rows": n,
             "nnz_per_row": None, "bytes_per_row": nbytes / n, "column_bytes_per_row": {c: b / n for c, b in cols.items()},
-            "write_s": write_s, "read_s": read_s, "score_s": score_s, "explain_s": explain_s, "explained": explained,
+            "write_s": write_s, "read_s": read_s, "score_s": score_s, "explain_s": explain_s, **cpu, "explained": explained,
             "peak_rss_mb": {"write": write_mb, "read": read_mb, "score": score_mb, "explain": explain_mb},
             "_top": (top_s, list(top_ids))}
 
@@ -348,7 +352,8 @@ def projection(st: list[dict], rows: int) -> list[dict]:
                         "store_gb": r["bytes_per_row"] * rows / 1e9,
                         "write_s": r["write_s"] / n * rows, "read_s": r["read_s"] / n * rows,
                         "score_s": r["score_s"] / n * rows,
-                        "explain_s": r["explain_s"] / n * rows})  # the top ratio of rows, as at n
+                        "explain_s": r["explain_s"] / n * rows,  # the top ratio of rows, as at n
+                        **{k: r[k] / n * rows for k in STAGES if k.endswith("_cpu_s")}})
     return out
 
 
@@ -480,21 +485,21 @@ def run(args) -> tuple[dict, str]:
         st = report["store"] = store(args, nnz)
         report["projection"] = projection(st, args.project_rows)
         rows = [{"nnz": s["nnz_per_row"], "enc": r["encoding"], "bpr": r["bytes_per_row"],
-                 "saved": r["bytes_saved_vs_" + BASE], "w": r["write_s"], "r": r["read_s"], "s": r["score_s"],
-                 "e": r["explain_s"], "sel": "-" if r["encoding"] == BASE else
+                 "saved": r["bytes_saved_vs_" + BASE], "w": r["write_cpu_s"], "r": r["read_cpu_s"], "s": r["score_cpu_s"],
+                 "e": r["explain_cpu_s"], "sel": "-" if r["encoding"] == BASE else
                  ("identical" if r["selection_vs_" + BASE]["ids_identical_in_order"] else
                   f"overlap {r['selection_vs_' + BASE]['overlap']:.4f}, max diff {r['selection_vs_' + BASE]['max_abs_score_diff']:.1e}"),
                  "mem": max(r["peak_rss_mb"].values())}
                 for s in st for r in s["encodings"]]
         lines.append(f"store: {args.store_rows:,} synthetic rows per density, parts of {args.part_rows}, {args.latents:,} latents")
         lines.append(table(rows, [("nnz", "nnz/row"), ("enc", "encoding"), ("bpr", "bytes/row"), ("saved", "saved"),
-                                  ("w", "write s"), ("r", "read s"), ("s", "score s"), ("e", "explain s"),
-                                  ("sel", "selection vs int32-f32"), ("mem", "peak RSS MB")]))
-        pr = [{"nnz": x["nnz_per_row"], "enc": x["encoding"], "gb": x["store_gb"], "w": x["write_s"], "r": x["read_s"],
-               "s": x["score_s"], "e": x["explain_s"]} for x in report["projection"]]
+                                  ("w", "write CPU s"), ("r", "read CPU s"), ("s", "score CPU s"),
+                                  ("e", "explain CPU s"), ("sel", "selection vs int32-f32"), ("mem", "peak RSS MB")]))
+        pr = [{"nnz": x["nnz_per_row"], "enc": x["encoding"], "gb": x["store_gb"], "w": x["write_cpu_s"],
+               "r": x["read_cpu_s"], "s": x["score_cpu_s"], "e": x["explain_cpu_s"]} for x in report["projection"]]
         lines.append(f"projected to {args.project_rows:,} rows (one process; the pipeline spreads write, score across workers)")
-        lines.append(table(pr, [("nnz", "nnz/row"), ("enc", "encoding"), ("gb", "store GB"), ("w", "write s"),
-                                ("r", "read s"), ("s", "score s"), ("e", "explain s")]))
+        lines.append(table(pr, [("nnz", "nnz/row"), ("enc", "encoding"), ("gb", "store GB"), ("w", "write CPU s"),
+                                ("r", "read CPU s"), ("s", "score CPU s"), ("e", "explain CPU s")]))
     if "encode" in phases:
         e = report["encode"] = encode(args)
         lines.append(f"encode: {e['rows']} demo rows ({e['pooled_tokens']:,} pooled tokens), tiny model h{args.hidden}, "
