@@ -303,7 +303,7 @@ def test_offline_uses_the_cache_without_a_hub(filled, tmp_path):
                   filled["home"], down, offline=True)
     assert out[:3] == filled["out"]
     assert out[3]["error"].startswith("sae.path='sae/tiny-sparsify': HF_HUB_OFFLINE=1 and sae/tiny-sparsify@main is "
-                                      "not in the cache")
+                                      "only partly in the cache") and "missing layers.0/cfg.json" in out[3]["error"]
     assert "it has: layers.0, layers.1, layers.2" in out[4]["error"]  # hookpoints from the cached listing
 
     empty, = resolve([{"kind": "model", "ref": LLAMA}], tmp_path, down, offline=True)
@@ -359,3 +359,82 @@ def test_each_failure_has_its_message(hub_server, tmp_path):
                              hub_server.url, token=TOKEN)
     assert gated["commit"] == hub_server.repos[("model", GATED)].refs["main"]
     assert private["commit"] == hub_server.repos[("model", PRIVATE)].refs["main"]
+
+
+# ----------------------------------------------------------------------------- caches as other tools leave them
+
+def fill_as_users_do(code: str, home: Path, endpoint: str) -> None:
+    """Run ``code`` (transformers / huggingface_hub calls) in a fresh process against the stand-in hub."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+USERS_CACHE = f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from huggingface_hub import hf_hub_download, snapshot_download
+AutoTokenizer.from_pretrained({LLAMA!r}); AutoModelForCausalLM.from_pretrained({LLAMA!r})
+snapshot_download({SPARSIFY!r}, allow_patterns=["layers.1/*"])
+hf_hub_download({DATA!r}, "data/train.jsonl", repo_type="dataset")
+"""
+
+
+def test_offline_from_caches_without_a_listing(hub_server, filled, tmp_path):
+    """A cache as transformers' from_pretrained, hf_hub_download or an older huggingface_hub leave it:
+    refs/ and snapshots/ but no trees/ listing. Offline, each resolves from its snapshot folder; a
+    copied cache (plain files) and a commit without a refs file too; what is not there is one line."""
+    import shutil
+
+    home = tmp_path / "home"
+    fill_as_users_do(USERS_CACHE, home, hub_server.url)
+    hub_dir = home / "hub"
+    for trees in hub_dir.glob("*/trees"):  # what huggingface_hub < 2 never wrote
+        shutil.rmtree(trees)
+    assert not list(hub_dir.glob("*/trees")) and list(hub_dir.glob("models--tiny--llama/refs/main"))
+    snap = next(hub_dir.glob("models--tiny--llama/snapshots/*"))
+    assert (snap / "config.json").is_symlink()
+    down = dead_endpoint()
+    reqs = [{"kind": "model", "ref": LLAMA}, {"kind": "sae", "ref": SPARSIFY, "hookpoint": "layers.1"},
+            {"kind": "dataset", "ref": f"hf://datasets/{DATA}"}]
+    model, sae, data = resolve(reqs, home, down, offline=True)
+    assert model["commit"] == hub_server.repos[("model", LLAMA)].refs["main"] == snap.name
+    assert model["path"] == str(snap)
+    assert sorted(Path(f).name for f in model["files"]) == sorted(
+        f for f in hub_server.lm_files if f in hub.MODEL_FILES or f.endswith(".safetensors"))
+    assert (sae["commit"], Path(sae["path"]).name) == (hub_server.new_sae, "layers.1")
+    assert [Path(f).name for f in data["files"]] == ["train.jsonl"] and data["commit"] == filled["out"][2]["commit"]
+
+    # a copied cache (plain files, no blobs, no refs): a revision named by its commit
+    copy = tmp_path / "copy" / "hub"
+    shutil.copytree(hub_dir, copy, symlinks=False, ignore=shutil.ignore_patterns("blobs", "refs", ".locks"))
+    assert not (copy / snap.relative_to(hub_dir) / "config.json").is_symlink()
+    pinned = [{"kind": "model", "ref": f"{LLAMA}@{snap.name}"},
+              {"kind": "sae", "ref": f"hf://{SPARSIFY}@{hub_server.new_sae}", "hookpoint": "layers.1"},
+              {"kind": "dataset", "ref": f"hf://datasets/{DATA}@{data['commit']}/data"}]
+    m2, s2, d2 = resolve(pinned + [{"kind": "model", "ref": LLAMA}], copy.parent, down, offline=True)[:3]
+    assert m2["commit"] == model["commit"] and Path(m2["path"]) == copy / snap.relative_to(hub_dir)
+    assert s2["commit"] == sae["commit"] and [Path(f).name for f in d2["files"]] == ["train.jsonl"]
+    main, = resolve([{"kind": "model", "ref": LLAMA}], copy.parent, down, offline=True)
+    assert main["error"] == (f"model.path='tiny/llama': HF_HUB_OFFLINE=1 and tiny/llama@main is not in the cache "
+                             f"({copy}); it holds tiny/llama@{snap.name} (name that commit to use it); run once with "
+                             "network access, or unset HF_HUB_OFFLINE")
+
+    # what the snapshot folder lacks: one line, "only partly in the cache", naming it
+    shard = sorted(snap.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    (copy / sae["path"].split("/hub/", 1)[1] / "sae.safetensors").unlink()
+    out = resolve([reqs[0], {"kind": "sae", "ref": SPARSIFY, "hookpoint": "layers.0"}], home, down, offline=True)
+    out += resolve([pinned[1]], copy.parent, down, offline=True)
+    assert out[0]["error"] == (f"model.path='tiny/llama': HF_HUB_OFFLINE=1 and tiny/llama@main is only partly in the "
+                               f"cache ({hub_dir}): missing {shard.name}; run once with network access, or unset "
+                               "HF_HUB_OFFLINE")
+    assert out[1]["error"].startswith("sae.path='sae/tiny-sparsify': HF_HUB_OFFLINE=1 and sae/tiny-sparsify@main is "
+                                      f"only partly in the cache ({hub_dir}): no SAE for hookpoint 'layers.0' among "
+                                      "the cached ones: layers.1;")
+    assert "only partly in the cache" in out[2]["error"] and "no SAE among its files" in out[2]["error"]
+
+    # online, the same cache is completed from the hub (its listing), saying what it fetches
+    mark = hub_server.mark()
+    again, = resolve([reqs[0]], home, hub_server.url)
+    assert again["commit"] == model["commit"] and hub_server.fetched(mark) == {f"{LLAMA}:{shard.name}"}

@@ -60,11 +60,13 @@ class Resolved:
     repo_type: str = "model"
     files: list[Path] = field(default_factory=list)  # the local files it is made of (datasets: the data files)
     pinned: str = ""  # the same reference at ``commit`` (what other nodes resolve, to get the very same files)
+    listed: str = "listing"  # where its file list came from: the hub's ``listing`` (or its cached copy), or
+    # the cached ``snapshot folder`` (a cache without a listing, read offline: only the files fetched so far)
 
     def manifest(self) -> dict:
         """What a run records about it."""
         return {"repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
-                "commit": self.commit, "pinned": self.pinned}
+                "commit": self.commit, "pinned": self.pinned, "listed": self.listed}
 
 
 # ----------------------------------------------------------------------------- what is a hub reference
@@ -192,15 +194,18 @@ def _translate(e: BaseException, what: str, ref: HubRef) -> HubError | None:
         return HubError(f"{head}: not a valid hub repository id or revision ({one_line(e, 160)})")
     unreachable = (OfflineModeIsEnabled, RevisionResolutionError, LocalEntryNotFoundError,
                    CachedRepoTreeNotFoundError, httpx2.TransportError)
-    if isinstance(e, unreachable) or (isinstance(e, HfHubHTTPError) and e.response is not None
-                                      and e.response.status_code >= 500):
-        missing = "is only partly in the cache" if isinstance(e, IncompleteSnapshotError) else "is not in the cache"
+    partly = isinstance(e, (IncompleteSnapshotError, _PartlyCached))
+    if partly or isinstance(e, unreachable) or (isinstance(e, HfHubHTTPError) and e.response is not None
+                                                and e.response.status_code >= 500):
+        missing = "is only partly in the cache" if partly else "is not in the cache"
+        detail = f": {e.detail}" if isinstance(e, _PartlyCached) else "" if partly else _cached_snapshots(ref)
         if _offline():
-            return HubError(f"{head}: HF_HUB_OFFLINE=1 and {ref.repo_id}@{rev} {missing} "
-                            f"({constants.HF_HUB_CACHE}); run once with network access, or unset HF_HUB_OFFLINE")
-        reason = _root_reason(e)
-        return HubError(f"{head}: cannot reach the hub at {constants.ENDPOINT} ({reason}) and {ref.repo_id}@{rev} "
-                        f"{missing}; check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache")
+            return HubError(f"{head}: HF_HUB_OFFLINE=1 and {ref.repo_id}@{rev} {missing} ({constants.HF_HUB_CACHE})"
+                            f"{detail}; run once with network access, or unset HF_HUB_OFFLINE")
+        reason = "" if isinstance(e, _PartlyCached) else f" ({_root_reason(e)})"
+        return HubError(f"{head}: cannot reach the hub at {constants.ENDPOINT}{reason} and {ref.repo_id}@{rev} "
+                        f"{missing}{detail}; check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the "
+                        "cache")
     if isinstance(e, EntryNotFoundError):
         return HubError(f"{head}: a file listed by the hub is missing from {ref.repo_id}@{rev} ({one_line(e, 160)})")
     if isinstance(e, HfHubHTTPError):
@@ -212,6 +217,15 @@ def _translate(e: BaseException, what: str, ref: HubRef) -> HubError | None:
         return HubError(f"{head}: cannot write the hub cache {constants.HF_HUB_CACHE} ({e.strerror}); "
                         "free space there or set HF_HOME to a writable folder")
     return None
+
+
+def _cached_snapshots(ref: HubRef) -> str:
+    """A hint naming the commits the cache holds for ``ref`` (when its revision is not among them)."""
+    commits = sorted(p.name for p in _snapshot_dir(ref, "x").parent.glob("*") if _COMMIT.fullmatch(p.name))
+    if not commits:
+        return ""
+    return (f"; it holds {', '.join(f'{ref.repo_id}@{c}' for c in commits[:2])}{', ...' if len(commits) > 2 else ''}"
+            " (name that commit to use it)")
 
 
 def _root_reason(e: BaseException) -> str:
@@ -252,22 +266,75 @@ def _api():
     return HfApi()
 
 
-def _listing(ref: HubRef):
-    """The revision (resolved to its commit) and ``{path: size}`` of every file at that commit:
-    from the cache when it has them (always when offline), else from the hub."""
+@dataclass(frozen=True)
+class _Listing:
+    """A revision resolved to its commit and ``{path: size}`` of its files. ``partial``: read from
+    the local snapshot folder (a cache left by ``hf_hub_download``, ``from_pretrained`` or an older
+    ``huggingface_hub``, which keep no listing), so it holds only the files fetched so far."""
+
+    rev: object  # huggingface_hub.ResolvedRevision
+    sizes: dict
+    partial: bool = False
+
+
+def _listing(ref: HubRef) -> _Listing:
+    """The files at the resolved revision: from the cached listing (``trees/<commit>.json``) when
+    there is one, else from the hub, else (offline, or the hub unreachable) from the files of the
+    cached snapshot folder."""
+    import httpx2
     from huggingface_hub import get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError
     from huggingface_hub.hf_api import RepoFile
 
     api = _api()
     rev = api.resolve_revision(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision)
     try:
         tree = get_cached_repo_tree(ref.repo_id, repo_type=ref.repo_type, revision=rev.resolved)
-    except CachedRepoTreeNotFoundError:
-        if _offline():
-            raise
-        tree = api.list_repo_tree(ref.repo_id, repo_type=ref.repo_type, revision=rev.resolved, recursive=True)
-    return rev, {f.path: f.size for f in tree if isinstance(f, RepoFile)}
+    except CachedRepoTreeNotFoundError as e:
+        if not _offline():
+            try:
+                tree = api.list_repo_tree(ref.repo_id, repo_type=ref.repo_type, revision=rev.resolved,
+                                          recursive=True)
+                return _Listing(rev, {f.path: f.size for f in tree if isinstance(f, RepoFile)})
+            except (httpx2.TransportError, HfHubHTTPError) as down:
+                if isinstance(down, HfHubHTTPError) and (down.response is None or down.response.status_code < 500):
+                    raise
+                e = down
+        local = _snapshot_files(_snapshot_dir(ref, rev.resolved))
+        if not local:
+            raise e
+        return _Listing(rev, local, partial=True)
+    return _Listing(rev, {f.path: f.size for f in tree if isinstance(f, RepoFile)})
+
+
+def _snapshot_files(snap: Path) -> dict[str, int]:
+    """``{path in the repository: size}`` of the files in a cached snapshot folder (symlinks into
+    ``blobs/`` or plain copies; a link whose blob is gone is not a file)."""
+    out = {}
+    if snap.is_dir():
+        for f in sorted(snap.rglob("*")):
+            if f.is_file():
+                out[f.relative_to(snap).as_posix()] = f.stat().st_size
+    return out
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+class _PartlyCached(Exception):
+    """What a resolution needs is not in a snapshot listed from its folder (``detail``: what is missing)."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _need(listing: _Listing, ok: bool, detail: str) -> None:
+    """A listing read from the snapshot folder that lacks what is needed: the files may just not be
+    fetched yet, so say so rather than what the repository lacks."""
+    if listing.partial and not ok:
+        raise _PartlyCached(detail)
 
 
 def _escape(path: str) -> str:
@@ -283,28 +350,46 @@ def _snapshot_dir(ref: HubRef, commit: str) -> Path:
         repo_id=ref.repo_id, repo_type=ref.repo_type) / "snapshots" / commit
 
 
-def _fetch(ref: HubRef, rev, files: list[str], sizes: dict[str, int], quiet: bool = False) -> Path:
-    """Bring ``files`` of the resolved revision into the cache (only those not there yet); the snapshot folder."""
+def _fetch(ref: HubRef, listing: _Listing, files: list[str], quiet: bool = False, before: tuple = ()) -> Path:
+    """Bring ``files`` of the resolved revision into the cache (only those not there yet); the
+    snapshot folder. Says first, in one line, what it fetches and how much (sizes from the listing;
+    ``before``: files this resolution already fetched quietly, counted in that line)."""
     from huggingface_hub import constants, snapshot_download
 
+    rev = listing.rev
     snap = _snapshot_dir(ref, rev.resolved)
     missing = [f for f in files if not (snap / f).is_file()]
     if not missing:
         return snap
-    if not (quiet or _offline()):
-        size = sum(sizes.get(f) or 0 for f in missing)
-        amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-        print(f"[mona_ray] fetching {len(missing)} file(s), {amount}, of {ref.repo_id}@{rev.resolved[:12]} "
-              f"from {constants.ENDPOINT} into {constants.HF_HUB_CACHE}", file=sys.stderr)
+    if _offline():  # (snapshot_download, offline and without a cached listing, returns the folder as it is)
+        raise _PartlyCached(f"missing {_few(missing)}")
+    if not quiet:
+        print(f"[mona_ray] {fetch_line(ref, rev.resolved, list(before) + missing, listing.sizes)}", file=sys.stderr)
     out = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=rev,
                             allow_patterns=[_escape(f) for f in missing])
     return Path(out)
 
 
-def _resolved(ref: HubRef, rev, path: Path, files: list[str]) -> Resolved:
+def fetch_line(ref: HubRef, commit: str, files: list[str], sizes: dict) -> str:
+    """``fetching <repo>@<commit>: N file(s), X MB (a, b, ...) from <endpoint> into <cache>``."""
+    from huggingface_hub import constants
+
+    known = [sizes[f] for f in files if sizes.get(f) is not None]
+    size = sum(known)
+    amount = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size} bytes"
+    if len(known) < len(files):
+        amount += f" + {len(files) - len(known)} of unknown size"
+    kind = "dataset " if ref.repo_type == "dataset" else ""
+    return (f"fetching {kind}{ref.repo_id}@{commit[:12]}: {len(files)} file(s), {amount} ({_few(files, 4)}) "
+            f"from {constants.ENDPOINT} into {constants.HF_HUB_CACHE}")
+
+
+def _resolved(ref: HubRef, listing: _Listing, path: Path, files: list[str]) -> Resolved:
+    rev = listing.rev
     snap = _snapshot_dir(ref, rev.resolved)
     return Resolved(path=path, repo_id=ref.repo_id, revision=ref.revision or "main", commit=rev.resolved,
-                    repo_type=ref.repo_type, files=[snap / f for f in files], pinned=ref.at(rev.resolved))
+                    repo_type=ref.repo_type, files=[snap / f for f in files], pinned=ref.at(rev.resolved),
+                    listed="snapshot folder" if listing.partial else "listing")
 
 
 # ----------------------------------------------------------------------------- models
@@ -323,8 +408,11 @@ def resolve_model(ref: str, what: str = "model.path") -> Resolved:
     """A model repository's config, tokenizer and safetensors weights, in the hub cache."""
     r = parse_ref(ref, "model", what)
     with _Failures(what, r):
-        rev, sizes = _listing(r)
+        listing = _listing(r)
+        sizes = listing.sizes
         meta, weights = model_files(sizes)
+        _need(listing, "config.json" in meta, "missing config.json")
+        _need(listing, bool(weights), "no *.safetensors weights among its cached files")
         if "config.json" not in meta:
             raise HubError(f"{_head(what, r)}: {r.repo_id} has no config.json at its root: not a transformers "
                            "checkpoint")
@@ -333,12 +421,16 @@ def resolve_model(ref: str, what: str = "model.path") -> Resolved:
             raise HubError(f"{_head(what, r)}: {r.repo_id} has no *.safetensors weights"
                            + (f", only pickled ones ({', '.join(pickles[:3])}), which mona_ray never loads"
                               if pickles else "") + "; use a safetensors revision or convert it locally")
-        index = "model.safetensors.index.json"
+        index, before = "model.safetensors.index.json", ()
         if index in meta:  # only the shards the index names (a repo may hold a consolidated copy too)
-            named = set(json.loads((_fetch(r, rev, [index], sizes, quiet=True) / index).read_text())
-                        .get("weight_map", {}).values())
+            before = () if (_snapshot_dir(r, listing.rev.resolved) / index).is_file() else (index,)
+            named = sorted(set(json.loads((_fetch(r, listing, [index], quiet=True) / index).read_text())
+                               .get("weight_map", {}).values()))
+            absent = [w for w in named if w not in sizes]
+            _need(listing, not absent, f"missing {_few(absent)}")
             weights = [w for w in weights if w in named] or weights
-        return _resolved(r, rev, _fetch(r, rev, meta + weights, sizes), meta + weights)
+        files = meta + weights
+        return _resolved(r, listing, _fetch(r, listing, [f for f in files if f not in before], before=before), files)
 
 
 # ----------------------------------------------------------------------------- SAEs
@@ -385,16 +477,20 @@ def resolve_sae(ref: str, hookpoint: str | None, what: str = "sae.path") -> Reso
     """Only the SAE for ``hookpoint`` from a sparsify or SAELens repository; ``path`` is its folder."""
     r = parse_ref(ref, "sae", what)
     with _Failures(what, r):
-        rev, sizes = _listing(r)
-        folders = sae_folders(sizes)
+        listing = _listing(r)
+        folders = sae_folders(listing.sizes)
+        _need(listing, bool(folders), f"no SAE among its files (no cfg.json next to {_SPARSIFY_WEIGHTS} or "
+                                      f"{_SAELENS_WEIGHTS})")
         if not folders:
             raise HubError(f"{_head(what, r)}: {r.repo_id} holds no SAE (no cfg.json next to {_SPARSIFY_WEIGHTS} "
                            f"or {_SAELENS_WEIGHTS})")
-        chosen = pick_sae(folders, hookpoint, r.path_in_repo)
+        chosen, before = pick_sae(folders, hookpoint, r.path_in_repo), ()
         if not chosen and not r.path_in_repo and "saelens" in folders.values() and _hookpoint_of(str(hookpoint)):
             # SAELens folders need not be named after their hook: read the (small) cfg.json files
             cfgs = sorted(f"{f}/cfg.json" for f, fmt in folders.items() if fmt == "saelens")
-            snap = _fetch(r, rev, cfgs, sizes)
+            snap = _snapshot_dir(r, listing.rev.resolved)
+            before = tuple(c for c in cfgs if not (snap / c).is_file())  # announced with the weights
+            _fetch(r, listing, cfgs, quiet=True)
             want = _hookpoint_of(str(hookpoint))
             chosen = [c.rpartition("/")[0] for c in cfgs
                       if (h := _cfg_hook(snap / c)) and _hookpoint_of(h) == want]
@@ -404,12 +500,13 @@ def resolve_sae(ref: str, hookpoint: str | None, what: str = "sae.path") -> Reso
                 raise HubError(f"{_head(what, r)}: several SAEs in {r.repo_id} read {hookpoint}: "
                                f"{', '.join(chosen)}; name one: {what}=hf://{r.label}/<folder>")
             looked = f"folder {r.path_in_repo!r}" if r.path_in_repo else f"hookpoint {hookpoint!r}"
+            _need(listing, False, f"no SAE for {looked} among the cached ones: {have}")
             raise HubError(f"{_head(what, r)}: no SAE for {looked} in {r.repo_id}; it has: {have}")
         folder = chosen[0]
         weights = _SPARSIFY_WEIGHTS if folders[folder] == "sparsify" else _SAELENS_WEIGHTS
         files = [f"{folder}/{n}" if folder else n for n in ("cfg.json", weights)]
-        snap = _fetch(r, rev, files, sizes)
-        return _resolved(r, rev, snap / folder if folder else snap, files)
+        snap = _fetch(r, listing, files, before=before)
+        return _resolved(r, listing, snap / folder if folder else snap, files)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -434,16 +531,22 @@ def resolve_dataset(ref: str, what: str = "source.paths") -> Resolved:
     """``hf://datasets/<org>/<name>[@rev][/<path or glob>]``: its data files, in the hub cache."""
     r = parse_ref(ref, "dataset", what)
     with _Failures(what, r):
-        rev, sizes = _listing(r)
+        listing = _listing(r)
+        sizes = listing.sizes
         files = data_files(sizes, r.path_in_repo)
+        where = f"{r.path_in_repo!r} in " if r.path_in_repo else ""
+        _need(listing, bool(files), f"no data file in {where}its cached files")
         if not files:
-            where = f"{r.path_in_repo!r} in " if r.path_in_repo else ""
             raise HubError(f"{_head(what, r)}: no data file ({', '.join(DATA_SUFFIXES)}) in {where}{r.label}; it "
                            f"has: {', '.join(sorted(sizes)[:8])}{', ...' if len(sizes) > 8 else ''}")
-        snap = _fetch(r, rev, files, sizes)
+        if listing.partial:
+            print(f"[mona_ray] {what}: {r.text or r.label} has no cached file listing; reading the {len(files)} "
+                  f"data file(s) of its cached snapshot {listing.rev.resolved[:12]} (files never fetched are not "
+                  "seen)", file=sys.stderr)
+        snap = _fetch(r, listing, files)
         base = r.path_in_repo if r.path_in_repo and not _GLOB.search(r.path_in_repo) else ""
         path = snap / base if base and (snap / base).is_dir() else snap
-        return _resolved(r, rev, path, files)
+        return _resolved(r, listing, path, files)
 
 
 def here(path, pinned: str = "", kind: str = "model", hookpoint: str | None = None) -> str:
