@@ -31,7 +31,7 @@ from ..features.engine import Batching
 from ..features.local import Rendering
 from ..features.readouts import Readout, rds_readout
 from ..features.spec import EngineJob, SaeRef, num_layers, readout_width, representation_readout, sae_ref
-from ..features.store import FeatureStore, embedding_fingerprint
+from ..features.store import FeatureStore
 from . import publish
 
 FINGERPRINT_VERSION = 2
@@ -124,12 +124,7 @@ def needs_sae(cfg: RunConfig) -> bool:
 def resolve_sae(cfg: RunConfig, resolved: dict | None = None) -> SaeRef | None:
     """The run's SAE (metadata only; from the hub only the hooked layer's files), or None when
     the run needs none."""
-    if not needs_sae(cfg):
-        return None
-    resolved = {} if resolved is None else resolved
-    path = _from_hub(resolved, "sae.path", cfg.sae.path, hub.resolve_sae, cfg.sae.hookpoint)
-    sae = sae_ref(path, cfg.sae.format, cfg.sae.hookpoint, cfg.sae.k)
-    return replace(sae, hub=resolved["sae.path"].pinned) if "sae.path" in resolved else sae
+    return sae_at(cfg.sae, cfg.sae.hookpoint, resolved) if needs_sae(cfg) else None
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -157,48 +152,44 @@ def check(cfg: RunConfig) -> Inputs:
     if address:
         executor.check_reachable(address)  # ray.init retries an unreachable address for minutes
     parse_hookpoint(cfg.sae.hookpoint)
-    problems = []  # every path checked, all problems reported at once
-    model_dir = sae = None
-    resolved: dict = {}  # hub ids, resolved (fetched into the hub cache) before any work
-    try:
-        model_dir = resolve_model_path(str(_from_hub(resolved, "model.path", cfg.model.path, hub.resolve_model)))
-    except (ModelError, hub.HubError) as e:
-        problems.append(str(e))
-    try:
-        sae = resolve_sae(cfg, resolved)
-    except (SAEError, hub.HubError) as e:
-        problems.append(str(e))
-    files = {}
-    for role in ("source", "target"):
-        what = f"{role}.paths"
+    # local paths first, the hub after: a misspelt local path is reported before anything is fetched
+    roles = {role: list(getattr(cfg, role).paths) for role in ("source", "target")}
+    is_hub = {"model.path": hub.is_hub_ref(cfg.model.path, "model"),
+              "sae.path": needs_sae(cfg) and hub.is_hub_ref(cfg.sae.path, "sae")}
+    problems, resolved, got = [], {}, {}  # got: what each setting (each input path) came to
+
+    def attempt(key, fn, errors):
         try:
-            paths = []
-            for x in getattr(cfg, role).paths:
-                if hub.is_hub_ref(x, "dataset"):
-                    r = hub.resolve_dataset(str(x), what)
-                    resolved.setdefault(what, []).append(r)
-                    paths += [str(f) for f in r.files]
-                else:
-                    paths.append(x)
-            files[role] = readers.input_files(paths)
-        except hub.HubError as e:
+            got[key] = fn()
+        except errors as e:
             problems.append(str(e))
-        except InputError as e:
-            problems.append(f"{what}: {e}; set {what}=[/path/to/files_or_folders or URLs]")
-    versions = {}
-    try:
-        versions = storage.versions([f for role in files for f in files[role]])
-    except InputError as e:  # an object gone between its listing and its HEAD, access denied
-        problems.append(str(e))
-    if problems:
-        raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
+
+    def inputs(hub_side: bool) -> None:
+        if is_hub["model.path"] == hub_side:
+            attempt("model.path", lambda: local_model(cfg.model.path, resolved), (ModelError, hub.HubError))
+        if is_hub["sae.path"] == hub_side:
+            attempt("sae.path", lambda: resolve_sae(cfg, resolved), (SAEError, hub.HubError))
+        for role, paths in roles.items():
+            what = f"{role}.paths"
+            for i, x in enumerate(paths):
+                if hub.is_hub_ref(x, "dataset") == hub_side:
+                    attempt((what, i), lambda x=x, what=what: _dataset_files(x, what, resolved),
+                            (hub.HubError, InputError))
+
+    for hub_side in (False, True):
+        inputs(hub_side)
+        if problems:
+            raise InputError("\n  ".join(["cannot start:"] + problems) if len(problems) > 1 else problems[0])
+    files = {role: [f for i in range(len(paths)) for f in got[(f"{role}.paths", i)]] for role, paths in roles.items()}
+    versions = storage.versions([f for role in files for f in files[role]])  # one HEAD per object
     for role in ("source", "target"):
         if not files[role]:
             raise InputError(f"the {role} set {getattr(cfg, role).paths} has no usable rows: no .parquet/.jsonl/.json/.arrow "
                              f"(or .jsonl.gz/.json.gz) file or save_to_disk folder matched; set {role}.paths=[...]")
+    model_dir = got["model.path"]
     check_tokenizer(cfg, model_dir)
     check_output_dir(Path(cfg.run.output_dir).expanduser().resolve(), cfg.run.overwrite)
-    return Inputs(model_dir, sae, files, resolved, versions)
+    return Inputs(model_dir, got.get("sae.path"), files, resolved, versions)
 
 
 def check_posix_outputs(cfg: RunConfig) -> None:
@@ -211,14 +202,111 @@ def check_posix_outputs(cfg: RunConfig) -> None:
                            f"Set {what} to a local or shared folder (NFS, Lustre, or the bucket mounted)")
 
 
-def _from_hub(resolved: dict, what: str, ref, resolve, *args):
+def _dataset_files(x, what: str, resolved: dict) -> list[Path]:
+    """One entry of ``source.paths``/``target.paths``: its input files (a hub dataset's, fetched)."""
+    if not hub.is_hub_ref(x, "dataset"):
+        try:
+            return readers.input_files([x])
+        except InputError as e:
+            raise InputError(f"{what}: {e}; set {what}=[/path/to/files_or_folders or URLs]") from None
+    r = hub.resolve_dataset(str(x), what)
+    resolved.setdefault(what, []).append(r)
+    return readers.input_files([str(f) for f in r.files])
+
+
+# ----------------------------------------------------------------------------- the model side, for every command
+# (the run, the evaluation, train_sae and eval_sae read model.path and sae.path through these)
+
+
+def _from_hub(resolved: dict | None, what: str, ref, resolve, *args) -> tuple[str, "hub.Resolved | None"]:
     """``ref`` itself when it is a local path, else the local folder of what it names on the hub
-    (recorded in ``resolved[what]``)."""
+    (recorded in ``resolved[what]``), with what it resolved to."""
     if not hub.is_hub_ref(ref, "sae" if what == "sae.path" else "model"):
-        return ref
+        return ref, None
     r = resolve(str(ref), *args, what=what)
-    resolved[what] = r
-    return r.path
+    if resolved is not None:
+        resolved[what] = r
+    return str(r.path), r
+
+
+def local_model(path, resolved: dict | None = None, what: str = "model.path") -> Path:
+    """``model.path`` as a local checkpoint folder: the folder, ``embedded:...``, or a hub id's
+    files in the hub cache (fetched when not there; recorded in ``resolved[what]``)."""
+    return resolve_model_path(str(_from_hub(resolved, what, path, hub.resolve_model)[0]))
+
+
+def sae_path(path, hookpoint: str, resolved: dict | None = None) -> str:
+    """``sae.path`` as a local folder holding the SAE for ``hookpoint`` (a hub id: only its files)."""
+    return _from_hub(resolved, "sae.path", path, hub.resolve_sae, hookpoint)[0]
+
+
+def sae_at(sae_cfg, hookpoint: str, resolved: dict | None = None) -> SaeRef:
+    """The SAE of ``sae.*`` for ``hookpoint`` (metadata only), with its pinned hub reference when
+    ``sae.path`` is a hub id (a node without the driver's cache fetches the same commit)."""
+    path, r = _from_hub(resolved, "sae.path", sae_cfg.path, hub.resolve_sae, hookpoint)
+    ref = sae_ref(path, sae_cfg.format, hookpoint, sae_cfg.k)
+    return replace(ref, hub=r.pinned) if r is not None else ref
+
+
+def model_fingerprint(model_dir: Path, model_hub: "hub.Resolved | None") -> str:
+    """The model's fingerprint; from the hub, its commit too (a moved branch re-embeds, a pinned
+    revision reproduces)."""
+    fp = fingerprint_model(model_dir)
+    return _sha([fp, model_hub.commit])[:16] if model_hub is not None else fp
+
+
+def compute_on(model_cfg, resources: dict) -> tuple[str, str, str]:
+    """``(device, dtype, why)``: where and in what dtype the model runs, given the resources the
+    work runs on (a cluster's, or this machine's: :func:`local_resources`)."""
+    device = model_cfg.device if str(model_cfg.device).startswith("cuda:") else (
+        "cuda" if _use_gpu(model_cfg.device, resources) else "cpu")
+    dtype, why = _resolve_dtype(str(model_cfg.dtype), device)
+    return device, dtype, why
+
+
+def local_resources() -> dict:
+    """This machine's resources, as a cluster's are given to :func:`compute_on`."""
+    import torch
+
+    return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """The model side of an embedding pass: what each actor (or the local embedder) loads and runs,
+    and the store of each readout. The run and the evaluation both build theirs with :func:`embed_plan`."""
+
+    job: EngineJob
+    stores: dict  # readout name -> FeatureStore
+    model_fp: str
+    dtype_reason: str
+    num_actors: int
+    actor_resources: dict  # an embedding actor's resources, as the executor takes them
+
+
+def embed_plan(cfg, model_dir: Path, model_hub: "hub.Resolved | None", readouts, saes, store_dir,
+               resources: dict, model_fp: str | None = None) -> EmbedPlan:
+    """Device, dtype, the engine job, its actors and the feature store of each readout, for
+    ``cfg``'s ``model``, ``embed`` and ``render`` sections (a run's or the evaluation's)."""
+    from ..features.local import stores_for
+
+    device, dtype, why = compute_on(cfg.model, resources)
+    model_fp = model_fp or model_fingerprint(model_dir, model_hub)
+    n_actors = _num_actors(cfg.embed.num_actors, device, resources)
+    custom = dict(cfg.embed.actor_resources)  # e.g. pin actors to a node type
+    gpu = device.startswith("cuda")
+    actor_resources = ({"num_gpus": 1, "num_cpus": cfg.embed.actor_num_cpus_gpu, "custom": custom} if gpu
+                       else {"num_cpus": cfg.embed.actor_num_cpus_cpu, "custom": custom})
+    threads = cfg.embed.torch_threads
+    if threads in (None, "auto"):
+        threads = 0 if gpu else max(1, (os.cpu_count() or 1) // max(1, n_actors))
+    job = EngineJob(model_dir=str(model_dir), dtype=dtype, device=device, readouts=tuple(readouts),
+                    saes=tuple(saes), batching=Batching.of(cfg.embed), torch_threads=int(threads),
+                    trust_remote_code=bool(cfg.model.trust_remote_code),
+                    attn_implementation=cfg.model.attn_implementation,
+                    model_hub=model_hub.pinned if model_hub is not None else "")
+    stores = stores_for(job, Rendering.of(cfg.render), model_fp, store_dir)
+    return EmbedPlan(job, stores, model_fp, why, n_actors, actor_resources)
 
 
 def check_tokenizer(cfg: RunConfig, model_dir: Path) -> None:
@@ -263,11 +351,8 @@ def make_plan(cfg: RunConfig, cfg_dict: dict, inputs: Inputs, units: dict[str, l
     """The frozen plan of one attempt (``resources``: the cluster's, which decide the device
     and the number of embedding actors). Creates the store's folder (a run that embeds);
     writes nothing else."""
-    device = "cuda" if _use_gpu(cfg.model.device, resources) else "cpu"
-    dtype, dtype_reason = _resolve_dtype(str(cfg.model.dtype), device)
-    model_fp = fingerprint_model(inputs.model_dir)
-    if inputs.model_hub:  # the commit too: a moved branch re-embeds, a pinned revision reproduces
-        model_fp = _sha([model_fp, inputs.hub["model.path"].commit])[:16]
+    device, dtype, dtype_reason = compute_on(cfg.model, resources)
+    model_fp = model_fingerprint(inputs.model_dir, inputs.hub.get("model.path"))
     rendering = Rendering.of(cfg.render)
     render_spec = rendering.spec()
     prep_fp = _sha({"v": FINGERPRINT_VERSION, "model": model_fp, **render_spec, "exclude": cfg.pool.exclude})
@@ -288,23 +373,13 @@ def make_plan(cfg: RunConfig, cfg_dict: dict, inputs: Inputs, units: dict[str, l
     folders = {"run.output_dir": (root, publish.identity(root))}
     if readout is not None:  # a run that embeds: its store, its actors and what they run
         sae = inputs.sae if readout.kind == "sae" else None
-        embed_fp = embedding_fingerprint(model_fp, dtype, render_spec, readout.spec(), sae.fingerprint if sae else None,
-                                         batching.pad_multiple, batching.sae_chunk_tokens, batching.value_dtype)
-        store = FeatureStore(Path(cfg.embed.store_dir or str(root / "embeddings")).expanduser().resolve() / embed_fp)
+        ep = embed_plan(cfg, inputs.model_dir, inputs.hub.get("model.path"), (readout,), (sae,) if sae else (),
+                        cfg.embed.store_dir or str(root / "embeddings"), resources, model_fp)
+        job, store, n_actors, actor_resources = ep.job, ep.stores[readout.name], ep.num_actors, ep.actor_resources
+        embed_fp = store.root.name
         store.root.mkdir(parents=True, exist_ok=True)
         folders["the embedding store"] = (store.root, publish.identity(store.root))
         width = readout_width(readout, inputs.model_dir, inputs.sae, cfg.model.trust_remote_code)
-        n_actors = _num_actors(cfg.embed.num_actors, device, resources)
-        custom = dict(cfg.embed.actor_resources)  # e.g. pin actors to a node type
-        actor_resources = ({"num_gpus": 1, "num_cpus": cfg.embed.actor_num_cpus_gpu, "custom": custom}
-                           if device == "cuda" else {"num_cpus": cfg.embed.actor_num_cpus_cpu, "custom": custom})
-        threads = cfg.embed.torch_threads
-        if threads in (None, "auto"):
-            threads = 0 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, n_actors))
-        job = EngineJob(model_dir=str(inputs.model_dir), dtype=dtype, device=device, readouts=(readout,),
-                        saes=(sae,) if sae else (), batching=batching, torch_threads=int(threads),
-                        trust_remote_code=cfg.model.trust_remote_code,
-                        attn_implementation=cfg.model.attn_implementation, model_hub=inputs.model_hub)
     return RunPlan(
         cfg=cfg, cfg_dict=cfg_dict, root=root, run_id=run_id, out=root / publish.RUNS / run_id,
         model_dir=inputs.model_dir, sae=inputs.sae, hub=inputs.hub, versions=inputs.versions,
@@ -342,7 +417,7 @@ def _use_gpu(device: str, resources: dict) -> bool:
 def _num_actors(n, device: str, resources: dict) -> int:
     if n not in (None, "auto"):
         return int(n)
-    return max(1, int(resources.get("GPU", 0))) if device == "cuda" else 1
+    return max(1, int(resources.get("GPU", 0))) if device.startswith("cuda") else 1
 
 
 def _resolve_dtype(name: str, device: str) -> tuple[str, str]:
@@ -351,7 +426,7 @@ def _resolve_dtype(name: str, device: str) -> tuple[str, str]:
 
     from ..core.model import dtype_name, resolve_dtype_reason
 
-    if name == "auto" and device == "cuda" and not torch.cuda.is_available():
+    if name == "auto" and device.startswith("cuda") and not torch.cuda.is_available():
         # the driver has no GPU to ask; the actors' GPUs are assumed to be Ampere or newer
         return "bfloat16", "auto: CUDA actors (bf16 assumed: Ampere or newer; set model.dtype otherwise)"
     dt, why = resolve_dtype_reason(name, device)
