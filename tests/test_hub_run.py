@@ -120,3 +120,131 @@ def test_hub_failures_are_one_line(hub, tmp_path):
     (line,) = [x for x in p.stderr.splitlines() if x.startswith("mona_ray: error:")]
     assert "layers.7" in line and "layers.0" in line and "layers.3" in line, line  # the hookpoints it has
     assert not (tmp_path / "out").exists()  # nothing written before the inputs resolve
+
+
+def hf_env(home: Path, endpoint: str, offline: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def python(code: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_offline_runs_from_caches_other_tools_left(hub, tmp_path):
+    """The cache as transformers' from_pretrained, sparsify (snapshot_download of one layer, with an older
+    huggingface_hub: no trees/ listing) and hf_hub_download leave it; then offline, against no hub at all:
+    the run resolves all three from the snapshot folders and records their commits. A copy of that cache
+    (plain files, no refs: every id pinned to its commit) runs through mona_ray.select."""
+    import shutil
+
+    home, loc = tmp_path / "hf_home", hub.local
+    fill = f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from huggingface_hub import hf_hub_download, snapshot_download
+AutoTokenizer.from_pretrained({LLAMA!r}); AutoModelForCausalLM.from_pretrained({LLAMA!r})
+snapshot_download({SAE!r}, revision="v1.0", allow_patterns=["layers.2/*"])
+hf_hub_download({DATA!r}, "data/train.jsonl", repo_type="dataset")
+"""
+    p = python(fill, hf_env(home, hub.url))
+    assert p.returncode == 0, p.stderr[-3000:]
+    for trees in (home / "hub").glob("*/trees"):
+        shutil.rmtree(trees)
+    down = "http://127.0.0.1:9"  # nothing listens there: a request would fail the run
+    args = tiny_overrides(LLAMA, f"{SAE}@v1.0", {"source": f"hf://datasets/{DATA}", "target": loc["target"]},
+                          tmp_path / "out", "report.explain=false")
+    mark = hub.mark()
+    p = run(args, home, down, offline=True)
+    ok(p)
+    assert hub.requests(mark) == []
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["hub"]["model.path"]["commit"] == hub.llama.refs["main"] and m["hub"]["model.path"]["revision"] == "main"
+    assert m["hub"]["sae.path"]["commit"] == hub.sae_v1 and m["hub"]["sae.path"]["revision"] == "v1.0"
+    assert m["hub"]["source.paths"][0]["commit"] == hub.data
+    assert {m["hub"]["model.path"]["listed"], m["hub"]["sae.path"]["listed"]} == {"snapshot folder"}
+    assert "has no cached file listing; reading the 1 data file(s) of its cached snapshot" in p.stderr
+    local = tiny_overrides(loc["lm"], loc["sae"], {"source": loc["source"], "target": loc["target"]},
+                           tmp_path / "local", "report.explain=false")
+    ok(run(local, home, down, offline=True))
+    assert selection(tmp_path / "out") == selection(tmp_path / "local") and len(selection(tmp_path / "out")) == 10
+
+    copy = tmp_path / "copied"
+    shutil.copytree(home / "hub", copy / "hub", symlinks=False, ignore=shutil.ignore_patterns("blobs", "refs", ".locks"))
+    model = f"{LLAMA}@{hub.llama.refs['main']}"
+    select = """
+import json, sys
+import mona_ray
+args = json.loads(sys.argv[1])
+s = mona_ray.select(args["source"], args["target"], overrides=args["overrides"], output_dir=args["out"])
+print(json.dumps({"ids": s.selected.column("id").to_pylist(), "hub": s.manifest["hub"]}))
+"""
+    over = [a for a in args if not a.startswith(("model.path=", "sae.path=", "source.paths=", "target.paths=",
+                                                 "run.output_dir="))]
+    req = {"source": f"hf://datasets/{DATA}@{hub.data}", "target": str(loc["target"]), "out": str(tmp_path / "sel"),
+           "overrides": over + [f"model.path={model}", f"sae.path={SAE}@{hub.sae_v1}"]}
+    p = python(select, hf_env(copy, down, offline=True), json.dumps(req))
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["ids"] == [i for i, _ in selection(tmp_path / "local")]
+    assert got["hub"]["model.path"]["commit"] == hub.llama.refs["main"] and got["hub"]["model.path"]["pinned"] == model
+
+
+def test_the_evaluation_reads_hub_ids_as_the_run_does(hub, tmp_path):
+    """python -m mona_ray.evaluate with model.path and sae.path hub ids: the same code as the run
+    resolves them (only the hooked layers are fetched) and the scores equal the local folders'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    loc = hub.local
+    rows = [json.loads(x) for x in loc["source"].read_text().splitlines()]
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "domain": "a" if i % 2 else "b"} for i, r in enumerate(rows)]), pool)
+    (tmp_path / "relevance.json").write_text(json.dumps({"t": ["a"]}))
+    common = [f"data.pool={pool}", f"data.targets={{t: {loc['target']}}}", f"data.relevance={tmp_path / 'relevance.json'}",
+              "model.dtype=float32", "sae.hookpoint=layers.2", "render.max_length=64", "selectors=[mona]",
+              "mona.representations=[sae]", "mona.poolings=[mean]", "mona.similarities=[jaccard]",
+              "mona.excludes=[special]", "mona.hookpoints=[layers.1,layers.2]", "mona.ks=[]", "mona.aggregations=[]",
+              "mona.rds=false", "progress=false", "k=[5]", "figure4.latents=8", "embed.rows_per_unit=32"]
+
+    def evaluate(out: str, model, sae, home: Path, store: str):
+        p = subprocess.run([sys.executable, "-m", "mona_ray.evaluate", *common, f"output_dir={tmp_path / out}",
+                            f"model.path={model}", f"sae.path={sae}", f"embed.store_dir={tmp_path / store}"],
+                           env=hf_env(home, hub.url), capture_output=True, text=True, timeout=600)
+        ok(p)
+        return pq.read_table(tmp_path / out / "scores.parquet").to_pydict(), json.loads(
+            (tmp_path / out / "results.json").read_text())
+
+    mark = hub.mark()
+    from_hub, doc = evaluate("hub", LLAMA, SAE, tmp_path / "home", "store_hub")
+    assert sorted(f for f in hub.fetched(mark) if f.startswith(SAE)) == [
+        f"{SAE}:layers.{n}/{f}" for n in (1, 2) for f in ("cfg.json", "sae.safetensors")]
+    assert doc["model"]["hub"]["model.path"]["commit"] == hub.llama.refs["main"]
+    local, _ = evaluate("local", loc["lm"], loc["sae"], tmp_path / "home", "store_local")
+    assert set(from_hub) == {"id", "t/mona:sae/mean/jaccard", "t/mona:sae/mean/jaccard@layers.1"}
+    assert from_hub == local  # equal, not close
+
+
+def test_a_misspelt_local_path_is_reported_before_any_download(hub, tmp_path):
+    loc = hub.local
+    data = {"source": str(loc["source"]) + ".typo", "target": loc["target"]}
+    mark = hub.mark()
+    p = run(tiny_overrides(LLAMA, SAE, data, tmp_path / "out"), tmp_path / "home", hub.url)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("mona_ray: error:")]
+    assert line == (f"mona_ray: error: source.paths: input {str(loc['source']) + '.typo'!r} does not exist; "
+                    "set source.paths=[/path/to/files_or_folders]"), line
+    assert hub.requests(mark) == [] and not (tmp_path / "home").exists()
+    # with the local paths right, the fetch says what it brings, one line per repository
+    p = run(tiny_overrides(LLAMA, SAE, {"source": loc["source"], "target": loc["target"]}, tmp_path / "out",
+                           "report.explain=false"), tmp_path / "home", hub.url)
+    ok(p)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("[mona_ray] fetching")]
+    assert len(lines) == 2 and lines[0].startswith(f"[mona_ray] fetching {LLAMA}@{hub.llama.refs['main'][:12]}: "), lines
+    sizes = {f: len(b) for f, b in hub.llama.commits[hub.llama.refs["main"]].items()}
+    need = [f for f in sizes if f != "README.md"]
+    assert f": {len(need)} file(s), " in lines[0] and (f"{sum(sizes[f] for f in need) / 1e6:.1f} MB" in lines[0]
+                                                        or f"{sum(sizes[f] for f in need)} bytes" in lines[0]), lines[0]
+    assert lines[1].startswith(f"[mona_ray] fetching {SAE}@{hub.sae_v1[:12]}: 2 file(s), ") and "layers.2/cfg.json" in lines[1]

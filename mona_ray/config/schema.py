@@ -157,8 +157,8 @@ class ModelConfig:
 
     path: str = "embedded:smollm2-135m-instruct"
     """``embedded:<name>`` (shipped with the package), a local Hugging Face checkpoint folder
-    (safetensors), or for ``mona_ray.run`` a hub id ``org/name[@revision]`` (only the config,
-    tokenizer and safetensors files are fetched, into the hub cache; never pickles)."""
+    (safetensors), or a hub id ``org/name[@revision]`` (the run, the evaluation, train_sae and eval_sae:
+    only the config, tokenizer and safetensors files are fetched, into the hub cache; never pickles)."""
     dtype: str = one_of(*DTYPES)
     """The forward pass dtype. auto: bf16 where native (CUDA, CPUs with AVX-512 BF16/AMX), else fp32."""
     device: str = "auto"
@@ -174,8 +174,8 @@ class SaeConfig:
     """The sparse autoencoder to read (``sae.*``)."""
 
     path: Optional[str] = "${mona_ray.asset:" + SHIPPED_SAE + "}"
-    """A sparsify root (holding ``layers.N/``) or a SAELens folder, or for ``mona_ray.run`` a hub id
-    ``org/name[@revision]`` (only the hooked layer's files are fetched); the default: the SAEs
+    """A sparsify root (holding ``layers.N/``) or a SAELens folder, or a hub id ``org/name[@revision]``
+    (the run, the evaluation and eval_sae: only the files of the hooked layers are fetched); the default: the SAEs
     shipped for the embedded SmolLM2."""
     format: str = one_of(*SAE_FORMATS)
     """auto: told apart by the files."""

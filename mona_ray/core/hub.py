@@ -31,7 +31,12 @@ What is a hub reference (:func:`is_hub_ref`):
 :class:`Resolved` (for the manifest and the fingerprints: a moved ``main`` re-embeds, a pinned
 revision reproduces). A second resolution of the same revision downloads nothing (one metadata
 call for a branch or tag, none for a commit hash); with ``HF_HUB_OFFLINE=1`` the cache alone is
-used. Every failure is a :class:`HubError` with a one-line message.
+used. A repository's file list comes from the cached listing (``trees/<commit>.json``, written by
+this tool's and ``snapshot_download``'s fetches), else from the hub, else (offline or the hub
+unreachable) from the files of the cached snapshot folder, as ``from_pretrained``,
+``hf_hub_download``, an older ``huggingface_hub`` or a copy leave it (links into ``blobs/`` or
+plain files; a ``@<commit>`` needs no ``refs/`` file): then what the run needs and the folder
+lacks is "only partly in the cache". Every failure is a :class:`HubError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -354,7 +359,7 @@ def _fetch(ref: HubRef, listing: _Listing, files: list[str], quiet: bool = False
     """Bring ``files`` of the resolved revision into the cache (only those not there yet); the
     snapshot folder. Says first, in one line, what it fetches and how much (sizes from the listing;
     ``before``: files this resolution already fetched quietly, counted in that line)."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
     rev = listing.rev
     snap = _snapshot_dir(ref, rev.resolved)

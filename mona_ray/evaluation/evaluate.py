@@ -40,11 +40,12 @@ from .suite import load_suite, pool_masks, suite_relevance, suite_report
 from .metrics import evaluate_ranking
 from ..core.io import write_parquet
 from ..config import CONF_DIR, EvalConfig, exit_on_bad_command_line, to_plain, to_typed, validate  # importing it registers the ${mona_ray.asset:...} resolver
+from ..core.hub import HubError
 from ..core.model import ModelError, parse_hookpoint
 from ..core.records import InputError, content_hash
 from ..scoring import rows_of
 from ..scoring.table import score_rows_against
-from ..core.sae import SAEError, detect_format
+from ..core.sae import SAEError
 from ..selectors import get_selector
 from ..selectors.nait import combine, nait_directions, project
 from ..config.schema import AGGREGATES, BACKGROUNDS, TEXT_SELECTORS
@@ -55,7 +56,7 @@ from ..config.schema import AGGREGATES, BACKGROUNDS, TEXT_SELECTORS
 # clusters, dense centroid cosine, NAIT), computed once over the whole pool and read for the target's rows.
 POOL_DEPENDENT_TEXT = ("random", "bm25", "dsir")
 POOL_DEPENDENT = ("round_robin", "rds")
-USER_ERRORS = (InputError, ModelError, SAEError, ValueError)
+USER_ERRORS = (InputError, ModelError, SAEError, HubError, ValueError)
 
 
 def _log(msg: str) -> None:
@@ -101,14 +102,6 @@ def variant_name(v: dict, cfg, sae_k: int) -> str:
         if v["exclude"] != cfg.pool.exclude:
             name += f"/exclude={v['exclude']}"
     return name
-
-
-def sae_available(path, hookpoint: str) -> bool:
-    try:
-        detect_format(path, hookpoint)
-        return True
-    except SAEError:
-        return False
 
 
 # ----------------------------------------------------------------------------- main
@@ -257,34 +250,38 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str 
     the feature engine fills the feature store (one forward per row for every readout, rows the
     store already holds are reused), then each variant is the pipeline's own scoring
     (``scoring.prototype_of`` over the target rows in id order, ``scoring.score_rows`` over the pool)."""
-    from ..core.model import dtype_name, fingerprint_model, resolve_device, resolve_dtype_reason, resolve_model_path
-    from ..features.engine import Batching
-    from ..features.local import LocalEmbedder, Rendering, stores_for
+    from ..features.local import LocalEmbedder, Rendering
     from ..features.readouts import Readout
-    from ..features.spec import EngineJob, readout_width, representation_readout, sae_ref
+    from ..features.spec import readout_width, representation_readout
+    from ..pipeline.plan import embed_plan, local_model, local_resources, sae_at
     from ..scoring import prototype_of, score_rows
 
-    model_dir = resolve_model_path(str(cfg.model.path))
-    device = resolve_device(cfg.model.device)
-    dt, dtype_reason = resolve_dtype_reason(str(cfg.model.dtype), device)
+    resolved: dict = {}  # hub ids, resolved as the run resolves them (the model, the SAE of each hookpoint)
+    model_dir = local_model(cfg.model.path, resolved)
     refs: dict[str, object] = {}
+    missing: dict[str, Exception] = {}  # hookpoint -> why sae.path has no SAE for it
 
     def ref(hookpoint):
-        if hookpoint not in refs:
-            refs[hookpoint] = sae_ref(cfg.sae.path, cfg.sae.format, hookpoint, cfg.sae.k)
-        return refs[hookpoint]
+        """The SAE for ``hookpoint`` (from the hub: only its files), or None."""
+        if hookpoint not in refs and hookpoint not in missing:
+            try:
+                refs[hookpoint] = sae_at(cfg.sae, hookpoint, resolved)
+            except (SAEError, HubError) as e:
+                missing[hookpoint] = e
+        return refs.get(hookpoint)
 
     sae_k = None
     if "mona" in wanted:
-        if not sae_available(cfg.sae.path, cfg.sae.hookpoint):
-            raise SAEError(f"sae.path={cfg.sae.path!r}: no SAE for hookpoint {cfg.sae.hookpoint} "
-                           "(MoNA needs one); set sae.path, or drop mona from selectors")
+        if ref(cfg.sae.hookpoint) is None:
+            why = missing[cfg.sae.hookpoint]
+            raise why if isinstance(why, HubError) else SAEError(
+                f"sae.path={cfg.sae.path!r}: no SAE for hookpoint {cfg.sae.hookpoint} (MoNA needs one); set "
+                "sae.path, or drop mona from selectors")
         sae_k = ref(cfg.sae.hookpoint).k
-    main = ref(cfg.sae.hookpoint) if sae_available(cfg.sae.path, cfg.sae.hookpoint) else None
-    mlp_k = int(cfg.embed.mlp_k or sae_k or (main.k if main else 0) or 32)
+    mlp_k = int(cfg.embed.mlp_k or sae_k or 32)
     kept, readout_of = [], {}
     for v in (mona_variants(cfg, sae_k) if "mona" in wanted else []):
-        if v["representation"] == "sae" and not sae_available(cfg.sae.path, v["hookpoint"]):
+        if v["representation"] == "sae" and ref(v["hookpoint"]) is None:
             notes.append(f"{variant_name(v, cfg, sae_k)} skipped: no SAE for {v['hookpoint']} under {cfg.sae.path}")
             continue
         r = representation_readout(v["representation"], v["hookpoint"], v["exclude"],
@@ -296,7 +293,7 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str 
     agg = []  # (name, readout, aggregate, similarity, prototype mass, row mass)
     if "mona" in wanted:
         for h, k in dict.fromkeys([(cfg.sae.hookpoint, None), *map(_hookpoint_k, cfg.mona.aggregation_hookpoints)]):
-            if not sae_available(cfg.sae.path, h):
+            if ref(h) is None:
                 continue
             r = representation_readout("sae", h, cfg.pool.exclude, ref(h))
             for spec in cfg.mona.aggregations:
@@ -323,22 +320,17 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str 
     elif part == "per_row":
         agg = [x for x in agg if not _pool_dependent(x[2], x[3])]
     readouts = list(dict.fromkeys(list(readout_of.values()) + [a[1] for a in agg] + ([nait] if nait else [])))
-    threads = cfg.embed.torch_threads
-    job = EngineJob(model_dir=str(model_dir), dtype=dtype_name(dt), device=device, readouts=tuple(readouts),
-                    saes=tuple({refs[h].key: refs[h] for h in refs if any(r.sae == refs[h].key for r in readouts)}.values()),
-                    batching=Batching.of(cfg.embed),
-                    torch_threads=int(threads) if threads not in (None, "auto") else 0)
+    saes = {refs[h].key: refs[h] for h in refs if any(r.sae == refs[h].key for r in readouts)}
+    ep = embed_plan(cfg, model_dir, resolved.get("model.path"), readouts, saes.values(), cfg.embed.store_dir,
+                    local_resources())
+    job, stores, model_fp, device = ep.job, ep.stores, ep.model_fp, ep.job.device
     rendering = Rendering.of(cfg.render)
-    model_fp = fingerprint_model(model_dir)
-    stores = stores_for(job, rendering, model_fp, cfg.embed.store_dir)
     executor = str(cfg.embed.executor)
     if executor == "ray":  # the model pass on Ray actors (a cluster: one per GPU)
         from ..pipeline.remote import RayEmbedder
 
         emb = RayEmbedder(job, rendering, stores, int(cfg.embed.rows_per_unit), bool(cfg.progress),
-                          num_actors=1 if cfg.embed.num_actors in (None, "auto") else int(cfg.embed.num_actors),
-                          actor_num_cpus=float(cfg.embed.actor_num_cpus_gpu if device.startswith("cuda")
-                                               else cfg.embed.actor_num_cpus_cpu))
+                          num_actors=ep.num_actors, actor_num_cpus=float(ep.actor_resources["num_cpus"]))
     elif executor == "local":
         emb = LocalEmbedder(job, rendering, stores, int(cfg.embed.rows_per_unit), bool(cfg.progress))
     else:
@@ -404,10 +396,11 @@ def model_selectors(cfg, pool, targets, scores, timer, notes, wanted, part: str 
                 scores[t]["nait" if ln == "none" else f"nait:{ln}"] = sc
         del src, X
     timer["model selectors: scoring"] = timer.get("model selectors: scoring", 0.0) + time.perf_counter() - t0
-    doc = {"model_path": str(model_dir), "model_fingerprint": model_fp, "dtype": job.dtype, "dtype_reason": dtype_reason,
-           "device": device, "hookpoint": cfg.sae.hookpoint,
+    doc = {"model_path": str(model_dir), "model_fingerprint": model_fp, "dtype": job.dtype,
+           "dtype_reason": ep.dtype_reason, "device": device, "hookpoint": cfg.sae.hookpoint,
+           "hub": {k: v.manifest() for k, v in resolved.items()},
            "saes": {s.key: {"fingerprint": s.fingerprint, "k": s.k, "num_latents": s.num_latents,
-                            "provisional": s.provisional} for s in job.saes},
+                            "provisional": s.provisional, **({"hub": s.hub} if s.hub else {})} for s in job.saes},
            "readouts": {r.name: {"store": str(stores[r.name].root), "width": widths[r.name]} for r in readouts},
            "pool_pass": pool_stats, "sae_k": sae_k, "mlp_k": mlp_k, "variants": list(readout_of) + [a[0] for a in agg],
            "aggregation": aggregation_info}

@@ -174,6 +174,7 @@ def run(cfg) -> list[SAEMetrics]:
     from tqdm import tqdm
 
     from ..core.model import load_tokenizer
+    from ..pipeline.plan import sae_path
     from .train import resolve_model
 
     cfg = to_typed(cfg)  # load_config(..., "sae_eval")'s result or its typed object
@@ -181,8 +182,8 @@ def run(cfg) -> list[SAEMetrics]:
         torch.set_num_threads(int(cfg.torch_threads))
     model_path = resolve_model(str(cfg.model.path), "model.path")
     hookpoints = [to_sparsify_hookpoint(h) for h in cfg.hookpoints]
-    saes = {h: load_sae(str(cfg.sae.path), str(cfg.sae.format), h, cfg.sae.k, dtype=torch.float32)
-            for h in hookpoints}
+    saes = {h: load_sae(sae_path(cfg.sae.path, h), str(cfg.sae.format), h, cfg.sae.k, dtype=torch.float32)
+            for h in hookpoints}  # sae.path as the run reads it: a hub id fetches only each hookpoint's files
     rows = acts.read_rows(cfg.data.path, cfg.data.split, cfg.data.holdout_permille, cfg.data.seed, cfg.data.max_rows)
     m = cfg.model
     tok = load_tokenizer(model_path, trust_remote_code=bool(m.trust_remote_code))
@@ -211,12 +212,13 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="sae_eval", version_base="1.3")
     def _run(cfg):
+        from ..core.hub import HubError
         from ..core.model import ModelError
         from ..core.records import InputError
 
         try:
             run(validate(cfg))
-        except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:
+        except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError, HubError) as e:
             print(f"mona_ray: error: {e}", file=sys.stderr)
             raise SystemExit(2)
 

@@ -357,11 +357,13 @@ def collect_heldout(cfg, tlm, tok, hookpoints: list[str], cache: Path | None) ->
 
 
 def resolve_model(path: str, key: str) -> Path:
-    """``resolve_model_path`` with the error naming this command's override."""
-    from ..core.model import ModelError, resolve_model_path
+    """``model.path`` as the run reads it (a folder, ``embedded:...`` or a hub id, fetched into the
+    hub cache: ``pipeline.plan.local_model``)."""
+    from ..core.model import ModelError
+    from ..pipeline.plan import local_model
 
     try:
-        return resolve_model_path(path)
+        return local_model(path, what=key)
     except ModelError as e:
         raise SAEError(f"{key}={path!r}: {e} Set {key}=/path/to/checkpoint.") from None
 
@@ -374,12 +376,13 @@ def _cycle(rows_fn):
 def main_from_config(cfg) -> None:
     from omegaconf import OmegaConf
 
+    from ..core.hub import HubError
     from ..core.model import ModelError
     from ..core.records import InputError
 
     try:
         train(validate(cfg))
-    except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError) as e:  # each carries its fix
+    except (ConfigError, SAEError, acts.ActivationError, ModelError, InputError, HubError) as e:  # each carries its fix
         print(f"mona_ray: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(OmegaConf.to_yaml(cfg), file=sys.stderr)
