@@ -68,6 +68,12 @@ def test_a_run_from_hub_ids_fetches_only_what_it_needs_then_runs_offline(hub, tm
     mark = hub.mark()
     p = run(args, home, hub.url)
     ok(p)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("[mona_ray] fetching")]  # one line per repository
+    assert [x.split(":")[0] for x in lines] == [f"[mona_ray] fetching {r}@{c[:12]}" for r, c in (
+        (LLAMA, hub.llama_v1), (SAE, hub.sae_v1), (f"dataset {DATA}", hub.data))], lines
+    need = {f: len(b) for f, b in hub.llama.commits[hub.llama_v1].items() if f != "README.md"}
+    assert f": {len(need)} file(s), {sum(need.values()) / 1e6:.1f} MB (" in lines[0], lines[0]
+    assert lines[1].startswith(f"[mona_ray] fetching {SAE}@{hub.sae_v1[:12]}: 2 file(s), ") and "layers.2/cfg.json" in lines[1]
     fetched = hub.fetched(mark)
     sae_files = sorted(f for f in fetched if f.startswith(SAE + ":"))
     assert sae_files == [f"{SAE}:layers.2/cfg.json", f"{SAE}:layers.2/sae.safetensors"], sae_files  # one layer of four
@@ -237,14 +243,3 @@ def test_a_misspelt_local_path_is_reported_before_any_download(hub, tmp_path):
     assert line == (f"mona_ray: error: source.paths: input {str(loc['source']) + '.typo'!r} does not exist; "
                     "set source.paths=[/path/to/files_or_folders]"), line
     assert hub.requests(mark) == [] and not (tmp_path / "home").exists()
-    # with the local paths right, the fetch says what it brings, one line per repository
-    p = run(tiny_overrides(LLAMA, SAE, {"source": loc["source"], "target": loc["target"]}, tmp_path / "out",
-                           "report.explain=false"), tmp_path / "home", hub.url)
-    ok(p)
-    lines = [x for x in p.stderr.splitlines() if x.startswith("[mona_ray] fetching")]
-    assert len(lines) == 2 and lines[0].startswith(f"[mona_ray] fetching {LLAMA}@{hub.llama.refs['main'][:12]}: "), lines
-    sizes = {f: len(b) for f, b in hub.llama.commits[hub.llama.refs["main"]].items()}
-    need = [f for f in sizes if f != "README.md"]
-    assert f": {len(need)} file(s), " in lines[0] and (f"{sum(sizes[f] for f in need) / 1e6:.1f} MB" in lines[0]
-                                                        or f"{sum(sizes[f] for f in need)} bytes" in lines[0]), lines[0]
-    assert lines[1].startswith(f"[mona_ray] fetching {SAE}@{hub.sae_v1[:12]}: 2 file(s), ") and "layers.2/cfg.json" in lines[1]
