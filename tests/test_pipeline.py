@@ -16,6 +16,7 @@ from mona_ray.pipeline.driver import RunError
 from mona_ray.config import load_config
 from mona_ray.pipeline.cli import run
 from mona_ray.core.sae import load_sae
+from mona_ray.features.spec import PROCESS_BYTES
 
 
 def run_tiny(tiny_lm, tiny_sae, data, out, *extra):
@@ -76,12 +77,28 @@ def test_manifest_counts_and_files(first_run):
     assert m["counts"]["embedded_now"] == 102  # 90 source + 12 target, all new
     assert m["throughput"]["real_tokens"] > 0 and 0 <= m["throughput"]["padding_fraction"] < 1
     assert m["throughput"]["tokens_per_s_units"] > 0  # steady-state actor throughput (start-up excluded)
-    assert m["compute"] == {"device": "cpu", "dtype": "float32", "dtype_reason": "set: model.dtype=float32"}
+    compute = dict(m["compute"])
+    assert compute.pop("actor_memory_bytes") > PROCESS_BYTES  # declared to Ray: the worker, weights, a micro-batch
+    assert compute == {"device": "cpu", "dtype": "float32", "dtype_reason": "set: model.dtype=float32"}
     assert m["units"]["embed"] == len(list((out / m["files"]["embeddings"]).glob("part-*.parquet"))) >= 102 // 16
     assert sum(m["embed_rows_per_actor"].values()) == 102
     for f in ("selected.jsonl", "selected.parquet", "scores.parquet", "rejected.parquet", "prototype.safetensors"):
         assert (out / f).exists(), f
     assert json.loads((out / "manifest.json").read_text())["fingerprints"]["embedding"] == m["fingerprints"]["embedding"]
+
+
+@pytest.mark.parametrize("layer", [2, 3])
+def test_declared_actor_memory_counts_the_weights_the_actor_loads(tiny_lm, layer):
+    """The weights in the memory an embedding actor declares to Ray are those of the model cut
+    after ``layer`` (read from the checkpoint's headers, no weights read): exactly the loaded
+    parameters, plus the final norm when it is loaded only to be dropped (layer < last)."""
+    from mona_ray.core.model import load_truncated
+    from mona_ray.features.spec import _weights_elements
+
+    lm = load_truncated(tiny_lm, layer, "float32", "cpu")
+    params = sum(p.numel() for p in lm.model.parameters())
+    params += sum(p.numel() for p in lm.final_norm.parameters()) if lm.final_norm is not None else lm.hidden_size
+    assert _weights_elements(str(tiny_lm), layer) == params
 
 
 def test_byte_identical_with_other_actor_counts_and_unit_sizes(first_run, tiny_lm, tiny_sae, tiny_data, tmp_path):

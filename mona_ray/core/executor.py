@@ -6,9 +6,10 @@ over small dataclasses; this module runs them on a Ray cluster and hands their t
 * :func:`start` / :func:`stop`: join ``ray.address`` / ``RAY_ADDRESS`` (checked to accept
   connections first: Ray alone retries an unreachable address for minutes) or start a fresh
   local instance, quietly;
-* :func:`map_items`: one item per task (``fn(item, **kw)``) or per call of an actor pool
-  (``cls(*args).method(item)``, with resources, restarts and retries); items and results are
-  any picklable objects, moved as bytes (never as JSON text in a Ray row);
+* :func:`map_items`: one item per task (``fn(item, **kw)``, Ray Data) or per call of an actor
+  pool (``cls(*args).method(item)``, with resources, declared memory, restarts and retries;
+  nothing of the constructor in the object store); items and results are any picklable
+  objects, moved as bytes or as task arguments (never as JSON text in a Ray row);
 * :func:`map_tables`: an Arrow table per task, an Arrow table back (the score stage);
 * :func:`call`: one remote function call with resources (explain's model pass);
 * :func:`put`: a value shared by many tasks (resolved before the stage function sees it);
@@ -195,43 +196,83 @@ class _TaskCall:
         return {"result": np.array([pickle.dumps(self.fn(pickle.loads(b), **kw)) for b in batch["item"]], dtype=object)}
 
 
-class _ActorCall:
-    """Ray Data's callable class for :func:`map_items`' actor pools: one ``cls(*args)`` per actor."""
-
-    def __init__(self, cls: type, args: tuple, method: str):
-        self.obj = cls(*args)
-        self.method = getattr(self.obj, method)
-
-    def __call__(self, batch: dict) -> dict:
-        return {"result": np.array([pickle.dumps(self.method(pickle.loads(b))) for b in batch["item"]], dtype=object)}
-
-
-def _options(num_cpus: float, num_gpus: float, custom: dict | None) -> dict:
-    """Ray's resource options for a task or an actor."""
+def _options(num_cpus: float, num_gpus: float, custom: dict | None, memory: int = 0) -> dict:
+    """Ray's resource options for a task or an actor (``memory``: the bytes it is expected to
+    use, which the cluster schedules by; 0: none declared)."""
     return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
-            **({"resources": dict(custom)} if custom else {})}
+            **({"resources": dict(custom)} if custom else {}), **({"memory": int(memory)} if memory else {})}
 
 
 def map_items(items: list, fn: Callable | None = None, *, fn_kwargs: dict | None = None, num_cpus: float = 1.0,
               actor: tuple[type, tuple, str] | None = None, size: int = 1, num_gpus: float = 0,
-              custom: dict | None = None) -> Iterator[Any]:
+              custom: dict | None = None, memory: int = 0) -> Iterator[Any]:
     """Each of ``items`` through ``fn(item, **fn_kwargs)`` in a task, or through
     ``actor = (cls, ctor_args, method)`` on a pool of ``size`` actors (each holding one
-    ``cls(*ctor_args)``: a model, say); yields the results as they finish. Ray Data restarts
-    dead actors and retries their items by default (max_restarts=-1, max_task_retries=-1): a
-    lost node costs only its items in flight."""
+    ``cls(*ctor_args)``: a model, say; :func:`_actor_pool`); yields the results as they finish.
+    ``memory``: the bytes one task or actor uses, declared to Ray. A lost node costs only its
+    items in flight: its actors are restarted and their items retried."""
     import ray
 
     if not items:
         return iter(())
+    res = _options(num_cpus, num_gpus, custom, memory)
+    if actor is not None:
+        return _closing(_actor_pool(items, actor, size, res))
     ds = ray.data.from_items([{"item": pickle.dumps(x)} for x in items], override_num_blocks=len(items))
-    res = _options(num_cpus, num_gpus, custom)
-    if actor is None:
-        ds = ds.map_batches(_TaskCall(fn, dict(fn_kwargs or {})), batch_size=1, **res)
-    else:
-        ds = ds.map_batches(_ActorCall, fn_constructor_args=actor, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=size), **res)
+    ds = ds.map_batches(_TaskCall(fn, dict(fn_kwargs or {})), batch_size=1, **res)
     return (pickle.loads(row["result"]) for row in _closing(ds.iter_rows()))
+
+
+class _PoolActor:
+    """One actor of :func:`_actor_pool`: built with no arguments, it makes its ``cls(*args)`` on
+    its first call from the spec every call carries (a ref the driver holds), so a restarted
+    actor (its node lost) rebuilds itself from the retried call."""
+
+    def __init__(self):
+        self.method = None
+
+    def run(self, spec: list, item):
+        if self.method is None:
+            import ray
+
+            cls, args, method = ray.get(spec[0])
+            self.method = getattr(cls(*args), method)
+        return self.method(item)
+
+
+def _actor_pool(items: list, actor: tuple[type, tuple, str], size: int, res: dict, per_actor: int = 2) -> Iterator:
+    """``items`` over ``size`` actors, ``per_actor`` in flight on each (one running, one queued).
+
+    Actors restart without limit and their calls are retried (``max_restarts=-1``,
+    ``max_task_retries=-1``), spread over the nodes. Their constructor takes nothing: what
+    ``cls(*args)`` needs travels with each call as a ref the driver holds (put once), never as
+    constructor arguments in the object store, which a restart could not get back
+    (ray-project/ray#53727). The actors end with the iterator."""
+    import ray
+
+    spec = [ray.put(actor)]  # nested in a list: each call passes the ref, the actor resolves it once
+    cls = ray.remote(max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD", **res)(_PoolActor)
+    pool = [cls.remote() for _ in range(max(1, min(int(size), len(items))))]
+    todo, pending = iter(items), {}
+    try:
+        for _ in range(per_actor):
+            for a in pool:
+                item = next(todo, _END)
+                if item is not _END:
+                    pending[a.run.remote(spec, item)] = a
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            a = pending.pop(done)
+            item = next(todo, _END)
+            if item is not _END:
+                pending[a.run.remote(spec, item)] = a
+            yield ray.get(done)
+    finally:
+        for a in pool:
+            ray.kill(a)
+
+
+_END = object()
 
 
 class _TableCall:
@@ -264,11 +305,12 @@ class Pending:
         return ray.get(self.ref)
 
 
-def call(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0, custom: dict | None = None) -> Pending:
+def call(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0, custom: dict | None = None,
+         memory: int = 0) -> Pending:
     """``fn(*args)`` in one remote task with these resources; returns at once."""
     import ray
 
-    return Pending(ray.remote(**_options(num_cpus, num_gpus, custom))(fn).remote(*args))
+    return Pending(ray.remote(**_options(num_cpus, num_gpus, custom, memory))(fn).remote(*args))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -293,8 +335,10 @@ class Counter:
 
     def __init__(self):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._actor = ray.remote(num_cpus=0)(_CounterActor).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._actor = ray.remote(num_cpus=0, scheduling_strategy=here)(_CounterActor).remote()  # dies with the driver only
 
     def report(self, rows: int, tokens: int) -> None:
         self._actor.add.remote(rows, tokens)

@@ -100,6 +100,52 @@ class EngineJob:
         return max(r.block for r in self.readouts)
 
 
+PROCESS_BYTES = 768 << 20  # a worker with torch and transformers imported, before any weights (measured: ~0.6 GiB)
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def _weights_elements(model_dir: str, layer: int) -> int:
+    """Elements of the tensors a model cut after ``layer`` loads (the embeddings, blocks
+    0..layer, the norms; never ``lm_head``), read from its safetensors headers: no weights read."""
+    import re
+    import struct
+
+    n = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, t in header.items():
+            m = re.search(r"\blayers\.(\d+)\.", name)
+            if name == "__metadata__" or "lm_head" in name or (m and int(m.group(1)) > layer):
+                continue
+            count = 1
+            for d in t["shape"]:
+                count *= int(d)
+            n += count
+    return n
+
+
+def engine_memory(job: EngineJob, max_length: int) -> int:
+    """Bytes one engine (an embedding actor, the explain task) holds at its peak, estimated from
+    the model and SAE sizes, so a cluster schedules by it (Ray's ``memory=``): the weights it
+    loads (read from the checkpoint's headers) and its SAEs at the compute dtype, one
+    micro-batch's activations (``token_budget`` tokens through a block; on CPU also the
+    attention scores of rows up to ``max_length`` tokens; the SAE's pre-activations of one
+    encode chunk), plus the worker process itself."""
+    c = _text_config(job.model_dir, job.trust_remote_code)
+    b = _DTYPE_BYTES.get(job.dtype, 4)
+    hidden, inter = int(c.hidden_size), int(getattr(c, "intermediate_size", 4 * c.hidden_size) or 4 * c.hidden_size)
+    weights = _weights_elements(job.model_dir, job.layer) * b
+    saes = sum((2 * s.num_latents * hidden + s.num_latents + hidden) * b for s in job.saes)
+    tokens = int(job.batching.token_budget)
+    acts = tokens * (6 * hidden + 3 * inter) * b
+    if not job.device.startswith("cuda"):  # CPU attention materialises [rows, heads, L, L] scores (fp32)
+        acts += tokens * min(int(max_length), tokens) * int(c.num_attention_heads) * 4
+    encode = 2 * min(tokens, int(job.batching.sae_chunk_tokens)) * max((s.num_latents for s in job.saes), default=0) * 4
+    return int(PROCESS_BYTES + weights + saes + acts + encode)
+
+
 def load_engine(job: EngineJob, token_hook=None):
     """``(engine, tokenizer)`` for ``job``: the truncated model, its SAEs (cast to the model's
     compute dtype, whatever dtype they are stored in) and the readouts."""

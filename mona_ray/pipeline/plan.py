@@ -30,7 +30,8 @@ from ..core.sae import SAEError, to_sparsify_hookpoint
 from ..features.engine import Batching
 from ..features.local import Rendering
 from ..features.readouts import Readout, rds_readout
-from ..features.spec import EngineJob, SaeRef, num_layers, readout_width, representation_readout, sae_ref
+from ..features.spec import (EngineJob, SaeRef, engine_memory, num_layers, readout_width, representation_readout,
+                             sae_ref)
 from ..features.store import FeatureStore
 from . import publish
 
@@ -92,7 +93,7 @@ class RunPlan:
     prepared_dir: Path
     store: FeatureStore | None
     num_actors: int
-    actor_resources: dict  # an embedding actor's (or the explain task's) resources, as the executor takes them
+    actor_resources: dict  # an embedding actor's (or the explain task's) resources and memory, as the executor takes them
     job: EngineJob | None  # what each embedding actor loads and runs
     folders: dict  # the folders a run writes, as they were at the start: a mount that goes away is noticed
 
@@ -281,7 +282,7 @@ class EmbedPlan:
     model_fp: str
     dtype_reason: str
     num_actors: int
-    actor_resources: dict  # an embedding actor's resources, as the executor takes them
+    actor_resources: dict  # an embedding actor's resources and memory, as the executor takes them
 
 
 def embed_plan(cfg, model_dir: Path, model_hub: "hub.Resolved | None", readouts, saes, store_dir,
@@ -305,6 +306,7 @@ def embed_plan(cfg, model_dir: Path, model_hub: "hub.Resolved | None", readouts,
                     trust_remote_code=bool(cfg.model.trust_remote_code),
                     attn_implementation=cfg.model.attn_implementation,
                     model_hub=model_hub.pinned if model_hub is not None else "")
+    actor_resources["memory"] = engine_memory(job, cfg.render.max_length)  # a cluster schedules by it
     stores = stores_for(job, Rendering.of(cfg.render), model_fp, store_dir)
     return EmbedPlan(job, stores, model_fp, why, n_actors, actor_resources)
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from ..core import executor
 from ..features.local import LocalEmbedder, embed_unit, plan_units
+from ..features.spec import engine_memory
 
 
 class UnitEmbedActor:
@@ -47,7 +48,8 @@ class RayEmbedder(LocalEmbedder):
         if not gpu and not job.torch_threads:  # as the pipeline: the node's cores shared by its actors
             job = replace(job, torch_threads=max(1, (os.cpu_count() or 1) // self.num_actors))
         results = executor.map_items(units, actor=(UnitEmbedActor, (job, self.rendering, roots), "embed"),
-                                     size=self.num_actors, num_cpus=self.actor_num_cpus, num_gpus=1 if gpu else 0)
+                                     size=self.num_actors, num_cpus=self.actor_num_cpus, num_gpus=1 if gpu else 0,
+                                     memory=engine_memory(job, self.rendering.max_length))
         bar = tqdm(total=sum(len(u["hashes"]) for u in units), desc=f"{desc} ({self.num_actors} actors)", unit="row",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         for done in results:

@@ -78,7 +78,8 @@ def manifest(r) -> dict:
         "readout": {"name": p.readout.name, **p.readout.spec(), "width": p.width} if p.readout else None,
         "sae_provisional": bool(sae and sae.provisional),
         "embedding_store": str(p.store.root) if p.store else None,
-        "compute": {"device": p.device, "dtype": p.dtype, "dtype_reason": p.dtype_reason},
+        "compute": {"device": p.device, "dtype": p.dtype, "dtype_reason": p.dtype_reason,
+                    "actor_memory_bytes": p.actor_resources.get("memory")},  # declared to Ray per embedding actor
         "units": {"prepare": r.prepared.units_run, "embed": r.embedding.units},
         "embed_rows_per_actor": dict(sorted(r.embedding.rows_per_actor.items())),
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
