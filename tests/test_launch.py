@@ -13,16 +13,14 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from _ray_nodes import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -192,76 +190,18 @@ def test_submit_sh_refuses_bad_settings(env, msg):
 # ----------------------------------------------------------------------------- a real local cluster
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _ray_cli(bin_dir: Path) -> None:
-    """A `ray` on PATH that runs this interpreter's Ray (the one pytest imports)."""
-    (bin_dir / "ray").write_text(
-        "#!/bin/sh\nexec " + shlex.quote(sys.executable)
-        + " -c 'import sys; from ray.scripts.scripts import main; sys.argv[0] = \"ray\"; sys.exit(main())' \"$@\"\n")
-    (bin_dir / "ray").chmod(0o755)
-
-
 @pytest.fixture
 def local_ray_cluster():
     """`ray start --head` on 127.0.0.1 with free ports; stopped by killing its process group only."""
     if importlib.util.find_spec("aiohttp") is None:
-        pytest.skip("the Ray Jobs API needs the dashboard, i.e. ray[default] (aiohttp is missing)")
+        pytest.skip('the Ray Jobs API needs the dashboard: pip install -e ".[cluster]" (ray[default]; aiohttp is missing)')
     work = Path(tempfile.mkdtemp(prefix="mrl", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    bin_dir = work / "bin"
-    bin_dir.mkdir()
-    _ray_cli(bin_dir)
-    gcs, dash, nm, om, al, ag, rt, mx = _free_ports(8)
-    lo = 20000 + (os.getpid() % 2000) * 20
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={al}",
-           f"--dashboard-agent-grpc-port={ag}", f"--runtime-env-agent-port={rt}", f"--metrics-export-port={mx}",
-           f"--min-worker-port={lo}", f"--max-worker-port={lo + 19}", f"--temp-dir={work / 'ray'}"]
-    log = open(work / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    cluster = Cluster(work)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                import urllib.request
-
-                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"local Ray head did not come up:\n{(work / 'ray_start.log').read_text()[-3000:]}")
-            time.sleep(2)
-        yield {"address": address, "env": env, "work": work}
+        cluster.start_head(num_cpus=2)
+        yield {"address": cluster.address, "env": cluster.env, "work": work}
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            time.sleep(2)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive
-        except ProcessLookupError:
-            pass
-        log.close()
+        cluster.stop()
 
 
 def _tiny_inputs(work: Path) -> dict:
@@ -295,6 +235,7 @@ def test_submit_sh_runs_the_demo_on_a_local_ray_cluster(local_ray_cluster):
                         f"sae.path={inputs['sae']}", "render.max_length=64"],
                        env=env, capture_output=True, text=True, timeout=900, cwd=work)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "constructor arguments in the object store" not in r.stdout + r.stderr  # the actors restart cleanly
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["counts"]["source"]["rows_in"] == 8
