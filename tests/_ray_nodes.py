@@ -137,6 +137,7 @@ class Cluster:
             if node.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the Ray head did not come up:\n{node.log_path.read_text()[-3000:]}")
             time.sleep(2)
+        self.wait_nodes(1, timeout)  # the dashboard can answer before the head's raylet has registered
         return node
 
     def _answers(self) -> bool:

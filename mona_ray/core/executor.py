@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -62,6 +63,33 @@ def _quiet_ray_logs() -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _QuietRay) for f in handler.filters):
                 handler.addFilter(_QuietRay())
+
+
+_NODE_DEAD = re.compile(r"The node with node id: (\w+) and address: (\S+) .*has been marked dead", re.S)
+
+
+def _handle_cluster_events() -> None:
+    """Ray prints the cluster's error events on the driver as they come (``(raylet) ...``
+    paragraphs). A node lost is one this job handles (its actors restart elsewhere, their units
+    are retried): it says so in one line of its own; any other event is printed as Ray would."""
+    from ray._private import worker
+
+    ray_print = getattr(worker.print_to_stdstream, "__wrapped__", worker.print_to_stdstream)
+
+    def print_event(data, ignore_prefix):
+        lines = []
+        for line in data.get("lines", ()):
+            m = _NODE_DEAD.search(line) if data.get("pid") == "raylet" else None
+            if m:
+                print(f"mona_ray: lost the Ray node {m.group(2)} ({m.group(1)[:12]}); its actors restart on other "
+                      "nodes and redo the units they held", file=sys.stderr, flush=True)
+            else:
+                lines.append(line)
+        if lines:
+            ray_print({**data, "lines": lines}, ignore_prefix)
+
+    print_event.__wrapped__ = ray_print
+    worker.print_to_stdstream = print_event  # what the driver's error listener calls (worker logs keep their own)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -112,6 +140,7 @@ def start(address: str | None, num_cpus: int | None = None, num_gpus: int | None
     finally:  # ray.init installs a native SIGTERM handler that aborts the driver; the CLI's own comes back
         if callable(on_term) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_term)
+    _handle_cluster_events()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours are per stage, in rows and tokens
     ctx.print_on_execution_start = False
