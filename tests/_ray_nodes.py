@@ -114,7 +114,8 @@ class Cluster:
         bin_dir = work / "bin"
         ray_cli(bin_dir)
         self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "180",  # a busy 2-core machine
+                    "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_agent_register_timeout_ms": "180000", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",  # a busy machine
                     **(env_extra or {})}
         self.nodes: list[Node] = []
         self._lo = 20000 + (os.getpid() % 1000) * 40
@@ -155,7 +156,7 @@ class Cluster:
             cmd.append(f"--resources={json.dumps(resources)}")
         if memory:
             cmd.append(f"--memory={int(memory)}")
-        alive = self.alive_nodes()
+        alive = max(self.alive_nodes(), len(self.nodes))
         node = Node(cmd, self.env, self.work / f"worker{i}.log")
         self.nodes.append(node)
         self.wait_nodes(alive + 1)  # one at a time: nodes starting together on one host race for socket names
@@ -167,8 +168,12 @@ class Cluster:
             return json.loads(r.read())
 
     def alive_nodes(self) -> int:
-        with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=10) as r:
-            summary = json.loads(r.read())["data"]["summary"]
+        """Nodes the head reports alive (-1: the dashboard did not answer, e.g. still starting)."""
+        try:
+            with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=10) as r:
+                summary = json.loads(r.read())["data"]["summary"]
+        except (OSError, ValueError, KeyError):
+            return -1
         return sum(n["raylet"]["state"] == "ALIVE" for n in summary)
 
     def wait_nodes(self, n: int, timeout: float = 180) -> None:
