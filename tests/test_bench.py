@@ -53,12 +53,28 @@ def test_gpu_tiny_on_cpu(tmp_path):
     (["width", "--phases", "store"], "--nnz"),
     (["width", "--phases", "store,x"], "--phases"),
     (["width", "--nnz", "10", "--encodings", "int8"], "--encodings"),
+    (["less", "--rank", "0"], "--rank"),
 ])
 def test_bad_flags_give_one_line_errors(argv, msg, tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_less_tiny(tiny_lm, tmp_path, capsys):
+    out = tmp_path / "less.json"
+    assert main(["less", "--rows", "12", "--rank", "4", "--proj-dim", "300", "--checkpoints", "2", "--out", str(out),
+                 f"model.path={tiny_lm}", "sae.hookpoint=layers.2", "render.max_length=64"]) == 0
+    r = json.loads(out.read_text())
+    assert r["rows"] == 12 and r["tokens"] <= 12 * 64
+    assert r["adapter_weights"] == 4 * (2 * (32 * 4 + 4 * 32) + 2 * (32 * 4 + 4 * 16))  # 4 layers: q, o 32->32; k, v 32->16
+    assert r["rademacher_timed_blocks"] == "1 of 3"
+    for k in ("embed", "warmup", "gradient", "countsketch", "rademacher"):
+        assert r[f"{k}_s_per_row"] > 0
+    assert r["less_countsketch_s_per_row"] == pytest.approx(2 * (r["gradient_s_per_row"] + r["countsketch_s_per_row"])
+                                                            + 0.2 * r["warmup_s_per_row"])
+    assert "the embed pass per row" in capsys.readouterr().out
 
 
 def test_flops_match_a_hand_count():

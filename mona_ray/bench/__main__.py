@@ -1,4 +1,4 @@
-"""``python -m mona_ray.bench {score,embed,gpu,pipeline,width} [flags]``: print a table, write JSON."""
+"""``python -m mona_ray.bench {score,embed,gpu,pipeline,width,less} [flags]``: print a table, write JSON."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "pipeline": ("mona_ray.bench.pipeline", "the real job end to end on N OpenHermes-shaped rows (tiny model, real tokenizer)"),
     "width": ("mona_ray.bench.width", "the paper's SAE width (131,072 x K=192): row density, store encodings, "
                                       "store/score/explain cost, row-by-row vs batched encode"),
+    "less": ("mona_ray.bench.less", "LESS's gradient features per row (warm-up, gradient, projection) against the "
+                                    "embedding pass on the same rows"),
 }
 
 

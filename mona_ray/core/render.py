@@ -17,6 +17,7 @@ from .records import InputError
 class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]  # [start, end) character spans of message content
+    roles: tuple[str, ...] = ()  # the role of each span's message (same length as spans)
 
 
 def render(messages: list[dict], tokenizer=None, mode: str = "chat_template",
@@ -37,13 +38,13 @@ def render(messages: list[dict], tokenizer=None, mode: str = "chat_template",
             parts.append(m["content"])
             spans.append((pos, pos + len(m["content"])))
             pos += len(m["content"])
-        return Rendered("".join(parts), tuple(spans))
+        return Rendered("".join(parts), tuple(spans), tuple(m["role"] for m in messages))
     if mode != "chat_template":
         raise ValueError(f"render.mode={mode!r}: use chat_template or plain")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise InputError("render.mode=chat_template but the tokenizer has no chat template; set render.mode=plain")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans, pos = [], 0
+    spans, roles, pos = [], [], 0
     for m in messages:  # contents appear in order; find each after the previous one
         c = m["content"]
         if not c:
@@ -54,8 +55,9 @@ def render(messages: list[dict], tokenizer=None, mode: str = "chat_template",
             c = c.strip()
         if at >= 0:
             spans.append((at, at + len(c)))
+            roles.append(m["role"])
             pos = at + len(c)
-    return Rendered(text, tuple(spans))
+    return Rendered(text, tuple(spans), tuple(roles))
 
 
 def tokenize(rendered: Rendered, tokenizer, max_length: int, exclude: str = "none") -> tuple[list[int], list[int]]:
