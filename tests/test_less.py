@@ -8,17 +8,16 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import peft
 import pytest
 import torch
+import trak.projectors as trak_projectors
 
 from _tiny_lm import make_rows
 
 from mona_ray.core.records import normalize_record
 from mona_ray.features import gradients as G
 from mona_ray.scoring.less import checkpoint_weights, less_scores, unit_rows
-
-peft = pytest.importorskip("peft")
-trak_projectors = pytest.importorskip("trak.projectors")
 
 SPEC = G.LoraSpec(rank=8, alpha=32.0, dropout=0.1)
 
