@@ -200,7 +200,15 @@ def test_a_lost_node_is_one_line_of_the_job_not_a_ray_error(capsys):
             "crashes unexpectedly (OOM, etc.) \n\t(2) raylet has lagging heartbeats due to slow network or busy workload.")
     worker.print_to_stdstream({"lines": [dead, "some other cluster event"], "pid": "raylet", "is_err": False},
                               ignore_prefix=False)
+    retried = ("Task _PoolActor.run failed. There are infinite retries remaining, so the task will be retried. Error: "
+               "The actor is temporarily unavailable: RpcError: RPC error: Socket closed rpc_code: 14")
+    closed = ("Task _PoolActor.run failed. There are infinite retries remaining, so the task will be retried. Error: "
+              "The actor is dead because it was killed by `ray.kill`.")
+    for lines in ([retried], [retried, closed], [closed]):  # the same event twice is said once
+        worker.print_to_stdstream({"lines": lines, "pid": "raylet", "is_err": True}, ignore_prefix=False)
     out = capsys.readouterr()
-    assert out.err.strip() == ("mona_ray: lost the Ray node 10.0.0.7 (0f3c9a1b2c3d); its actors restart on other nodes "
-                               "and redo the units they held")
-    assert "marked dead" not in out.out and "some other cluster event" in out.out
+    assert out.err.strip().splitlines() == [
+        "mona_ray: lost the Ray node 10.0.0.7 (0f3c9a1b2c3d); its actors restart on other nodes and redo the units "
+        "they held",
+        "mona_ray: an actor was lost mid-call; Ray restarts it and retries the call"]
+    assert "marked dead" not in out.out and "some other cluster event" in out.out and "_PoolActor" not in out.out

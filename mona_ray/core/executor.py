@@ -68,21 +68,38 @@ def _quiet_ray_logs() -> None:
 _NODE_DEAD = re.compile(r"The node with node id: (\w+) and address: (\S+) .*has been marked dead", re.S)
 
 
+_RETRIED = re.compile(r"Task (\S+) failed\. There are infinite retries remaining, so the task will be retried\. "
+                      r"Error: (.*)", re.S)
+
+
 def _handle_cluster_events() -> None:
     """Ray prints the cluster's error events on the driver as they come (``(raylet) ...``
-    paragraphs). A node lost is one this job handles (its actors restart elsewhere, their units
-    are retried): it says so in one line of its own; any other event is printed as Ray would."""
+    paragraphs). Those this job handles become one line of its own: a node lost (its actors
+    restart elsewhere, their units are retried) and a call retried because its actor was lost
+    (said once; nothing when the job itself ended the actor, closing its pool). Any other event
+    is printed as Ray would."""
     from ray._private import worker
 
     ray_print = getattr(worker.print_to_stdstream, "__wrapped__", worker.print_to_stdstream)
+    said = set()
+
+    def say(msg: str) -> None:
+        if msg not in said:
+            said.add(msg)
+            print(f"mona_ray: {msg}", file=sys.stderr, flush=True)
 
     def print_event(data, ignore_prefix):
         lines = []
         for line in data.get("lines", ()):
-            m = _NODE_DEAD.search(line) if data.get("pid") == "raylet" else None
+            raylet = data.get("pid") == "raylet"
+            m = _NODE_DEAD.search(line) if raylet else None
+            r = _RETRIED.search(line) if raylet else None
             if m:
-                print(f"mona_ray: lost the Ray node {m.group(2)} ({m.group(1)[:12]}); its actors restart on other "
-                      "nodes and redo the units they held", file=sys.stderr, flush=True)
+                say(f"lost the Ray node {m.group(2)} ({m.group(1)[:12]}); its actors restart on other nodes and "
+                    "redo the units they held")
+            elif r:
+                if "killed by `ray.kill`" not in r.group(2):  # the job closing its own actor pool
+                    say("an actor was lost mid-call; Ray restarts it and retries the call")
             else:
                 lines.append(line)
         if lines:
