@@ -69,8 +69,12 @@ if [[ -n "${MONA_STORE_DIR:-}" ]]; then
 fi
 
 submission_id="${MONA_SUBMISSION_ID:-mona-ray-${experiment:-demo}-$(date -u +%Y%m%dT%H%M%SZ)}"
+# Ray's own default excludes (.git, .venv, venv, __pycache__) named here, and Ray's list emptied, so that
+# Ray does not warn on every submission that it now leaves .git out
+excludes='{"excludes": [".git", ".venv", "venv", "__pycache__", "outputs"]}'
+export RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES="${RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES-}"
 cmd=(ray job submit --address "$address" --submission-id "$submission_id"
-     --working-dir "$workdir" --runtime-env-json '{"excludes": [".git", "outputs"]}')
+     --working-dir "$workdir" --runtime-env-json "$excludes")
 [[ "${MONA_NO_WAIT:-0}" = 1 ]] && cmd+=(--no-wait)
 cmd+=(-- "$python" -m "$entry" "${overrides[@]}")
 

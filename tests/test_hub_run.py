@@ -241,5 +241,5 @@ def test_a_misspelt_local_path_is_reported_before_any_download(hub, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     (line,) = [x for x in p.stderr.splitlines() if x.startswith("mona_ray: error:")]
     assert line == (f"mona_ray: error: source.paths: input {str(loc['source']) + '.typo'!r} does not exist; "
-                    "set source.paths=[/path/to/files_or_folders]"), line
+                    "set source.paths=[/path/to/files_or_folders or URLs]"), line
     assert hub.requests(mark) == [] and not (tmp_path / "home").exists()

@@ -34,7 +34,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, Kubernetes, Slurm), handled like Ctrl-C: the run stops cleanly."""
 
 
+_sigterm = []  # set once a SIGTERM arrived: Ray turns the exception raised inside ray.get/ray.wait into a plain
+# KeyboardInterrupt, so the exception alone cannot say which signal stopped the run
+
+
 def _on_sigterm(signum, frame):
+    _sigterm.append(signum)
     raise Terminated()
 
 
@@ -59,9 +64,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM during the clean-up changes nothing
-        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        term = isinstance(e, Terminated) or bool(_sigterm)
+        what = "terminated (SIGTERM)" if term else "interrupted"
         print(f"mona_ray: {what}; run the same command again to resume", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        sys.exit(143 if term else 130)
     except Exception as e:  # noqa: BLE001 - a full disk, a vanished mount, a damaged part: one line, no traceback
         line = filesystem_failure(e)
         bad = damaged_file(e) if line is None else None
