@@ -46,7 +46,6 @@ def _rows(args, cfg, tok):
     import pyarrow.parquet as pq
 
     from ..core.records import normalize_record
-    from ..core.render import render, tokenize_many
     from ..features.gradients import labelled
 
     src = args.source or str(files("mona_ray") / "assets" / "demo" / "source.parquet")
@@ -56,10 +55,7 @@ def _rows(args, cfg, tok):
     pick = np.sort(np.random.default_rng(args.seed).choice(len(t), args.rows, replace=False))
     msgs = [normalize_record(t[i]) for i in pick]
     r = cfg.render
-    lab = [labelled(m, tok, int(r.max_length), r.mode, r.system_prompt) for m in msgs]
-    ids = [x for x, _ in tokenize_many([render(m, tok, r.mode, r.system_prompt) for m in msgs], tok,
-                                       int(r.max_length))]
-    return lab, ids
+    return [labelled(m, tok, int(r.max_length), r.mode, r.system_prompt) for m in msgs]
 
 
 def run(args) -> tuple[dict, str]:
@@ -76,7 +72,8 @@ def run(args) -> tuple[dict, str]:
     dtype = getattr(torch, args.dtype)
     path = resolve_model_path(str(cfg.model.path))
     tok = load_tokenizer(path)
-    lab, ids = _rows(args, cfg, tok)
+    lab = _rows(args, cfg, tok)
+    ids = [x for x, _ in lab]  # the pipeline's token ids: the same rendering, truncation and no special tokens added
     tokens = sum(len(x) for x in ids)
     out = {"rows": args.rows, "tokens": tokens, "model": str(cfg.model.path), "dtype": args.dtype,
            "rank": args.rank, "proj_dim": args.proj_dim, "checkpoints": args.checkpoints,

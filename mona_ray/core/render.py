@@ -89,10 +89,15 @@ def tokenize_many(rendered: list[Rendered], tokenizer, max_length: int, exclude:
         elif exclude == "special":
             mask = [0 if t in special else 1 for t in ids]
         else:
-            spans = r.spans
-            mask = [1 if t not in special and b > a and any(a < e and b > st for st, e in spans) else 0
-                    for (a, b), t in zip(enc["offset_mapping"][j], ids)]
+            inside = in_spans(enc["offset_mapping"][j], r.spans)
+            mask = [1 if t not in special and x else 0 for x, t in zip(inside, ids)]
         if ids and not any(mask):
             mask = [1] * len(ids)  # nothing left to pool: fall back to every token rather than an empty mean
         out.append((ids, mask))
     return out
+
+
+def in_spans(offsets, spans) -> list[bool]:
+    """For each token's character ``(start, end)`` offsets, whether it overlaps one of ``spans``
+    (a zero-width token never does)."""
+    return [b > a and any(a < e and b > st for st, e in spans) for a, b in offsets]

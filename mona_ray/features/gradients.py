@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.render import render
+from ..core.render import in_spans, render
 
 IGNORE = -100  # the label of a token the loss skips (Hugging Face's convention)
 
@@ -123,8 +123,7 @@ def labelled(messages: list[dict], tokenizer, max_length: int, mode: str = "chat
     enc = tokenizer(r.text, add_special_tokens=False, truncation=True, max_length=max_length,
                     return_offsets_mapping=True)
     answer = [span for span, role in zip(r.spans, r.roles) if role == "assistant"]
-    labels = [t if b > a and any(a < e and b > s for s, e in answer) else IGNORE
-              for (a, b), t in zip(enc["offset_mapping"], enc["input_ids"])]
+    labels = [t if x else IGNORE for x, t in zip(in_spans(enc["offset_mapping"], answer), enc["input_ids"])]
     return list(enc["input_ids"]), labels
 
 
