@@ -35,7 +35,9 @@ from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = ROOT / "launch" / "submit.sh"
-ROWS = 300
+# enough embedding left after the first 16 rows (~40 s on 2 idle cores) for `ray job stop` or a node kill to
+# land mid-embedding: at 300 rows an idle machine finished the pass before the stop arrived
+ROWS = 1200
 OUTPUTS = ("selected.jsonl", "selected.parquet", "scores.parquet")
 # Ray's own log lines: Python logging ("... WARNING file.py:12 -- ..."), the C++ core
 # ("[2026-01-01 00:00:00,000 E 123 456] core_worker.cc:..."), a worker's forwarded lines
